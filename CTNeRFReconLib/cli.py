@@ -1,0 +1,195 @@
+"""The `ctnerf` / `python -m CTNeRFReconLib` command line: reconstruct, simulate, info, demo.
+
+`reconstruct` is also the worker the Slicer module starts; its stdout protocol is described in
+events.py and worker.py. Exit codes are events.ExitCode (0 also for a cancelled run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .events import EventWriter, ExitCode, FailureKind, stdout_wants_events
+from .phantom import MU_WATER
+
+
+class UsageError(ValueError):
+    """A command line argparse could not accept."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Raises UsageError instead of exiting, so `reconstruct` can report it as a `failed` event."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _add_reconstruct(sub):
+    p = sub.add_parser("reconstruct", help="reconstruct a scan into a run folder (also the Slicer worker)",
+                       description="Reconstruct an attenuation volume (1/mm) from the projections in DATA.")
+    p.add_argument("data", type=Path, metavar="DATA", help="scan file or folder (RTK case, NAF pickle, "
+                   "R2-Gaussian folder, geometry file + --projections)")
+    p.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder (created if missing)")
+    p.add_argument("--projections", type=Path, metavar="FILE", help="projection stack, when DATA is a geometry file")
+    p.add_argument("--reference", type=Path, metavar="CT_FILE",
+                   help="reference CT: its grid becomes the output grid and the result is scored against it")
+    p.add_argument("--reference-units", choices=("auto", "mu", "hu"), default="auto",
+                   help="units of the reference: mu (1/mm), hu (converted with --mu-water), auto (HU when it "
+                        "has values below -100 or above 5; default)")
+    p.add_argument("--mu-water", type=float, default=MU_WATER, metavar="MU",
+                   help=f"water attenuation in 1/mm for HU references (default {MU_WATER})")
+    p.add_argument("--method", default=None, help="reconstruction method: nerf (default when available) or fdk")
+    p.add_argument("--preset", choices=("preview", "standard", "high"), default="standard",
+                   help="quality/time trade-off of the method (default standard)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="compute device (auto: cuda when torch sees a GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the results of a finished run in RUN_DIR")
+    p.add_argument("--grid-spacing", type=float, metavar="MM", help="output voxel size, keeping the grid's box")
+    p.add_argument("--grid-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="output voxel counts, keeping the grid's box (its centre with --grid-spacing)")
+    p.add_argument("--iterations", type=int, metavar="N", help="iterations of an iterative method")
+    p.add_argument("--snapshot-every", type=int, metavar="N", help="iterations between snapshots (0: none)")
+    p.add_argument("--no-kernels", action="store_true", help="use the PyTorch renderer, not the fused kernels")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages (events still go out)")
+
+
+def _add_simulate(sub):
+    p = sub.add_parser("simulate", help="simulate a cone-beam scan of a CT volume (an RTK case)",
+                       description="Project a CT (HU) on a circular orbit with Poisson noise; writes an RTK case.")
+    p.add_argument("ct", type=Path, metavar="CT_FILE")
+    p.add_argument("--views", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True, metavar="DATA")
+    p.add_argument("--det", type=int, default=240, help="detector pixels per side (default 240)")
+    p.add_argument("--pitch", type=float, default=3.2, help="detector pitch in mm (default 3.2)")
+    p.add_argument("--i0", type=float, default=1e5, help="photons per pixel, 0 for no noise (default 1e5)")
+    p.add_argument("--sid", type=float, default=1000.0, help="source-isocentre distance in mm")
+    p.add_argument("--sdd", type=float, default=1500.0, help="source-detector distance in mm")
+    p.add_argument("--mu-water", type=float, default=MU_WATER, help="water attenuation in 1/mm")
+    p.add_argument("--voxel", type=float, default=3.0, help="voxel size in mm of the ground truth (default 3)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="show what was detected in a scan (format, geometry, default grid)")
+    p.add_argument("data", type=Path, metavar="DATA")
+    p.add_argument("--projections", type=Path, metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="simulate a phantom scan, reconstruct it and score it",
+                       description="Simulate a Shepp-Logan phantom scan into DIR/data, reconstruct it into "
+                                   "DIR/run (replacing an earlier demo there) and print PSNR/SSIM.")
+    p.add_argument("--out", type=Path, default=Path("demo_run"), metavar="DIR", help="default ./demo_run")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--method", default=None, help="nerf (default when available) or fdk")
+    p.add_argument("--preset", choices=("preview", "standard", "high"), default="preview")
+    p.add_argument("--iterations", type=int, metavar="N")
+    p.add_argument("--small", action="store_true", help="a tiny case that runs in seconds (smoke test)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ctnerf", description="Sparse-view cone-beam CT reconstruction (CTNeRFRecon).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    _add_reconstruct(sub)
+    _add_simulate(sub)
+    _add_info(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _reconstruct(args) -> int:
+    from .worker import ReconstructOptions, run_reconstruction
+
+    opts = ReconstructOptions(
+        data=args.data, out=args.out, projections=args.projections, reference=args.reference,
+        reference_units=args.reference_units, mu_water=args.mu_water, method=args.method, preset=args.preset,
+        device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
+        grid_spacing=args.grid_spacing, grid_size=None if args.grid_size is None else tuple(args.grid_size),
+        iterations=args.iterations, snapshot_every=args.snapshot_every, kernels=not args.no_kernels,
+        quiet=args.quiet)
+    return run_reconstruction(opts)
+
+
+def _simulate(args) -> int:
+    from .simulate import simulate_case
+
+    simulate_case(args.ct, args.out, views=args.views, det=args.det, pitch=args.pitch, sid=args.sid, sdd=args.sdd,
+                  i0=args.i0, mu_water=args.mu_water, seed=args.seed, voxel=args.voxel)
+    out = Path(args.out).absolute()
+    print(f"wrote an RTK case of {args.views} views ({args.det} x {args.det} detector) to {out}; "
+          f"try: python -m CTNeRFReconLib reconstruct {out} --reference {out / 'reference.nrrd'} --out RUN_DIR")
+    return ExitCode.OK
+
+
+def info_dict(scan) -> dict:
+    """What `info --json` prints: the scan's summary plus the default output grid."""
+    from .fov import default_grid, pitch_at_isocentre
+
+    out = scan.summary()
+    out["voxel_at_isocentre_mm"] = pitch_at_isocentre(scan.geometry)
+    try:
+        out["default_grid"] = default_grid(scan.geometry).to_dict()
+    except ValueError as exc:
+        out["default_grid"] = None
+        out["notes"] = list(out.get("notes", [])) + [str(exc)]
+    return out
+
+
+def _info(args) -> int:
+    from .events import to_json_value
+    from .formats import describe, load_scan
+
+    scan = load_scan(args.data, projections=args.projections)
+    details = info_dict(scan)
+    if args.json:
+        print(json.dumps(to_json_value(details), indent=2))
+        return ExitCode.OK
+    print(describe(scan)["description"])
+    grid = details["default_grid"]
+    if scan.grid is None and grid is not None:
+        print(f"default grid (field of view seen by every view): {grid['shape_xyz']} voxels (x, y, z) of "
+              f"{grid['spacing_xyz'][0]:.4g} mm, origin {[round(v, 3) for v in grid['origin_xyz']]} mm")
+    return ExitCode.OK
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, device=args.device, method=args.method, preset=args.preset, small=args.small,
+                    iterations=args.iterations, quiet=args.quiet)
+
+
+COMMANDS = {"reconstruct": _reconstruct, "simulate": _simulate, "info": _info, "demo": _demo}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        # the worker's client reads events: a bad command line is a refusal like any bad input
+        if argv and argv[0] == "reconstruct" and stdout_wants_events():
+            EventWriter(sys.stdout).emit("failed", message=str(exc), kind=FailureKind.BAD_INPUT.value)
+        parser.print_usage(sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    if args.command == "reconstruct":
+        return int(_reconstruct(args))  # reports its own failures as events
+    try:
+        return int(COMMANDS[args.command](args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    except ImportError as exc:
+        print(f"error: a dependency is missing: {exc}", file=sys.stderr)
+        return ExitCode.MISSING_DEPENDENCY
+
+
+if __name__ == "__main__":
+    sys.exit(main())

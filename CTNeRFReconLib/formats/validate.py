@@ -1,0 +1,211 @@
+"""Checks shared by every format adapter: refuse bad input before any work, and say how to fix it.
+
+Every refusal is a :class:`ScanFormatError` naming the file, the field and the fix, so that a user
+who fed a wrong file learns what to change instead of getting a bad reconstruction later.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..geometry import ConeBeamGeometry, VolumeGrid
+
+NEGATIVE_TOLERANCE = 0.2
+"""Line integrals down to -0.2 are accepted as noise.
+
+Photon noise in air makes -log(I/I0) slightly negative (standard deviation 1/sqrt(I0): 0.03 at
+I0 = 1e3, 0.01 at 1e4), so a few such values are normal; anything below -0.2 (transmission above
+1.22) is not noise but wrongly signed or unnormalised data.
+"""
+INTENSITY_SUSPECT = 30.0
+"""Line integrals above 30 (transmission e^-30) do not occur: such data are raw intensities."""
+
+
+class ScanFormatError(ValueError):
+    """Bad scan input: carries the offending file, the field and the fix."""
+
+    def __init__(self, file, field: str, problem: str, fix: str):
+        self.file = str(file)
+        self.field = str(field)
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{self.file}: field '{self.field}': {problem}. Fix: {fix}")
+
+
+def require(mapping: dict, key: str, file, fix: str | None = None, where: str = ""):
+    """``mapping[key]``, or a ScanFormatError naming the missing field."""
+    if not isinstance(mapping, dict) or key not in mapping:
+        name = f"{where}{key}"
+        raise ScanFormatError(file, name, "required field is missing",
+                              fix or f"add '{name}' (see docs/formats.md for the schema)")
+    return mapping[key]
+
+
+def as_float_array(value, file, field: str, shape=None, positive: bool = False) -> np.ndarray:
+    """A finite float64 array from a field, optionally of a given shape / strictly positive."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ScanFormatError(file, field, f"is not numeric ({value!r:.80})",
+                              "give numbers") from None
+    if shape is not None:
+        want = tuple(shape)
+        if arr.shape != want and not (arr.size == int(np.prod(want)) and arr.ndim <= 1):
+            raise ScanFormatError(file, field, f"has shape {arr.shape}, expected {want}",
+                                  f"give {int(np.prod(want))} value(s)")
+        arr = arr.reshape(want)
+    if not np.all(np.isfinite(arr)):
+        raise ScanFormatError(file, field, "contains NaN or infinity", "give finite numbers")
+    if positive and np.any(arr <= 0):
+        raise ScanFormatError(file, field, f"must be positive, got {arr.ravel()[:6].tolist()}",
+                              "give positive sizes/distances in mm")
+    return arr
+
+
+def check_projections(proj, file, field: str = "projections") -> np.ndarray:
+    """Validate line-integral projections (V, rows, cols); return them as float32."""
+    arr = np.asarray(proj)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number)):
+        raise ScanFormatError(file, field, f"has non-numeric type {arr.dtype}", "store float projections")
+    if arr.ndim == 2:
+        raise ScanFormatError(file, field, f"is a single 2D image {arr.shape}",
+                              "give a stack (views, rows, cols) with one image per view")
+    if arr.ndim != 3 or min(arr.shape) < 1:
+        raise ScanFormatError(file, field, f"has shape {arr.shape}, expected (views, rows, cols)",
+                              "give a 3D stack of projections")
+    arr = arr.astype(np.float32, copy=False)
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        v = int(np.argwhere(bad)[0][0])
+        raise ScanFormatError(file, field, f"contains {int(bad.sum())} NaN/inf values (first in view {v})",
+                              "remove or repair the broken views (dead pixels: interpolate them)")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi == 0.0 and lo == 0.0:
+        raise ScanFormatError(file, field, "all projections are zero",
+                              "check that the right file/array was given")
+    per_view = np.abs(arr).reshape(arr.shape[0], -1).max(axis=1)
+    if np.any(per_view == 0):
+        views = np.flatnonzero(per_view == 0)[:10].tolist()
+        raise ScanFormatError(file, field, f"view(s) {views} are entirely zero (dropped frames?)",
+                              "remove those views and their geometry entries")
+    if lo < -NEGATIVE_TOLERANCE:
+        raise ScanFormatError(
+            file, field, f"has values down to {lo:.3g}; line integrals -log(I/I0) cannot be that "
+            f"negative (noise tolerance {-NEGATIVE_TOLERANCE})",
+            "if these are intensities give i0 or flat/dark fields; if the log was taken with the "
+            "wrong sign, negate the data")
+    if hi > INTENSITY_SUSPECT and lo >= 0:
+        raise ScanFormatError(
+            file, field, f"has values up to {hi:.4g}: these look like raw intensities, not line integrals",
+            "declare them as intensities with an I0 or flat/dark fields (kind: intensity)")
+    return arr
+
+
+def _field_image(value, shape, file, field: str):
+    """A scalar, a (rows, cols) image or a stack of them (averaged) matching the detector."""
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 3:
+        arr = arr.mean(axis=0)
+    if arr.ndim not in (0, 2) or (arr.ndim == 2 and arr.shape != tuple(shape)):
+        raise ScanFormatError(file, field, f"has shape {arr.shape}, the projections are {tuple(shape)}",
+                              "give one number or an image of the detector's size")
+    if not np.all(np.isfinite(arr)):
+        raise ScanFormatError(file, field, "contains NaN or infinity", "repair the image")
+    return arr
+
+
+def intensities_to_line_integrals(raw, file, field: str, i0=None, flat=None, dark=None) -> np.ndarray:
+    """-log((I - dark) / (flat - dark)) or -log((I - dark) / (I0 - dark)), transmission kept in [1e-6, 1].
+
+    The floor bounds line integrals at 13.8 where a pixel saw no photons; the ceiling turns
+    noise above the open beam (more photons than the flat field) into zero attenuation.
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    if raw.ndim != 3:
+        raise ScanFormatError(file, field, f"has shape {raw.shape}, expected (views, rows, cols)",
+                              "give a 3D stack of intensity images")
+    if not np.all(np.isfinite(raw)):
+        raise ScanFormatError(file, field, "contains NaN or infinity", "repair the broken images")
+    if raw.max() <= 0:
+        raise ScanFormatError(file, field, "all intensities are zero or negative",
+                              "check that the right file was given")
+    shape = raw.shape[1:]
+    darkv = 0.0 if dark is None else _field_image(dark, shape, file, "dark")
+    if np.any(raw < 0) and dark is None:
+        raise ScanFormatError(file, field, "has negative intensities",
+                              "give a dark field, or offset-corrected intensities")
+    if flat is not None:
+        open_beam = _field_image(flat, shape, file, "flat") - darkv
+        where = "flat"
+    elif i0 is not None:
+        open_beam = float(i0) - darkv
+        where = "i0"
+    else:
+        raise ScanFormatError(file, "i0", "intensities need an I0 or a flat field",
+                              "add 'i0' (open-beam counts) or 'flat' (and optionally 'dark')")
+    if np.any(np.asarray(open_beam) <= 0):
+        raise ScanFormatError(file, where, "the open beam is not brighter than the dark level everywhere",
+                              "give a flat field / I0 above the dark field")
+    trans = np.clip((raw - darkv) / open_beam, 1e-6, 1.0)
+    return (-np.log(trans)).astype(np.float32)
+
+
+def check_circular_distances(sid, sdd, file, field_sid: str = "sid", field_sdd: str = "sdd"):
+    """Source-isocentre distance must be positive and smaller than source-detector distance."""
+    sid = np.atleast_1d(np.asarray(sid, dtype=np.float64))
+    sdd = np.atleast_1d(np.asarray(sdd, dtype=np.float64))
+    if not (np.all(np.isfinite(sid)) and np.all(np.isfinite(sdd))):
+        raise ScanFormatError(file, field_sid, "distances contain NaN/inf", "give finite distances in mm")
+    if np.any(sid <= 0):
+        raise ScanFormatError(file, field_sid, f"source-isocentre distance {sid.min():g} is not positive",
+                              "give the distance from the source to the rotation axis in mm")
+    if np.any(sid >= sdd):
+        raise ScanFormatError(
+            file, field_sdd, f"source-detector distance {sdd.min():g} is not larger than the "
+            f"source-isocentre distance {sid.max():g}",
+            "the detector must lie beyond the isocentre: check that the two distances are not swapped")
+
+
+def check_geometry(geometry: ConeBeamGeometry, file, grid: VolumeGrid | None = None,
+                   field: str = "geometry") -> None:
+    """Finite vectors, a real detector plane, sources outside the reconstruction box."""
+    for name in ("sources", "det_centers", "det_u", "det_v"):
+        arr = getattr(geometry, name)
+        if not np.all(np.isfinite(arr)):
+            raise ScanFormatError(file, f"{field}.{name}", "contains NaN/inf", "give finite vectors")
+    nu = np.linalg.norm(geometry.det_u, axis=1)
+    nv = np.linalg.norm(geometry.det_v, axis=1)
+    if np.any(np.abs(nu - 1) > 1e-3) or np.any(np.abs(nv - 1) > 1e-3):
+        raise ScanFormatError(file, f"{field}.det_u/det_v", "detector axes are not unit vectors",
+                              "give unit vectors (the pitch carries the pixel size)")
+    cosang = np.abs(np.einsum("vi,vi->v", geometry.det_u, geometry.det_v))
+    if np.any(cosang > 1e-3):
+        raise ScanFormatError(file, f"{field}.det_u/det_v", "detector axes are not perpendicular",
+                              "give perpendicular row and column directions")
+    if not geometry.parallel:
+        sdd = geometry.source_detector_distance()
+        if np.any(sdd <= 1e-6):
+            v = int(np.argmin(sdd))
+            raise ScanFormatError(file, field, f"view {v}: the source lies in the detector plane",
+                                  "check the source and detector positions")
+    if grid is not None and not geometry.parallel:
+        lo, hi = grid.bounds()
+        inside = np.all((geometry.sources > lo) & (geometry.sources < hi), axis=1)
+        if inside.any():
+            v = int(np.flatnonzero(inside)[0])
+            raise ScanFormatError(
+                file, field, f"view {v}: the source {geometry.sources[v].round(2).tolist()} lies inside "
+                f"the volume box {lo.round(1).tolist()}..{hi.round(1).tolist()}",
+                "check the distance units (mm) and the volume size; the source must be outside the object")
+
+
+def check_exists(path, field: str, what: str = "file") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ScanFormatError(path, field, f"{what} not found", "check the path (relative paths are "
+                              "taken from the folder of the file that names them)")
+    if path.is_file() and path.stat().st_size == 0:
+        raise ScanFormatError(path, field, "file is empty (truncated download or failed write?)",
+                              "write or download the file again")
+    return path

@@ -1,0 +1,84 @@
+"""Typed configuration of the deep-prior TensoRF-VM method, with quality presets.
+
+Sizes are derived from the data (grid, views, detector) in `NerfConfig.for_scan`; the presets
+only trade time for quality.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+
+@dataclass
+class NerfConfig:
+    """Everything that shapes one nerf reconstruction."""
+
+    preset: str = "standard"
+    """'preview', 'standard' or 'high': sets the defaults below."""
+    iterations: int = 1200
+    """Optimisation steps on projection rays (after the FDK warm start)."""
+    channels: int = 16
+    """C: components per VM mode (three planes and three lines)."""
+    plane_resolution: int = 0
+    """R of the planes and lines; 0 = the training grid's largest dimension."""
+    generator_width: int = 64
+    """Feature channels of the deep-image-prior generator's convolutions."""
+    noise_channels: int = 16
+    """Channels of the fixed noise the generator is fed."""
+    use_generator: bool = True
+    """Deep image prior (ZeroRF). False optimises the planes and lines directly (TensoRF)."""
+    lr: float = 1e-3
+    """Peak Adam learning rate of the generator (direct factors use 10x)."""
+    warmup_fraction: float = 0.05
+    """Linear warm-up over this fraction of the iterations."""
+    final_lr_fraction: float = 0.05
+    """Cosine decay ends at this fraction of the peak learning rate."""
+    rays_start: int = 16384
+    """Ray batch at the start of the curriculum."""
+    rays_end: int = 131072
+    """Ray batch at the end of the curriculum (reached at curriculum_fraction)."""
+    curriculum_fraction: float = 0.5
+    step_voxels: float = 0.6
+    """Sample spacing along rays, in training voxels."""
+    tv_weight: float = 2e-3
+    """Weight of the total-variation prior on the attenuation grid (relative to the data term)."""
+    fdk_init_iterations: int = 150
+    """Steps fitting the generator to a smoothed FDK volume before the projection loss (0 = off)."""
+    holdout_views: int = 0
+    """Views held out of training for projection PSNR (data's own validation views are always used)."""
+    snapshot_every: int = 100
+    """Iterations between streamed snapshots (0 = only the final volume)."""
+    eval_every: int = 25
+    """Iterations between progress events."""
+    checkpoint_every: int = 200
+    amp: bool = True
+    """bfloat16 autocast for the generator on CUDA."""
+    use_kernels: bool = True
+    """Use the fused renderer kernels when built for the device."""
+    max_batch_bytes: int = 0
+    """Upper bound on the renderer's working memory per batch (0 = no bound); the OOM back-off halves the batch."""
+    voxel_size: float = 0.0
+    """Training voxel size in mm; 0 = the output grid's (or detector pitch at the isocentre)."""
+    max_training_voxels: int = 6_000_000
+    """Cap on the training grid (voxel size grows to respect it)."""
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "NerfConfig":
+        """Preset defaults, then explicit settings (unknown keys are refused)."""
+        preset = settings.get("preset") or "standard"
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+        cfg = replace(cls(), preset=preset, **PRESETS[preset])
+        known = {f.name for f in fields(cls)}
+        extra = {k: v for k, v in settings.items() if k != "preset" and v is not None}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ValueError(f"unknown nerf setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return replace(cfg, **extra)
+
+
+PRESETS: dict[str, dict] = {
+    "preview": dict(iterations=300, channels=12, rays_end=65536, fdk_init_iterations=80,
+                    snapshot_every=50, generator_width=32),
+    "standard": dict(),
+    "high": dict(iterations=3000, channels=24, rays_end=262144, generator_width=96),
+}

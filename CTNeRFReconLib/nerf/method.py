@@ -1,0 +1,39 @@
+"""`--method nerf`: the deep-prior TensoRF-VM reconstruction, registered for the worker."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..data import ScanData, Volume
+from ..geometry import VolumeGrid
+from ..methods import RunContext, register
+from .config import NerfConfig
+from .train import NerfTrainer, training_grid
+
+log = logging.getLogger(__name__)
+
+
+def fdk_warm_start(scan: ScanData, grid: VolumeGrid, device: str) -> Volume | None:
+    """FDK on the training grid: the warm start and the attenuation scale. None if FDK is unavailable."""
+    try:
+        from ..fdk import FDKConfig, fdk
+    except ImportError:
+        log.warning("FDK is not available: the nerf method starts without a warm start")
+        return None
+    return fdk(scan, grid, FDKConfig(filter="hann", clip_negative=True), device=device)
+
+
+@register("nerf")
+class NerfMethod:
+    """Fits a generator of VM planes/lines to the projections; exports on the requested grid."""
+
+    def reconstruct(self, scan: ScanData, grid: VolumeGrid, ctx: RunContext) -> Volume:
+        cfg = NerfConfig.from_settings(ctx.settings)
+        if ctx.device == "cpu":
+            torch.use_deterministic_algorithms(False)
+        fdk_volume = None
+        if cfg.fdk_init_iterations > 0:
+            fdk_volume = fdk_warm_start(scan, training_grid(grid, cfg), ctx.device)
+        trainer = NerfTrainer(scan, grid, cfg, ctx, fdk_volume=fdk_volume)
+        return trainer.run()

@@ -1,0 +1,78 @@
+"""The run folder: the fixed names of what a reconstruction writes, and who may write there.
+
+Everything a run writes has a fixed name below, so a client knows where to look and the worker
+never has to delete anything: a new run replaces only these files. A folder that holds a finished
+run (volume.nrrd and a `finished` event) is left alone unless the user says --overwrite or --resume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .events import read_events
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked (bad input, refused before any work)."""
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root).absolute())
+
+    volume = property(lambda self: self.root / "volume.nrrd")
+    """The final reconstruction (attenuation, 1/mm, in the scanner frame)."""
+    snapshot = property(lambda self: self.root / "snapshot.nrrd")
+    """The latest intermediate volume, replaced atomically (a reader never sees a torn file)."""
+    events = property(lambda self: self.root / "events.jsonl")
+    run_json = property(lambda self: self.root / "run.json")
+    metrics = property(lambda self: self.root / "metrics.json")
+    preview = property(lambda self: self.root / "preview.png")
+    projections_preview = property(lambda self: self.root / "projections.png")
+    loss_preview = property(lambda self: self.root / "loss.png")
+    cancel_file = property(lambda self: self.root / "cancel")
+    """A client creates this file to stop the run (same effect as SIGTERM)."""
+
+    def is_finished(self) -> bool:
+        return self.volume.exists() and any(e.get("event") == "finished" for e in read_events(self.events))
+
+    def last_snapshot_sequence(self) -> int:
+        seqs = [int(e.get("sequence", 0)) for e in read_events(self.events) if e.get("event") == "snapshot"]
+        return max(seqs, default=0)
+
+    def running_pid(self) -> int | None:
+        """The pid of a worker still running in this folder: its `started` has no end and it is alive."""
+        import psutil
+
+        events = read_events(self.events)
+        starts = [i for i, e in enumerate(events) if e.get("event") == "started"]
+        if not starts or any(e.get("event") in ("finished", "failed") for e in events[starts[-1]:]):
+            return None
+        pid = events[starts[-1]].get("pid")
+        return pid if isinstance(pid, int) and psutil.pid_exists(pid) else None
+
+    def check_usable(self, resume: bool, overwrite: bool):
+        """Refuse (RunFolderError) what would touch a finished run or a non-folder; writes nothing."""
+        if resume and overwrite:
+            raise RunFolderError("--resume and --overwrite contradict each other: --resume continues the "
+                                 f"run in {self.root}, --overwrite starts it again; give one of them")
+        if self.root.exists() and not self.root.is_dir():
+            raise RunFolderError(f"{self.root}: the run folder path is an existing file; give a folder "
+                                 "path (it is created if missing)")
+        pid = self.running_pid()
+        if pid is not None:
+            raise RunFolderError(f"{self.root}: a reconstruction (process {pid}) is still running in this folder; "
+                                 "wait for it, stop it (create the file 'cancel' there), or choose another --out")
+        if self.is_finished() and not (resume or overwrite):
+            raise RunFolderError(f"{self.root}: this folder holds a finished run (volume.nrrd and a finished "
+                                 "event); choose another --out folder, or pass --overwrite to replace its "
+                                 "results or --resume to continue it")
+
+    def claim(self):
+        """Create the folder and remove a cancel request left over from an earlier run."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.cancel_file.is_file():
+            self.cancel_file.unlink()

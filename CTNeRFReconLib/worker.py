@@ -1,0 +1,427 @@
+"""`reconstruct`: one reconstruction from data on disk to a complete run folder, speaking the protocol.
+
+The steps are fixed so a client can rely on them: check the run folder, load and check every
+input (a refusal is a lone `failed` event with kind bad_input, exit code 2, and no volume), emit
+`started`, run the method with a RunContext that turns its reports into `progress` and `snapshot`
+events, then write volume.nrrd, metrics.json (with a reference), the PNG previews and run.json, and
+emit `finished`. SIGTERM, Ctrl-C or a `cancel` file stop the method early; the run still finishes
+cleanly with the volume it had (``"cancelled": true``, exit code 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .data import ScanData, Volume
+from .events import EventWriter, ExitCode, FailureKind, stdout_wants_events
+from .geometry import VolumeGrid
+from .methods import RunContext, get_method, method_names
+from .phantom import MU_WATER
+from .rundir import RunFolder, RunFolderError
+from .volume_io import atomic_write, resample_to_grid, write_volume
+
+PRESETS = ("preview", "standard", "high")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class MissingDependency(RuntimeError):
+    """Something the run needs is not installed (a CUDA build of torch, a format reader...)."""
+
+
+@dataclass
+class ReconstructOptions:
+    """Everything `reconstruct` takes from the command line (or the demo)."""
+
+    data: Path
+    """Scan file or folder (any format formats.load_scan detects)."""
+    out: Path
+    """Run folder."""
+    projections: Path | None = None
+    """Projection stack when `data` is a geometry file."""
+    reference: Path | None = None
+    """Reference CT: its grid becomes the output grid, and the result is scored against it."""
+    reference_units: str = "auto"
+    """'mu' (1/mm), 'hu' (converted with mu_water) or 'auto' (HU when it has values below -100...)."""
+    mu_water: float = MU_WATER
+    method: str | None = None
+    """None: 'nerf' when it is available, else 'fdk'."""
+    preset: str = "standard"
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    grid_spacing: float | None = None
+    """Voxel size (mm) of the output grid, keeping its box."""
+    grid_size: tuple[int, int, int] | None = None
+    """Voxel counts (x, y, z) of the output grid, keeping its box (or its centre with grid_spacing)."""
+    iterations: int | None = None
+    snapshot_every: int | None = None
+    kernels: bool = True
+    quiet: bool = False
+
+
+def default_method() -> str:
+    names = method_names()
+    return "nerf" if "nerf" in names else "fdk"
+
+
+def method_settings(opts: ReconstructOptions) -> dict:
+    """The settings a method receives: the preset plus what the user set explicitly."""
+    settings = {"preset": opts.preset}
+    if opts.iterations is not None:
+        settings["iterations"] = opts.iterations
+    if opts.snapshot_every is not None:
+        settings["snapshot_every"] = opts.snapshot_every
+    if not opts.kernels:
+        settings["use_kernels"] = False
+    return settings
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name not in DEVICES:
+        raise ValueError(f"device '{name}' unknown; use one of {', '.join(DEVICES)}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        why = "it was built without CUDA" if torch.version.cuda is None else "it sees no GPU"
+        raise MissingDependency(f"--device cuda was asked for but torch {torch.__version__} cannot use a GPU "
+                                f"({why}); install a CUDA build of PyTorch, or use --device auto or cpu")
+    return name
+
+
+def adjust_grid(grid: VolumeGrid, spacing: float | None, size) -> VolumeGrid:
+    """Apply --grid-spacing / --grid-size to a grid, keeping its box (or its centre when both)."""
+    if spacing is not None and spacing <= 0:
+        raise ValueError(f"--grid-spacing must be a positive voxel size in mm, got {spacing}")
+    if size is not None and (len(size) != 3 or min(size) < 1):
+        raise ValueError(f"--grid-size needs three positive voxel counts X Y Z, got {size}")
+    if spacing is None and size is None:
+        return grid
+    lo, hi = grid.bounds()
+    centre = (lo + hi) / 2.0
+    if size is None:
+        return grid.with_spacing(spacing)
+    if spacing is None:
+        return VolumeGrid.centered(tuple(size), tuple((hi - lo) / np.asarray(size, dtype=float)), tuple(centre))
+    return VolumeGrid.centered(tuple(size), (spacing,) * 3, tuple(centre))
+
+
+def check_memory(grid: VolumeGrid, copies: int = 4):
+    """Refuse a grid whose few float32 copies would not fit in the available memory."""
+    import psutil
+
+    need = grid.n_voxels * 4 * copies
+    avail = psutil.virtual_memory().available
+    if need > avail:
+        raise MemoryError(f"the output grid {grid.shape_xyz} needs about {need / 2**30:.1f} GiB but "
+                          f"{avail / 2**30:.1f} GiB are available; give a coarser --grid-spacing or a "
+                          "smaller --grid-size")
+
+
+def classify(exc: BaseException) -> FailureKind:
+    """Map an exception to the failure kind of the protocol."""
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return FailureKind.OUT_OF_MEMORY
+    if isinstance(exc, (ImportError, MissingDependency)):
+        return FailureKind.MISSING_DEPENDENCY
+    if isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        return FailureKind.BAD_INPUT
+    return FailureKind.INTERNAL
+
+
+def failure_message(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename}: not found; check the path"
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def versions() -> dict:
+    import SimpleITK
+    import torch
+
+    return {"ctnerfrecon": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "torch": torch.__version__, "torch_cuda": torch.version.cuda, "numpy": np.__version__,
+            "SimpleITK": SimpleITK.Version_VersionString()}
+
+
+class StopRequest:
+    """Cancel: SIGTERM, a first Ctrl-C, or a `cancel` file in the run folder.
+
+    Signal handlers are installed only in the main thread and restored by `restore()`.
+    """
+
+    def __init__(self, cancel_file: Path):
+        self.cancel_file = cancel_file
+        self.event = threading.Event()
+        self._saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._saved[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.event.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.event.set()
+
+    def __call__(self) -> bool:
+        if not self.event.is_set() and self.cancel_file.exists():
+            self.event.set()
+        return self.event.is_set()
+
+    def restore(self):
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved.clear()
+
+
+class Console:
+    """What a person at a terminal sees: a tqdm bar on stderr (when it is a terminal) and short lines."""
+
+    def __init__(self, quiet: bool, to_stdout: bool):
+        self.quiet = quiet
+        self.to_stdout = to_stdout
+        self.bar = None
+        self.use_bar = not quiet and sys.stderr.isatty()
+
+    def say(self, text: str):
+        if self.quiet:
+            return
+        print(text, file=sys.stdout if self.to_stdout else sys.stderr, flush=True)
+
+    def progress(self, fields: dict):
+        if not self.use_bar or fields.get("iteration") is None:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=fields.get("iterations"), file=sys.stderr, unit="it", dynamic_ncols=True)
+        self.bar.n = int(fields["iteration"])
+        post = {k: fields[k] for k in ("loss", "projection_psnr") if fields.get(k) is not None}
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in post.items()}, refresh=False)
+        self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+@dataclass
+class Prepared:
+    """Inputs that passed every check, ready to run."""
+
+    scan: ScanData
+    grid: VolumeGrid
+    grid_source: str
+    reference: Volume | None
+    reference_info: dict | None
+    method_name: str
+    method: object
+    device: str
+    settings: dict
+
+
+def prepare(opts: ReconstructOptions) -> Prepared:
+    """Load and check everything; raises (ValueError & co.) before any work is done."""
+    from .formats import load_scan
+    from .fov import default_grid
+    from .reference import load_reference
+
+    name = opts.method or default_method()
+    method = get_method(name)
+    if opts.preset not in PRESETS:
+        raise ValueError(f"preset '{opts.preset}' unknown; use one of {', '.join(PRESETS)}")
+    if opts.iterations is not None and opts.iterations < 1:
+        raise ValueError(f"--iterations must be at least 1, got {opts.iterations}")
+    if opts.snapshot_every is not None and opts.snapshot_every < 0:
+        raise ValueError(f"--snapshot-every must be 0 (no snapshots) or positive, got {opts.snapshot_every}")
+    device = resolve_device(opts.device)
+    scan = load_scan(Path(opts.data), projections=None if opts.projections is None else Path(opts.projections))
+    reference, reference_info = None, None
+    if opts.reference is not None:
+        reference, units = load_reference(opts.reference, opts.reference_units, opts.mu_water)
+        reference_info = {"path": str(Path(opts.reference).absolute()), "units": units,
+                          "mu_water": opts.mu_water if units == "hu" else None}
+        grid, grid_source = reference.grid, "reference"
+    elif scan.grid is not None:
+        grid, grid_source = scan.grid, "data"
+    elif scan.reference is not None:
+        grid, grid_source = scan.reference.grid, "data reference"
+    else:
+        grid, grid_source = default_grid(scan.geometry), "field of view"
+    if reference is None and scan.reference is not None:
+        reference, reference_info = scan.reference, {"path": str(scan.source_path), "units": "mu",
+                                                     "shipped_with_data": True}
+    grid = adjust_grid(grid, opts.grid_spacing, opts.grid_size)
+    check_memory(grid)
+    return Prepared(scan, grid, grid_source, reference, reference_info, name, method, device,
+                    method_settings(opts))
+
+
+def _write_json(path: Path, payload: dict):
+    from .events import to_json_value
+
+    text = json.dumps(to_json_value(payload), indent=2, allow_nan=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+
+
+def score(reference: Volume, volume: Volume) -> dict:
+    """PSNR / SSIM / NRMSE and structure scores of the volume against the reference."""
+    from . import metrics
+
+    result = dict(metrics.score_volumes(reference, volume))
+    structure = getattr(metrics, "structure_scores", None)
+    if structure is not None:
+        result["structures"] = structure(reference, volume)
+    return result
+
+
+def run_reconstruction(opts: ReconstructOptions, stream=None) -> ExitCode:
+    """Run one reconstruction into opts.out; returns the exit code.
+
+    Events go to the run folder's log and to `stream`: None means stdout when it is not a terminal,
+    False means no stream (a person reads short lines on stdout instead).
+    """
+    if stream is None:
+        stream = sys.stdout if stdout_wants_events() else False
+    events = EventWriter(stream or None)
+    console = Console(opts.quiet, to_stdout=not stream)
+    folder = RunFolder(opts.out)
+    stop = StopRequest(folder.cancel_file)
+    try:
+        try:
+            folder.check_usable(opts.resume, opts.overwrite)
+            prepared = prepare(opts)
+        except Exception as exc:  # noqa: BLE001 - refused before any work
+            if not isinstance(exc, RunFolderError) and not folder.is_finished():
+                # log the refusal in the folder, unless that would disturb a finished run
+                folder.claim()
+                events.open_log(folder.events, append=opts.resume)
+            return _fail(events, console, exc)
+        folder.claim()
+        events.open_log(folder.events, append=opts.resume)
+        return _run(opts, prepared, folder, events, console, stop)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a `failed` event
+        return _fail(events, console, exc)
+    except KeyboardInterrupt as exc:
+        return _fail(events, console, exc)
+    finally:
+        stop.restore()
+        console.close()
+        events.close()
+
+
+def _fail(events: EventWriter, console: Console, exc: BaseException) -> ExitCode:
+    kind = FailureKind.INTERNAL if isinstance(exc, KeyboardInterrupt) else classify(exc)
+    message = failure_message(exc) if not isinstance(exc, KeyboardInterrupt) else "interrupted"
+    console.close()
+    if kind is FailureKind.INTERNAL or os.environ.get("CTNERF_DEBUG"):
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error ({kind.value}): {message}", file=sys.stderr, flush=True)
+    events.emit("failed", message=message, kind=kind.value)
+    return kind.exit_code
+
+
+def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: EventWriter, console: Console,
+         stop: StopRequest) -> ExitCode:
+    t0 = time.perf_counter()
+    g = p.scan.geometry
+    run_info = {"command": "reconstruct", "argv": sys.argv, "options": dataclasses.asdict(opts),
+                "method": p.method_name, "device": p.device, "settings": p.settings,
+                "data": p.scan.summary(), "grid": {**p.grid.to_dict(), "source": p.grid_source},
+                "reference": p.reference_info, "versions": versions(), "status": "running"}
+    _write_json(folder.run_json, run_info)
+    events.emit("started", views=p.scan.n_views,
+                detector={"rows": g.det_shape[0], "cols": g.det_shape[1], "pitch_mm": list(g.pixel_pitch)},
+                grid={**p.grid.to_dict(), "source": p.grid_source}, device=p.device, method=p.method_name,
+                settings=p.settings, data={"format": p.scan.source_format, "path": p.scan.source_path},
+                reference=p.reference_info, resumed=opts.resume, run_dir=folder.root, pid=os.getpid())
+    console.say(f"{p.method_name} on {p.device}: {p.scan.n_views} views of {g.det_shape[0]}x{g.det_shape[1]}, "
+                f"grid {p.grid.shape_xyz} at {p.grid.spacing_xyz[0]:.3g} mm ({p.grid_source}) -> {folder.root}")
+
+    progress: list[dict] = []
+    sequence = folder.last_snapshot_sequence() if opts.resume else 0
+    last_iteration = None  # the latest iteration a progress or snapshot report named
+
+    def on_progress(**fields):
+        nonlocal last_iteration
+        last_iteration = fields.get("iteration", last_iteration)
+        fields.setdefault("elapsed_s", round(time.perf_counter() - t0, 3))
+        for key in ("iteration", "loss", "projection_psnr", "rays_per_batch", "lr", "gpu_mem_mb"):
+            fields.setdefault(key, None)
+        progress.append(fields)
+        events.emit("progress", **fields)
+        console.progress(fields)
+
+    def on_snapshot(volume: Volume, iteration: int):
+        nonlocal sequence, last_iteration
+        sequence += 1
+        last_iteration = iteration
+        write_volume(_on_grid(volume, p.grid), folder.snapshot, compress=False)
+        events.emit("snapshot", iteration=iteration, sequence=sequence, path=folder.snapshot)
+
+    ctx = RunContext(device=p.device, seed=opts.seed, run_dir=folder.root, resume=opts.resume,
+                     settings=dict(p.settings), on_progress=on_progress, on_snapshot=on_snapshot,
+                     should_stop=stop)
+    volume = _on_grid(p.method.reconstruct(p.scan, p.grid, ctx), p.grid)
+    console.close()
+    if not np.all(np.isfinite(volume.array)):
+        raise RuntimeError(f"method '{p.method_name}' returned a volume with NaN or infinite voxels")
+    cancelled = stop()
+    if cancelled:  # the protocol's last snapshot, so a client showing snapshots ends on the result
+        on_snapshot(volume, last_iteration or 0)
+    write_volume(volume, folder.volume)
+    paths = {"volume": folder.volume, "events": folder.events, "run": folder.run_json}
+    scores = None
+    if p.reference is not None:
+        scores = score(p.reference, volume)
+        _write_json(folder.metrics, scores)
+        paths["metrics"] = folder.metrics
+    ref_on_grid = None if p.reference is None else resample_to_grid(p.reference, p.grid)
+    from .previews import loss_png, projections_png, slices_png
+
+    title = f"{p.method_name} ({p.scan.n_views} views)"
+    if scores is not None and "psnr" in scores:
+        title += f"  PSNR {scores['psnr']:.2f} dB  SSIM {scores.get('ssim', float('nan')):.3f}"
+    paths["preview"] = slices_png(volume, folder.preview, ref_on_grid, title)
+    paths["projections_preview"] = projections_png(p.scan.projections, folder.projections_preview)
+    if loss_png(progress, folder.loss_preview) is not None:
+        paths["loss_preview"] = folder.loss_preview
+    if sequence:
+        paths["snapshot"] = folder.snapshot
+    elapsed = round(time.perf_counter() - t0, 3)
+    run_info.update(status="cancelled" if cancelled else "finished", elapsed_s=elapsed, metrics=scores,
+                    iteration=last_iteration)
+    _write_json(folder.run_json, run_info)
+    events.emit("finished", paths=paths, metrics=scores, cancelled=cancelled, elapsed_s=elapsed,
+                iteration=last_iteration)
+    console.say(("cancelled" if cancelled else "finished") + f" in {elapsed:.1f} s: {folder.volume}")
+    if scores is not None and "psnr" in scores:
+        console.say(f"PSNR {scores['psnr']:.2f} dB, SSIM {scores.get('ssim', float('nan')):.3f} "
+                    f"against the reference ({folder.metrics})")
+    return ExitCode.OK
+
+
+def _on_grid(volume: Volume, grid: VolumeGrid) -> Volume:
+    """The method's volume on the output grid, as float32 (resampled if it used another grid)."""
+    same = (volume.grid.shape_xyz == grid.shape_xyz and np.allclose(volume.grid.spacing_xyz, grid.spacing_xyz)
+            and np.allclose(volume.grid.origin_xyz, grid.origin_xyz)
+            and np.allclose(volume.grid.direction, grid.direction))
+    if not same:
+        volume = resample_to_grid(volume, grid)
+    return Volume(np.ascontiguousarray(volume.array, dtype=np.float32), grid)

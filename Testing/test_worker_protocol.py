@@ -1,0 +1,224 @@
+"""The worker protocol of DESIGN.md, through real `python -m CTNeRFReconLib reconstruct` subprocesses.
+
+Checks: JSON lines with protocol 1 in the order started -> progress* -> snapshot* -> finished;
+events.jsonl equal to stdout; snapshots never torn while a reader polls them; SIGTERM and the
+cancel file end a run cleanly (cancelled, complete volume, exit 0) and --resume continues it;
+a finished run folder is kept without --overwrite; bad input is a lone `failed` event, exit 2,
+no traceback, nothing written but events.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CTNeRFReconLib.events import ExitCode
+from CTNeRFReconLib.volume_io import read_volume
+
+from worker_case import parse_events, popen_cli, run_cli, write_small_case
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    return write_small_case(tmp_path_factory.mktemp("case") / "data")
+
+
+def check_order(events: list[dict]):
+    """protocol 1 on every event, started first, one terminal event last, only progress/snapshot between."""
+    assert events, "no events"
+    for e in events:
+        assert e["protocol"] == 1 and isinstance(e["time"], float) and "event" in e
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "started"
+    assert kinds[-1] in ("finished", "failed")
+    assert set(kinds[1:-1]) <= {"progress", "snapshot"}, kinds
+
+
+def test_fdk_run_writes_a_complete_run_folder(case, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli("reconstruct", case, "--out", run, "--method", "fdk", "--reference", case / "reference.nrrd")
+    assert res.returncode == ExitCode.OK, res.stderr
+    events = parse_events(res.stdout)
+    check_order(events)
+    assert (run / "events.jsonl").read_text() == res.stdout
+    started, finished = events[0], events[-1]
+    assert started["views"] == 24 and started["detector"]["rows"] == 48 and started["device"] == "cpu"
+    assert started["grid"]["source"] == "reference"
+    assert finished["event"] == "finished" and finished["cancelled"] is False
+    volume = read_volume(finished["paths"]["volume"])
+    reference = read_volume(case / "reference.nrrd")
+    assert volume.grid.shape_xyz == tuple(started["grid"]["shape_xyz"]) == reference.grid.shape_xyz
+    assert np.allclose(volume.grid.origin_xyz, reference.grid.origin_xyz)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics == finished["metrics"]
+    assert metrics["psnr"] > 18, metrics  # FDK of 24 noisy views of the phantom, measured ~22 dB
+    for key in ("preview", "projections_preview", "run"):
+        assert (run / finished["paths"][key]).stat().st_size > 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "finished" and info["method"] == "fdk" and info["versions"]["torch"]
+
+
+def test_finished_run_is_kept_without_overwrite(case, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("reconstruct", case, "--out", run, "--method", "fdk").returncode == 0
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()}
+    again = run_cli("reconstruct", case, "--out", run, "--method", "fdk")
+    assert again.returncode == ExitCode.BAD_INPUT
+    (failed,) = parse_events(again.stdout)
+    assert failed["event"] == "failed" and failed["kind"] == "bad_input" and "--overwrite" in failed["message"]
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()} == before
+    # an HU reference (auto-detected) scores like the same reference in 1/mm
+    ref = sitk.ReadImage(str(case / "reference.nrrd"))
+    hu = sitk.Cast((ref / 0.02 - 1.0) * 1000.0, sitk.sitkFloat32)
+    sitk.WriteImage(hu, str(tmp_path / "reference_hu.nrrd"))
+    over = run_cli("reconstruct", case, "--out", run, "--method", "fdk", "--overwrite",
+                   "--reference", tmp_path / "reference_hu.nrrd")
+    assert over.returncode == 0, over.stderr
+    events = parse_events(over.stdout)
+    check_order(events)
+    assert (run / "events.jsonl").read_text() == over.stdout  # a new run starts a new log
+    assert events[0]["reference"]["units"] == "hu"
+    mu = run_cli("reconstruct", case, "--out", tmp_path / "run_mu", "--method", "fdk",
+                 "--reference", case / "reference.nrrd", "--reference-units", "mu")
+    assert parse_events(mu.stdout)[-1]["metrics"]["psnr"] == pytest.approx(events[-1]["metrics"]["psnr"], abs=0.05)
+
+
+def _refused(res, run):
+    assert res.returncode == ExitCode.BAD_INPUT, res.stderr
+    (failed,) = parse_events(res.stdout)
+    assert failed["event"] == "failed" and failed["kind"] == "bad_input" and failed["protocol"] == 1
+    assert "Traceback" not in res.stderr
+    assert failed["message"] and "\n" not in failed["message"]
+    if run.exists():
+        assert sorted(p.name for p in run.iterdir()) == ["events.jsonl"]
+        assert (run / "events.jsonl").read_text() == res.stdout
+    return failed
+
+
+def test_bad_input_is_refused_before_any_work(case, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "geometry.xml").write_bytes((case / "geometry.xml").read_bytes())
+    proj = sitk.ReadImage(str(case / "projections.mha"))
+    arr = sitk.GetArrayFromImage(proj)
+    arr[3, 10, 10] = np.nan
+    nan_img = sitk.GetImageFromArray(arr)
+    nan_img.CopyInformation(proj)
+    sitk.WriteImage(nan_img, str(bad / "projections.mha"))
+    failed = _refused(run_cli("reconstruct", bad, "--out", tmp_path / "run_nan", "--method", "fdk"), tmp_path / "run_nan")
+    assert "projections" in failed["message"]
+    _refused(run_cli("reconstruct", tmp_path / "missing", "--out", tmp_path / "run_missing"), tmp_path / "run_missing")
+    _refused(run_cli("reconstruct", case, "--out", tmp_path / "run_grid", "--grid-size", "0", "4", "4"),
+             tmp_path / "run_grid")
+    _refused(run_cli("reconstruct", case, "--out", tmp_path / "run_method", "--method", "nope"),
+             tmp_path / "run_method")
+    failed = _refused(run_cli("reconstruct", case, "--out", tmp_path / "run_argv", "--iterations", "many"),
+                      tmp_path / "run_argv")
+    assert "--iterations" in failed["message"]
+
+
+def test_cuda_request_without_gpu_is_a_missing_dependency(case, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: --device cuda is valid here")
+    res = run_cli("reconstruct", case, "--out", tmp_path / "run", "--method", "fdk", "--device", "cuda")
+    assert res.returncode == ExitCode.MISSING_DEPENDENCY
+    (failed,) = parse_events(res.stdout)
+    assert failed["kind"] == "missing_dependency" and "--device" in failed["message"]
+    assert not (tmp_path / "run" / "volume.nrrd").exists()
+
+
+class SnapshotPoller(threading.Thread):
+    """Reads snapshot.nrrd as fast as it can while the worker replaces it; records every failure."""
+
+    def __init__(self, path, shape_zyx):
+        super().__init__(daemon=True)
+        self.path, self.shape, self.reads, self.errors = path, shape_zyx, 0, []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            if not self.path.exists():
+                time.sleep(0.01)
+                continue
+            try:
+                arr = sitk.GetArrayFromImage(sitk.ReadImage(str(self.path)))
+                if arr.shape != self.shape or not np.all(np.isfinite(arr)):
+                    self.errors.append(f"bad snapshot {arr.shape}")
+                self.reads += 1
+            except RuntimeError as exc:
+                self.errors.append(str(exc))
+
+
+def _stream_until(proc, predicate, timeout=90.0) -> list[dict]:
+    """Read events from a running worker until predicate(events) holds."""
+    events, t0 = [], time.time()
+    for line in proc.stdout:
+        events.append(json.loads(line))
+        if predicate(events) or time.time() - t0 > timeout:
+            break
+    return events
+
+
+NERF_FAST = ("--method", "nerf", "--preset", "preview", "--snapshot-every", "2", "--device", "cpu")
+
+
+def _finish(proc, events):
+    out, err = proc.communicate(timeout=120)
+    events += [json.loads(line) for line in out.splitlines() if line.strip()]
+    return err
+
+
+def test_sigterm_cancels_cleanly_and_snapshots_are_never_torn(case, tmp_path):
+    run = tmp_path / "run"
+    proc = popen_cli("reconstruct", case, "--out", run, "--iterations", "100000", *NERF_FAST)
+    events = _stream_until(proc, lambda ev: ev[-1]["event"] in ("started", "failed"))
+    assert events[-1]["event"] == "started", proc.stderr.read()
+    poller = SnapshotPoller(run / "snapshot.nrrd", tuple(reversed(events[0]["grid"]["shape_xyz"])))
+    poller.start()
+    events += _stream_until(proc, lambda ev: sum(e["event"] == "snapshot" for e in ev) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    err = _finish(proc, events)
+    poller.stop.set()
+    poller.join(10)
+    assert proc.returncode == 0, err
+    check_order(events)
+    assert events[-1]["event"] == "finished" and events[-1]["cancelled"] is True
+    assert (run / "events.jsonl").read_text().splitlines() == [json.dumps(e, separators=(",", ":")) for e in events]
+    seqs = [e["sequence"] for e in events if e["event"] == "snapshot"]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert poller.reads > 0 and poller.errors == []
+    assert "Traceback" not in err
+    volume = read_volume(run / "volume.nrrd")
+    assert volume.array.shape == poller.shape and volume.array.max() > 0
+    assert (run / "checkpoint.pt").exists()
+
+
+def test_cancel_file_stops_and_resume_continues(case, tmp_path):
+    run = tmp_path / "run"
+    proc = popen_cli("reconstruct", case, "--out", run, "--iterations", "100000", *NERF_FAST)
+    events = _stream_until(proc, lambda ev: ev[-1]["event"] in ("snapshot", "failed"))
+    (run / "cancel").touch()
+    _finish(proc, events)
+    assert proc.returncode == 0
+    assert events[-1]["event"] == "finished" and events[-1]["cancelled"] is True
+    stopped_at = events[-1]["iteration"]
+    # without --resume the cancelled run is kept; with it, it continues from the checkpoint
+    assert run_cli("reconstruct", case, "--out", run, *NERF_FAST).returncode == ExitCode.BAD_INPUT
+    target = stopped_at + 6  # snapshots every 2 iterations: it stopped within 2 of stopped_at
+    res = run_cli("reconstruct", case, "--out", run, "--resume", "--iterations", target, *NERF_FAST)
+    assert res.returncode == 0, res.stderr
+    more = parse_events(res.stdout)
+    check_order(more)
+    assert more[0]["resumed"] is True and not (run / "cancel").exists()
+    assert more[-1]["cancelled"] is False and more[-1]["iteration"] == target
+    first_progress = next(e for e in more if e["event"] == "progress")
+    assert first_progress["iteration"] > stopped_at
+    log = (run / "events.jsonl").read_text().splitlines()
+    assert [json.loads(line)["event"] for line in log].count("started") == 2  # resume appends

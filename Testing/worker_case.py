@@ -1,0 +1,46 @@
+"""Shared by the CLI and worker-protocol tests: a tiny simulated case and real `python -m` runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def cli_env() -> dict:
+    """The environment of a worker subprocess: this checkout first on the path, no colour, no GPU noise."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.pop("CTNERF_DEBUG", None)
+    return env
+
+
+def cli_command(*args) -> list[str]:
+    return [sys.executable, "-m", "CTNeRFReconLib", *[str(a) for a in args]]
+
+
+def run_cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the command line to completion with stdout/stderr captured (stdout is a pipe: JSON events)."""
+    return subprocess.run(cli_command(*args), cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def popen_cli(*args) -> subprocess.Popen:
+    return subprocess.Popen(cli_command(*args), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+
+
+def parse_events(text: str) -> list[dict]:
+    """Every non-empty line must be one JSON object (the protocol allows nothing else on stdout)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def write_small_case(folder: Path) -> Path:
+    """The demo's small phantom scan (24 views, 48 x 48 detector) as an RTK case with reference.nrrd."""
+    from CTNeRFReconLib.demo import SMALL, write_demo_case
+
+    return write_demo_case(folder, SMALL)

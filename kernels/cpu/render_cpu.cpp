@@ -1,0 +1,184 @@
+// CPU build of the fused renderer: the per-ray math of ctnerf_render.h, parallel over rays with
+// ATen's parallel_for (OpenMP in torch's CPU builds; it follows torch.set_num_threads and uses
+// torch's own OpenMP runtime, so no second runtime is linked in).
+//
+// Gradients are scattered either into one buffer per thread, summed at the end, or with atomic
+// adds into a single buffer (ReduceMode); per-thread buffers win when they fit (see
+// benchmarks/bench_kernels.py), atomics bound the memory for very large grids.
+#include <ATen/Parallel.h>
+
+#include <atomic>
+
+#include "ctnerf_ops.h"
+#include "ctnerf_render.h"
+
+namespace ctnerf {
+namespace {
+
+// Rays per parallel_for chunk: each ray is hundreds of samples, so small chunks balance well.
+constexpr int64_t kRayGrain = 16;
+
+struct AtomicAdd {
+  template <typename T>
+  void operator()(T* target, T value) const {
+    std::atomic_ref<T>(*target).fetch_add(value, std::memory_order_relaxed);
+  }
+};
+
+bool use_buffers(int64_t reduce_mode, int64_t numel, int64_t elem_size) {
+  TORCH_CHECK(reduce_mode >= 0 && reduce_mode <= 2, "ctnerf: reduce_mode must be 0 (auto), 1 (buffers) or 2 ",
+              "(atomics), got ", reduce_mode);
+  if (reduce_mode == static_cast<int64_t>(ReduceMode::kBuffers)) return true;
+  if (reduce_mode == static_cast<int64_t>(ReduceMode::kAtomics)) return false;
+  return at::get_num_threads() * numel * elem_size <= kBufferBudgetBytes;
+}
+
+struct RayInputs {
+  at::Tensor origins, dirs, t_near, t_far;
+  RayInputs(const at::Tensor& o, const at::Tensor& d, const at::Tensor& tn, const at::Tensor& tf)
+      : origins(o.contiguous()), dirs(d.contiguous()), t_near(tn.contiguous()), t_far(tf.contiguous()) {}
+  template <typename T>
+  Ray<T> ray(int64_t i) const {
+    return load_ray(origins.const_data_ptr<T>(), dirs.const_data_ptr<T>(), t_near.const_data_ptr<T>(),
+                    t_far.const_data_ptr<T>(), i);
+  }
+};
+
+}  // namespace
+
+at::Tensor grid_line_integrals_cpu(const at::Tensor& volume, const at::Tensor& origin_xyz,
+                                   const at::Tensor& spacing_xyz, const at::Tensor& origins, const at::Tensor& dirs,
+                                   const at::Tensor& t_near, const at::Tensor& t_far, int64_t n_samples,
+                                   int64_t jitter_seed) {
+  check_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, n_samples);
+  TORCH_CHECK(volume.device().is_cpu(), "ctnerf: grid_line_integrals_cpu got a ", volume.device(), " tensor");
+  const at::Tensor vol = volume.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
+  const RayInputs rays(origins, dirs, t_near, t_far);
+  const int64_t n = origins.size(0);
+  at::Tensor out = at::empty({n}, volume.options());
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "grid_line_integrals_cpu", [&] {
+    const GridView<scalar_t> g =
+        make_grid_view(vol.const_data_ptr<scalar_t>(), vol.size(0), vol.size(1), vol.size(2),
+                       org.const_data_ptr<scalar_t>(), spc.const_data_ptr<scalar_t>());
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = grid_ray_forward(g, rays.ray<scalar_t>(i), n_samples, jitter_seed, i);
+    });
+  });
+  return out;
+}
+
+at::Tensor grid_line_integrals_backward_cpu(const at::Tensor& grad_out, const at::Tensor& volume,
+                                            const at::Tensor& origin_xyz, const at::Tensor& spacing_xyz,
+                                            const at::Tensor& origins, const at::Tensor& dirs,
+                                            const at::Tensor& t_near, const at::Tensor& t_far, int64_t n_samples,
+                                            int64_t jitter_seed, int64_t reduce_mode) {
+  check_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, n_samples);
+  const int64_t n = origins.size(0);
+  check_grad_out(volume, grad_out, n);
+  const at::Tensor gout = grad_out.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
+  const RayInputs rays(origins, dirs, t_near, t_far);
+  const int64_t numel = volume.numel();
+  const bool buffers = use_buffers(reduce_mode, numel, volume.element_size());
+  const int64_t n_buf = buffers ? at::get_num_threads() : 1;
+  at::Tensor grad = at::zeros({n_buf, volume.size(0), volume.size(1), volume.size(2)}, volume.options());
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "grid_line_integrals_backward_cpu", [&] {
+    // the gradient does not depend on the volume's values, only on its shape
+    const GridView<scalar_t> g = make_grid_view<scalar_t>(nullptr, volume.size(0), volume.size(1), volume.size(2),
+                                                          org.const_data_ptr<scalar_t>(),
+                                                          spc.const_data_ptr<scalar_t>());
+    const scalar_t* go = gout.const_data_ptr<scalar_t>();
+    scalar_t* base = grad.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
+      if (buffers) {
+        scalar_t* mine = base + static_cast<int64_t>(at::get_thread_num()) * numel;
+        for (int64_t i = begin; i < end; ++i)
+          grid_ray_backward(g, rays.ray<scalar_t>(i), n_samples, jitter_seed, i, go[i], mine, PlainAdd{});
+      } else {
+        for (int64_t i = begin; i < end; ++i)
+          grid_ray_backward(g, rays.ray<scalar_t>(i), n_samples, jitter_seed, i, go[i], base, AtomicAdd{});
+      }
+    });
+  });
+  return n_buf == 1 ? grad[0] : grad.sum(0);
+}
+
+at::Tensor vm_line_integrals_cpu(const at::Tensor& planes, const at::Tensor& lines, const at::Tensor& basis,
+                                 const at::Tensor& bias, const at::Tensor& box_min, const at::Tensor& box_max,
+                                 const at::Tensor& origins, const at::Tensor& dirs, const at::Tensor& t_near,
+                                 const at::Tensor& t_far, int64_t n_samples, int64_t jitter_seed) {
+  check_vm_inputs(planes, lines, basis, bias, box_min, box_max, origins, dirs, t_near, t_far, n_samples);
+  TORCH_CHECK(planes.device().is_cpu(), "ctnerf: vm_line_integrals_cpu got a ", planes.device(), " tensor");
+  const at::Tensor pl = planes.contiguous(), li = lines.contiguous(), ba = basis.contiguous(), bi = bias.contiguous();
+  const at::Tensor lo = box_min.contiguous(), hi = box_max.contiguous();
+  const RayInputs rays(origins, dirs, t_near, t_far);
+  const int64_t n = origins.size(0);
+  at::Tensor out = at::empty({n}, planes.options());
+  AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "vm_line_integrals_cpu", [&] {
+    const VMView<scalar_t> v = make_vm_view(pl.const_data_ptr<scalar_t>(), li.const_data_ptr<scalar_t>(),
+                                            ba.const_data_ptr<scalar_t>(), bi.const_data_ptr<scalar_t>(),
+                                            pl.size(1), pl.size(2), li.size(2), lo.const_data_ptr<scalar_t>(),
+                                            hi.const_data_ptr<scalar_t>());
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = vm_ray_forward(v, rays.ray<scalar_t>(i), n_samples, jitter_seed, i);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vm_line_integrals_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& planes, const at::Tensor& lines, const at::Tensor& basis,
+    const at::Tensor& bias, const at::Tensor& box_min, const at::Tensor& box_max, const at::Tensor& origins,
+    const at::Tensor& dirs, const at::Tensor& t_near, const at::Tensor& t_far, int64_t n_samples,
+    int64_t jitter_seed, int64_t reduce_mode) {
+  check_vm_inputs(planes, lines, basis, bias, box_min, box_max, origins, dirs, t_near, t_far, n_samples);
+  const int64_t n = origins.size(0);
+  check_grad_out(planes, grad_out, n);
+  const at::Tensor gout = grad_out.contiguous();
+  const at::Tensor pl = planes.contiguous(), li = lines.contiguous(), ba = basis.contiguous(), bi = bias.contiguous();
+  const at::Tensor lo = box_min.contiguous(), hi = box_max.contiguous();
+  const RayInputs rays(origins, dirs, t_near, t_far);
+  const int64_t threads = at::get_num_threads();
+  const int64_t factor_numel = planes.numel() + lines.numel();
+  const bool buffers = use_buffers(reduce_mode, factor_numel, planes.element_size());
+  const int64_t n_buf = buffers ? threads : 1;
+  // planes and lines of one thread side by side in one row, so one buffer serves both
+  at::Tensor gfactors = at::zeros({n_buf, factor_numel}, planes.options());
+  // basis (3C) and bias (1) are always private per thread: few values, touched by every sample
+  const int64_t n_dec = basis.numel() + 1;
+  at::Tensor gdecoder = at::zeros({threads, n_dec}, planes.options());
+  AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "vm_line_integrals_backward_cpu", [&] {
+    const VMView<scalar_t> v = make_vm_view(pl.const_data_ptr<scalar_t>(), li.const_data_ptr<scalar_t>(),
+                                            ba.const_data_ptr<scalar_t>(), bi.const_data_ptr<scalar_t>(),
+                                            pl.size(1), pl.size(2), li.size(2), lo.const_data_ptr<scalar_t>(),
+                                            hi.const_data_ptr<scalar_t>());
+    const scalar_t* go = gout.const_data_ptr<scalar_t>();
+    scalar_t* fbase = gfactors.mutable_data_ptr<scalar_t>();
+    scalar_t* dbase = gdecoder.mutable_data_ptr<scalar_t>();
+    const int64_t plane_numel = planes.numel();
+    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
+      const int64_t tid = at::get_thread_num();
+      scalar_t* dec = dbase + tid * n_dec;
+      if (buffers) {
+        scalar_t* gp = fbase + tid * factor_numel;
+        for (int64_t i = begin; i < end; ++i)
+          vm_ray_backward(v, rays.ray<scalar_t>(i), n_samples, jitter_seed, i, go[i], gp, gp + plane_numel, dec, 1,
+                          dec + n_dec - 1, PlainAdd{});
+      } else {
+        for (int64_t i = begin; i < end; ++i)
+          vm_ray_backward(v, rays.ray<scalar_t>(i), n_samples, jitter_seed, i, go[i], fbase, fbase + plane_numel,
+                          dec, 1, dec + n_dec - 1, AtomicAdd{});
+      }
+    });
+  });
+  const at::Tensor factors = n_buf == 1 ? gfactors[0] : gfactors.sum(0);
+  const at::Tensor decoder = gdecoder.sum(0);
+  at::Tensor grad_planes = factors.narrow(0, 0, planes.numel()).view(planes.sizes()).clone();
+  at::Tensor grad_lines = factors.narrow(0, planes.numel(), lines.numel()).view(lines.sizes()).clone();
+  at::Tensor grad_basis = decoder.narrow(0, 0, basis.numel()).clone();
+  at::Tensor grad_bias = decoder.narrow(0, basis.numel(), 1).clone();
+  return {grad_planes, grad_lines, grad_basis, grad_bias};
+}
+
+}  // namespace ctnerf
