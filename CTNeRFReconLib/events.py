@@ -90,24 +90,21 @@ class EventWriter:
     Both are flushed after every line, so a client polling either sees whole events as they happen.
     """
 
-    def __init__(self, stream: IO[str] | None = None, log_path: Path | None = None, append: bool = True):
+    def __init__(self, stream: IO[str] | None = None):
         self.stream = stream
-        self._log = None
+        self._log: IO[str] | None = None
         self._lock = threading.Lock()
-        if log_path is not None:
-            self.open_log(log_path, append)
-        self.history: list[dict] = []
 
-    def open_log(self, log_path: Path, append: bool = True):
-        """Start appending to ``log_path`` (truncated first when ``append`` is False)."""
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "a" if append else "w", encoding="utf-8")
+    def attach_log(self, handle: IO[str], truncate: bool):
+        """Also write to ``handle`` (a file opened for appending), emptied first when ``truncate``."""
+        if truncate:
+            handle.truncate(0)
+        self._log = handle
 
     def emit(self, event: str, **fields) -> dict:
         record = make_event(event, **fields)
         line = json.dumps(record, allow_nan=False, separators=(",", ":"))
         with self._lock:
-            self.history.append(record)
             for out in (self.stream, self._log):
                 if out is not None:
                     out.write(line + "\n")

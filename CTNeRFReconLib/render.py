@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,7 +75,12 @@ def world_to_grid_coords(points: torch.Tensor, grid: VolumeGrid) -> torch.Tensor
 
 
 class VoxelField(torch.nn.Module):
-    """Trilinear interpolation of a voxel volume (z, y, x); zero outside the voxel centres' hull."""
+    """Trilinear interpolation of a voxel volume (z, y, x).
+
+    Values fade linearly to zero over the outer half voxel (zero padding). RTK's Joseph projector
+    integrates only between the first and last voxel centres: clip rays to `centre_bounds(grid)`
+    to reproduce it.
+    """
 
     def __init__(self, volume: torch.Tensor, grid: VolumeGrid):
         super().__init__()
@@ -85,6 +91,13 @@ class VoxelField(torch.nn.Module):
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
         return sample_volume(self.volume, self.grid, points)
+
+
+def centre_bounds(grid: VolumeGrid):
+    """Box spanned by the voxel centres (not edges) of an axis-aligned grid."""
+    lo, hi = grid.bounds()
+    half = np.asarray(grid.spacing_xyz) / 2.0
+    return lo + half, hi - half
 
 
 def sample_volume(volume: torch.Tensor, grid: VolumeGrid, points: torch.Tensor) -> torch.Tensor:

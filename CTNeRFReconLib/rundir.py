@@ -11,6 +11,11 @@ from pathlib import Path
 
 from .events import read_events
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 
 class RunFolderError(ValueError):
     """The run folder cannot be used as asked (bad input, refused before any work)."""
@@ -71,8 +76,24 @@ class RunFolder:
                                  "event); choose another --out folder, or pass --overwrite to replace its "
                                  "results or --resume to continue it")
 
-    def claim(self):
-        """Create the folder and remove a cancel request left over from an earlier run."""
+    def open_events_log(self):
+        """Open events.jsonl for appending (creating the folder), locked for as long as it stays open.
+
+        The lock (POSIX flock; on other systems only the pid check of check_usable) keeps two
+        workers out of one folder; opening changes nothing in the file.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.events, "a", encoding="utf-8")
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise RunFolderError(f"{self.root}: another reconstruction is running in this folder; wait "
+                                     "for it, stop it (create the file 'cancel' there), or choose another --out")
+        return handle
+
+    def remove_stale_cancel(self):
+        """A cancel request left over from an earlier run must not stop the new one."""
         if self.cancel_file.is_file():
             self.cancel_file.unlink()

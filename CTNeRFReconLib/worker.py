@@ -29,7 +29,7 @@ from .events import EventWriter, ExitCode, FailureKind, stdout_wants_events
 from .geometry import VolumeGrid
 from .methods import RunContext, get_method, method_names
 from .phantom import MU_WATER
-from .rundir import RunFolder, RunFolderError
+from .rundir import RunFolder
 from .volume_io import atomic_write, resample_to_grid, write_volume
 
 PRESETS = ("preview", "standard", "high")
@@ -306,15 +306,19 @@ def run_reconstruction(opts: ReconstructOptions, stream=None) -> ExitCode:
     try:
         try:
             folder.check_usable(opts.resume, opts.overwrite)
+            log = folder.open_events_log()
+        except Exception as exc:  # noqa: BLE001 - the folder is not ours to write: report on the stream only
+            return _fail(events, console, exc)
+        try:
             prepared = prepare(opts)
         except Exception as exc:  # noqa: BLE001 - refused before any work
-            if not isinstance(exc, RunFolderError) and not folder.is_finished():
-                # log the refusal in the folder, unless that would disturb a finished run
-                folder.claim()
-                events.open_log(folder.events, append=opts.resume)
+            if folder.is_finished():  # keep a finished run's log as it is
+                log.close()
+            else:
+                events.attach_log(log, truncate=not opts.resume)
             return _fail(events, console, exc)
-        folder.claim()
-        events.open_log(folder.events, append=opts.resume)
+        folder.remove_stale_cancel()
+        events.attach_log(log, truncate=not opts.resume)
         return _run(opts, prepared, folder, events, console, stop)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a `failed` event
         return _fail(events, console, exc)

@@ -20,13 +20,16 @@ class NerfConfig:
     """C: components per VM mode (three planes and three lines)."""
     plane_resolution: int = 0
     """R of the planes and lines; 0 = the training grid's largest dimension."""
-    generator_width: int = 64
+    generator_width: int = 32
     """Feature channels of the deep-image-prior generator's convolutions."""
     noise_channels: int = 16
     """Channels of the fixed noise the generator is fed."""
     use_generator: bool = True
     """Deep image prior (ZeroRF). False optimises the planes and lines directly (TensoRF)."""
-    lr: float = 1e-3
+    refine_fraction: float = 0.5
+    """Last fraction of the iterations that refines the generated planes/lines directly: the prior
+    shapes the solution first, free factors then fit the detail a small generator cannot."""
+    lr: float = 2e-3
     """Peak Adam learning rate of the generator (direct factors use 10x)."""
     warmup_fraction: float = 0.05
     """Linear warm-up over this fraction of the iterations."""
@@ -78,7 +81,7 @@ class NerfConfig:
 
 PRESETS: dict[str, dict] = {
     "preview": dict(iterations=300, channels=12, rays_end=65536, fdk_init_iterations=80,
-                    snapshot_every=50, generator_width=32),
+                    snapshot_every=50),
     "standard": dict(),
-    "high": dict(iterations=3000, channels=24, rays_end=262144, generator_width=96),
+    "high": dict(iterations=3000, channels=24, rays_end=262144, generator_width=48),
 }

@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .. import fused
 from ..data import ScanData, Volume
 from ..geometry import VolumeGrid
 from ..methods import RunContext
 from ..rays import all_pixel_indices, view_rays
+from ..render import centre_bounds
 from .config import NerfConfig
 from .field import VMField
 from .generator import DirectFactors, FactorGenerator
@@ -80,13 +82,11 @@ class NerfTrainer:
         if cfg.use_generator:
             self.factors = FactorGenerator(cfg.channels, res, cfg.generator_width, cfg.noise_channels,
                                            seed=ctx.seed).to(self.device)
-            groups = [dict(params=self.factors.parameters(), lr=cfg.lr)]
+            self.phase = "generator"
         else:
             self.factors = DirectFactors(cfg.channels, res, seed=ctx.seed).to(self.device)
-            groups = [dict(params=self.factors.parameters(), lr=cfg.lr * 10)]
-        groups.append(dict(params=self.field.parameters(), lr=cfg.lr * 5))
-        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99))
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+            self.phase = "direct"
+        self._make_optimizer()
 
         # training and held-out views
         views = np.arange(scan.n_views)
@@ -110,6 +110,29 @@ class NerfTrainer:
         self.fdk_volume = fdk_volume
         self._kernel = _pick_integrator(self.device, cfg.use_kernels)
 
+    def _make_optimizer(self):
+        lr = self.cfg.lr * (1 if self.phase == "generator" else 10)
+        groups = [dict(params=self.factors.parameters(), lr=lr),
+                  dict(params=self.field.parameters(), lr=self.cfg.lr * 5)]
+        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99))
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+
+    def switch_to_direct(self):
+        """Refinement phase: the generated planes/lines become free parameters."""
+        if self.phase == "direct":
+            return
+        with torch.no_grad():
+            planes, lines = self.factors()
+        self.factors = DirectFactors.from_tensors(planes.float(), lines.float()).to(self.device)
+        self.phase = "direct"
+        self._make_optimizer()
+
+    @property
+    def refine_start(self) -> int:
+        if not self.cfg.use_generator or self.cfg.refine_fraction <= 0:
+            return self.cfg.iterations + 1
+        return int(round(self.cfg.iterations * (1.0 - self.cfg.refine_fraction)))
+
     # -- setup helpers --------------------------------------------------------------------------
     def _attenuation_scale(self, fdk_volume: Volume | None) -> float:
         """Typical attenuation of the object: sets the decoder's output scale (data-derived)."""
@@ -125,7 +148,9 @@ class NerfTrainer:
     def _rays_for(self, scan: ScanData, views):
         """All rays of the given views that cross the training box, with their measurements."""
         v, r, c = all_pixel_indices(scan.geometry, views)
-        rays = view_rays(scan.geometry, v, r, c, *self.box, device="cpu")
+        # rays run between the outermost voxel centres, as in RTK's Joseph projector (the outer
+        # half voxel of a trilinear grid is only a fade to zero)
+        rays = view_rays(scan.geometry, v, r, c, *centre_bounds(self.grid), device="cpu")
         hit = rays.t_far > rays.t_near + 1e-6
         meas = torch.as_tensor(scan.projections[v, r, c], dtype=torch.float32)
         sel = torch.nonzero(hit).reshape(-1)
@@ -219,7 +244,8 @@ class NerfTrainer:
         g = self.grid
         if self._kernel is not None:
             return self._kernel(vol, g.origin_xyz, g.spacing_xyz, o, d, tn, tf, self.n_samples, jitter_seed)
-        return _integrate_torch(vol, g, o, d, tn, tf, self.n_samples, jitter_seed)
+        return fused.grid_line_integrals_reference(vol, g.origin_xyz, g.spacing_xyz, o, d, tn, tf,
+                                                   self.n_samples, jitter_seed)
 
     def validation_psnr(self) -> float | None:
         if self.val is None:
@@ -240,6 +266,7 @@ class NerfTrainer:
         from ..volume_io import atomic_write
         payload = dict(iteration=self.state.iteration, history=self.state.history,
                        elapsed_s=self.state.elapsed_s, rays_cap=self.state.rays_per_batch_cap,
+                       phase=self.phase,
                        factors=self.factors.state_dict(), field=self.field.state_dict(),
                        optimizer=self.optimizer.state_dict(), config=asdict(self.cfg),
                        grid=self.grid.to_dict(), seed=self.ctx.seed)
@@ -253,6 +280,8 @@ class NerfTrainer:
         if ck["grid"] != self.grid.to_dict():
             raise ValueError(f"{path}: the checkpoint was made for another training grid; "
                              "resume with the same data, grid and settings, or start a new run folder")
+        if ck["phase"] == "direct" and self.phase != "direct":
+            self.switch_to_direct()
         self.factors.load_state_dict(ck["factors"])
         self.field.load_state_dict(ck["field"])
         self.optimizer.load_state_dict(ck["optimizer"])
@@ -273,6 +302,8 @@ class NerfTrainer:
         it = self.state.iteration
         last_loss, last_psnr = float("nan"), float("nan")
         while it < cfg.iterations and not ctx.should_stop():
+            if it >= self.refine_start:
+                self.switch_to_direct()
             n = self.batch_size(it)
             try:
                 last_loss, last_psnr = self.step(it, n)
@@ -303,6 +334,13 @@ class NerfTrainer:
                 ctx.on_snapshot(self.output_volume(), it)
             if cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+        if self.state.history and self.state.history[-1][0] != it:
+            # a last report at the exact iteration where it stopped (cancel) or ended
+            self.state.history.append((it, last_loss, last_psnr, self.state.elapsed_s))
+            ctx.on_progress(iteration=it, iterations=cfg.iterations, loss=last_loss,
+                            projection_psnr=last_psnr, projection_psnr_kind="batch",
+                            rays_per_batch=self.state.rays_per_batch, lr=self.optimizer.param_groups[0]["lr"],
+                            elapsed_s=round(self.state.elapsed_s, 3), gpu_mem_mb=_gpu_mem_mb(self.device))
         self.save_checkpoint()
         return self.output_volume()
 
@@ -321,36 +359,6 @@ def _gpu_mem_mb(device: torch.device) -> float | None:
 
 def _pick_integrator(device: torch.device, use_kernels: bool):
     """The fused grid integrator when it is built for this device, else None (PyTorch path)."""
-    if not use_kernels:
-        return None
-    try:
-        from .. import fused
-    except ImportError:
-        return None
-    if not fused.kernels_available(device):
+    if not use_kernels or not fused.kernels_available(device):
         return None
     return fused.grid_line_integrals
-
-
-def _integrate_torch(vol, grid, o, d, tn, tf, n_samples: int, jitter_seed: int):
-    """PyTorch path: midpoint/jittered samples, trilinear lookups, sum of mu * dt."""
-    try:
-        from ..fused import grid_line_integrals_reference
-    except ImportError:
-        grid_line_integrals_reference = None
-    if grid_line_integrals_reference is not None:
-        return grid_line_integrals_reference(vol, grid.origin_xyz, grid.spacing_xyz, o, d, tn, tf,
-                                             n_samples, jitter_seed)
-    from ..render import sample_volume
-    length = (tf - tn).clamp_min(0)
-    dt = length / n_samples
-    base = torch.arange(n_samples, device=o.device, dtype=o.dtype)[None]
-    if jitter_seed >= 0:
-        g = torch.Generator(device="cpu").manual_seed(int(jitter_seed))
-        off = torch.rand((o.shape[0], n_samples), generator=g).to(o.device)
-    else:
-        off = 0.5
-    t = tn[:, None] + (base + off) * dt[:, None]
-    pts = o[:, None] + t[..., None] * d[:, None]
-    mu = sample_volume(vol, grid, pts.reshape(-1, 3)).reshape(t.shape)
-    return (mu * dt[:, None]).sum(1)

@@ -109,7 +109,9 @@ at::Tensor vm_line_integrals_cpu(const at::Tensor& planes, const at::Tensor& lin
                                  const at::Tensor& t_far, int64_t n_samples, int64_t jitter_seed) {
   check_vm_inputs(planes, lines, basis, bias, box_min, box_max, origins, dirs, t_near, t_far, n_samples);
   TORCH_CHECK(planes.device().is_cpu(), "ctnerf: vm_line_integrals_cpu got a ", planes.device(), " tensor");
-  const at::Tensor pl = planes.contiguous(), li = lines.contiguous(), ba = basis.contiguous(), bi = bias.contiguous();
+  // channels-last copies: the C values of one tap are contiguous (see VMView)
+  const at::Tensor pl = planes.permute({0, 2, 3, 1}).contiguous(), li = lines.permute({0, 2, 1}).contiguous();
+  const at::Tensor ba = basis.contiguous(), bi = bias.contiguous();
   const at::Tensor lo = box_min.contiguous(), hi = box_max.contiguous();
   const RayInputs rays(origins, dirs, t_near, t_far);
   const int64_t n = origins.size(0);
@@ -117,7 +119,7 @@ at::Tensor vm_line_integrals_cpu(const at::Tensor& planes, const at::Tensor& lin
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "vm_line_integrals_cpu", [&] {
     const VMView<scalar_t> v = make_vm_view(pl.const_data_ptr<scalar_t>(), li.const_data_ptr<scalar_t>(),
                                             ba.const_data_ptr<scalar_t>(), bi.const_data_ptr<scalar_t>(),
-                                            pl.size(1), pl.size(2), li.size(2), lo.const_data_ptr<scalar_t>(),
+                                            planes.size(1), planes.size(2), lines.size(2), lo.const_data_ptr<scalar_t>(),
                                             hi.const_data_ptr<scalar_t>());
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
@@ -136,14 +138,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vm_line_integrals_bac
   const int64_t n = origins.size(0);
   check_grad_out(planes, grad_out, n);
   const at::Tensor gout = grad_out.contiguous();
-  const at::Tensor pl = planes.contiguous(), li = lines.contiguous(), ba = basis.contiguous(), bi = bias.contiguous();
+  // channels-last copies: the C values of one tap are contiguous (see VMView)
+  const at::Tensor pl = planes.permute({0, 2, 3, 1}).contiguous(), li = lines.permute({0, 2, 1}).contiguous();
+  const at::Tensor ba = basis.contiguous(), bi = bias.contiguous();
   const at::Tensor lo = box_min.contiguous(), hi = box_max.contiguous();
   const RayInputs rays(origins, dirs, t_near, t_far);
   const int64_t threads = at::get_num_threads();
   const int64_t factor_numel = planes.numel() + lines.numel();
   const bool buffers = use_buffers(reduce_mode, factor_numel, planes.element_size());
   const int64_t n_buf = buffers ? threads : 1;
-  // planes and lines of one thread side by side in one row, so one buffer serves both
+  // planes and lines (channels-last) of one thread side by side in one row, so one buffer serves both
   at::Tensor gfactors = at::zeros({n_buf, factor_numel}, planes.options());
   // basis (3C) and bias (1) are always private per thread: few values, touched by every sample
   const int64_t n_dec = basis.numel() + 1;
@@ -151,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vm_line_integrals_bac
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "vm_line_integrals_backward_cpu", [&] {
     const VMView<scalar_t> v = make_vm_view(pl.const_data_ptr<scalar_t>(), li.const_data_ptr<scalar_t>(),
                                             ba.const_data_ptr<scalar_t>(), bi.const_data_ptr<scalar_t>(),
-                                            pl.size(1), pl.size(2), li.size(2), lo.const_data_ptr<scalar_t>(),
+                                            planes.size(1), planes.size(2), lines.size(2), lo.const_data_ptr<scalar_t>(),
                                             hi.const_data_ptr<scalar_t>());
     const scalar_t* go = gout.const_data_ptr<scalar_t>();
     scalar_t* fbase = gfactors.mutable_data_ptr<scalar_t>();
@@ -174,8 +178,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vm_line_integrals_bac
   });
   const at::Tensor factors = n_buf == 1 ? gfactors[0] : gfactors.sum(0);
   const at::Tensor decoder = gdecoder.sum(0);
-  at::Tensor grad_planes = factors.narrow(0, 0, planes.numel()).view(planes.sizes()).clone();
-  at::Tensor grad_lines = factors.narrow(0, planes.numel(), lines.numel()).view(lines.sizes()).clone();
+  // back from channels-last to the inputs' (3, C, R, R) and (3, C, L)
+  at::Tensor grad_planes = factors.narrow(0, 0, planes.numel())
+                               .view({3, planes.size(2), planes.size(3), planes.size(1)})
+                               .permute({0, 3, 1, 2})
+                               .contiguous();
+  at::Tensor grad_lines =
+      factors.narrow(0, planes.numel(), lines.numel()).view({3, lines.size(2), lines.size(1)}).permute({0, 2, 1}).contiguous();
   at::Tensor grad_basis = decoder.narrow(0, 0, basis.numel()).clone();
   at::Tensor grad_bias = decoder.narrow(0, basis.numel(), 1).clone();
   return {grad_planes, grad_lines, grad_basis, grad_bias};

@@ -149,7 +149,9 @@ at::Tensor vm_line_integrals_cuda(const at::Tensor& planes, const at::Tensor& li
   check_vm_inputs(planes, lines, basis, bias, box_min, box_max, origins, dirs, t_near, t_far, n_samples);
   check_cuda(planes, "vm_line_integrals");
   const c10::cuda::CUDAGuard guard(planes.device());
-  const at::Tensor pl = planes.contiguous(), li = lines.contiguous(), ba = basis.contiguous(), bi = bias.contiguous();
+  // channels-last copies: the C values of one tap are contiguous (see VMView)
+  const at::Tensor pl = planes.permute({0, 2, 3, 1}).contiguous(), li = lines.permute({0, 2, 1}).contiguous();
+  const at::Tensor ba = basis.contiguous(), bi = bias.contiguous();
   const at::Tensor lo = box_min.contiguous(), hi = box_max.contiguous();
   const Rays r(origins, dirs, t_near, t_far);
   const int64_t n = origins.size(0);
@@ -159,7 +161,7 @@ at::Tensor vm_line_integrals_cuda(const at::Tensor& planes, const at::Tensor& li
   AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "vm_line_integrals_cuda", [&] {
     vm_forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         pl.const_data_ptr<scalar_t>(), li.const_data_ptr<scalar_t>(), ba.const_data_ptr<scalar_t>(),
-        bi.const_data_ptr<scalar_t>(), pl.size(1), pl.size(2), li.size(2), lo.const_data_ptr<scalar_t>(),
+        bi.const_data_ptr<scalar_t>(), planes.size(1), planes.size(2), lines.size(2), lo.const_data_ptr<scalar_t>(),
         hi.const_data_ptr<scalar_t>(), r.origins.const_data_ptr<scalar_t>(), r.dirs.const_data_ptr<scalar_t>(),
         r.t_near.const_data_ptr<scalar_t>(), r.t_far.const_data_ptr<scalar_t>(), n, n_samples, jitter_seed,
         out.mutable_data_ptr<scalar_t>());
@@ -179,21 +181,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vm_line_integrals_bac
   check_grad_out(planes, grad_out, n);
   const c10::cuda::CUDAGuard guard(planes.device());
   const at::Tensor gout = grad_out.contiguous();
-  const at::Tensor pl = planes.contiguous(), li = lines.contiguous(), ba = basis.contiguous(), bi = bias.contiguous();
+  // channels-last copies: the C values of one tap are contiguous (see VMView)
+  const at::Tensor pl = planes.permute({0, 2, 3, 1}).contiguous(), li = lines.permute({0, 2, 1}).contiguous();
+  const at::Tensor ba = basis.contiguous(), bi = bias.contiguous();
   const at::Tensor lo = box_min.contiguous(), hi = box_max.contiguous();
   const Rays r(origins, dirs, t_near, t_far);
-  at::Tensor grad_planes = at::zeros(planes.sizes(), planes.options());
-  at::Tensor grad_lines = at::zeros(lines.sizes(), lines.options());
+  // channels-last like the factors the kernel reads; permuted back at the end
+  at::Tensor grad_planes_cl = at::zeros(pl.sizes(), planes.options());
+  at::Tensor grad_lines_cl = at::zeros(li.sizes(), planes.options());
   at::Tensor decoder_cols = at::zeros({basis.numel() + 1, n}, planes.options());
   if (n > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES(planes.scalar_type(), "vm_line_integrals_backward_cuda", [&] {
       vm_backward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
           gout.const_data_ptr<scalar_t>(), pl.const_data_ptr<scalar_t>(), li.const_data_ptr<scalar_t>(),
-          ba.const_data_ptr<scalar_t>(), bi.const_data_ptr<scalar_t>(), pl.size(1), pl.size(2), li.size(2),
+          ba.const_data_ptr<scalar_t>(), bi.const_data_ptr<scalar_t>(), planes.size(1), planes.size(2), lines.size(2),
           lo.const_data_ptr<scalar_t>(), hi.const_data_ptr<scalar_t>(), r.origins.const_data_ptr<scalar_t>(),
           r.dirs.const_data_ptr<scalar_t>(), r.t_near.const_data_ptr<scalar_t>(), r.t_far.const_data_ptr<scalar_t>(),
-          n, n_samples, jitter_seed, grad_planes.mutable_data_ptr<scalar_t>(), grad_lines.mutable_data_ptr<scalar_t>(),
+          n, n_samples, jitter_seed, grad_planes_cl.mutable_data_ptr<scalar_t>(), grad_lines_cl.mutable_data_ptr<scalar_t>(),
           decoder_cols.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -201,7 +206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vm_line_integrals_bac
   const at::Tensor decoder = decoder_cols.sum(1);
   at::Tensor grad_basis = decoder.narrow(0, 0, basis.numel()).clone();
   at::Tensor grad_bias = decoder.narrow(0, basis.numel(), 1).clone();
-  return {grad_planes, grad_lines, grad_basis, grad_bias};
+  return {grad_planes_cl.permute({0, 3, 1, 2}).contiguous(), grad_lines_cl.permute({0, 2, 1}).contiguous(), grad_basis,
+          grad_bias};
 }
 
 }  // namespace ctnerf

@@ -62,14 +62,24 @@ CTNERF_HD uint32_t mix32(uint32_t x) {
   return x;
 }
 
+// The jitter hash in two stages: a per-ray key (seed and ray number), then one mix per sample.
+// hash_uniform(seed, i, k) = uniform_from(mix32(ray_key(seed, i) + k)).
+CTNERF_HD uint32_t ray_key(int64_t seed, int64_t ray) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const uint32_t h = mix32(static_cast<uint32_t>(s & 0xffffffffULL) + mix32(static_cast<uint32_t>(s >> 32)));
+  return mix32(h ^ static_cast<uint32_t>(static_cast<uint64_t>(ray) & 0xffffffffULL));
+}
+
 // Uniform in [0, 1) on a 2^-24 lattice (exact in float and double).
 template <typename T>
-CTNERF_HD T hash_uniform(int64_t seed, int64_t ray, int64_t k) {
-  const uint64_t s = static_cast<uint64_t>(seed);
-  uint32_t h = mix32(static_cast<uint32_t>(s & 0xffffffffULL) + mix32(static_cast<uint32_t>(s >> 32)));
-  h = mix32(h ^ static_cast<uint32_t>(static_cast<uint64_t>(ray) & 0xffffffffULL));
-  h = mix32(h + static_cast<uint32_t>(static_cast<uint64_t>(k) & 0xffffffffULL));
+CTNERF_HD T sample_uniform(uint32_t key, int64_t k) {
+  const uint32_t h = mix32(key + static_cast<uint32_t>(static_cast<uint64_t>(k) & 0xffffffffULL));
   return static_cast<T>(h >> 8) * static_cast<T>(1.0 / 16777216.0);
+}
+
+template <typename T>
+CTNERF_HD T hash_uniform(int64_t seed, int64_t ray, int64_t k) {
+  return sample_uniform<T>(ray_key(seed, ray), k);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -95,49 +105,59 @@ CTNERF_HD Ray<T> load_ray(const T* origins, const T* dirs, const T* t_near, cons
   return r;
 }
 
+// Sample positions of one ray: t_k = t_near + (k + off_k) dt.
 template <typename T>
-CTNERF_HD T bin_length(const Ray<T>& r, int64_t n_samples) {
-  return r.t_far > r.t_near ? (r.t_far - r.t_near) / static_cast<T>(n_samples) : T(0);
-}
+struct Sampler {
+  T t_near;
+  T dt;  // 0 for rays that miss the box (t_far <= t_near)
+  bool jitter;
+  uint32_t key;
 
-template <typename T>
-CTNERF_HD T sample_distance(const Ray<T>& r, T dt, int64_t seed, int64_t ray, int64_t k) {
-  const T off = seed < 0 ? T(0.5) : hash_uniform<T>(seed, ray, k);
-  return r.t_near + (static_cast<T>(k) + off) * dt;
-}
+  CTNERF_HD Sampler(const Ray<T>& r, int64_t n_samples, int64_t seed, int64_t ray)
+      : t_near(r.t_near),
+        dt(r.t_far > r.t_near ? (r.t_far - r.t_near) / static_cast<T>(n_samples) : T(0)),
+        jitter(seed >= 0),
+        key(seed >= 0 ? ray_key(seed, ray) : 0U) {}
+
+  CTNERF_HD T at(int64_t k) const {
+    const T off = jitter ? sample_uniform<T>(key, k) : T(0.5);
+    return t_near + (static_cast<T>(k) + off) * dt;
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Linear interpolation weights with zero padding (one axis)
 // ---------------------------------------------------------------------------------------------
+// Both neighbour indices are always inside [0, n-1] (clamped) so loads need no branch; a
+// neighbour that lies outside gets weight zero instead. `hit` is false when neither neighbour
+// is inside (then both weights are zero); positions far outside or NaN never reach the cast.
 template <typename T>
 struct Lerp {
-  int64_t i0;  // first neighbour, -1 when outside
-  int64_t i1;  // second neighbour, -1 when outside
+  int64_t i0;
+  int64_t i1;
   T w0;
   T w1;
+  bool hit;
 };
 
-// Weights at continuous index `pos` of a length-n axis; neighbours outside [0, n-1] get weight
-// zero. Positions far outside (or NaN) give no neighbours and never reach the integer cast.
 template <typename T>
 CTNERF_HD Lerp<T> lerp_weights(T pos, int64_t n) {
   Lerp<T> l;
-  l.i0 = -1;
-  l.i1 = -1;
+  l.i0 = 0;
+  l.i1 = 0;
   l.w0 = T(0);
   l.w1 = T(0);
-  if (!(pos > T(-1)) || !(pos < static_cast<T>(n))) return l;
-  const T f = floor_(pos);
-  const int64_t i = static_cast<int64_t>(f);
-  const T a = pos - f;
-  if (i >= 0) {  // i <= n - 1 holds because pos < n
-    l.i0 = i;
-    l.w0 = T(1) - a;
-  }
-  if (i + 1 < n) {  // i + 1 >= 0 holds because pos > -1
-    l.i1 = i + 1;
-    l.w1 = a;
-  }
+  l.hit = pos > T(-1) && pos < static_cast<T>(n);
+  if (!l.hit) return l;
+  // floor without a libm call: pos + 1 > 0, so truncation is the floor (to within one rounding
+  // of pos + 1, which moves a weight by at most one ulp: interpolation is continuous)
+  const int64_t i = static_cast<int64_t>(pos + T(1)) - 1;  // in [-1, n-1]
+  const T a = pos - static_cast<T>(i);
+  const bool lo_in = i >= 0, hi_in = i + 1 < n;
+  l.i0 = lo_in ? i : 0;
+  l.i1 = hi_in ? i + 1 : n - 1;
+  l.w0 = lo_in ? T(1) - a : T(0);
+  l.w1 = hi_in ? a : T(0);
   return l;
 }
 
@@ -169,70 +189,109 @@ CTNERF_HD GridView<T> make_grid_view(const T* volume, int64_t nz, int64_t ny, in
   return g;
 }
 
+// The 8 taps of one sample: flat voxel indices (always valid) and weights (0 for taps outside).
 template <typename T>
 struct Trilinear {
-  int64_t index[8];  // flat voxel index, -1 when outside
+  int64_t index[8];  // corner bit 0 = +x, bit 1 = +y, bit 2 = +z
   T weight[8];
+  bool hit;  // false: the sample is outside the voxel hull, all weights are zero
+};
+
+// A ray in continuous voxel-index space: c(t) = start + t * step.
+template <typename T>
+struct GridRay {
+  T start[3];
+  T step[3];
 };
 
 template <typename T>
-CTNERF_HD Trilinear<T> trilinear_at(const GridView<T>& g, const T p[3]) {
-  Lerp<T> ax[3];
-  for (int a = 0; a < 3; ++a) ax[a] = lerp_weights<T>((p[a] - g.origin[a]) / g.spacing[a], g.n[a]);
+CTNERF_HD GridRay<T> grid_ray(const GridView<T>& g, const Ray<T>& r) {
+  GridRay<T> gr;
+  for (int a = 0; a < 3; ++a) {
+    gr.start[a] = (r.o[a] - g.origin[a]) / g.spacing[a];
+    gr.step[a] = r.d[a] / g.spacing[a];
+  }
+  return gr;
+}
+
+template <typename T>
+CTNERF_HD Trilinear<T> trilinear_at(const GridView<T>& g, const GridRay<T>& gr, T t) {
   Trilinear<T> tri;
-  for (int corner = 0; corner < 8; ++corner) {
-    const int bx = corner & 1, by = (corner >> 1) & 1, bz = (corner >> 2) & 1;
-    const int64_t ix = bx ? ax[0].i1 : ax[0].i0;
-    const int64_t iy = by ? ax[1].i1 : ax[1].i0;
-    const int64_t iz = bz ? ax[2].i1 : ax[2].i0;
-    const bool ok = ix >= 0 && iy >= 0 && iz >= 0;
-    tri.index[corner] = ok ? (iz * g.n[1] + iy) * g.n[0] + ix : -1;
-    tri.weight[corner] = ok ? (bx ? ax[0].w1 : ax[0].w0) * (by ? ax[1].w1 : ax[1].w0) * (bz ? ax[2].w1 : ax[2].w0)
-                            : T(0);
+  const Lerp<T> x = lerp_weights<T>(gr.start[0] + t * gr.step[0], g.n[0]);
+  const Lerp<T> y = lerp_weights<T>(gr.start[1] + t * gr.step[1], g.n[1]);
+  const Lerp<T> z = lerp_weights<T>(gr.start[2] + t * gr.step[2], g.n[2]);
+  tri.hit = x.hit && y.hit && z.hit;
+  const int64_t row[4] = {(z.i0 * g.n[1] + y.i0) * g.n[0], (z.i0 * g.n[1] + y.i1) * g.n[0],
+                          (z.i1 * g.n[1] + y.i0) * g.n[0], (z.i1 * g.n[1] + y.i1) * g.n[0]};
+  const T wyz[4] = {y.w0 * z.w0, y.w1 * z.w0, y.w0 * z.w1, y.w1 * z.w1};
+  for (int j = 0; j < 4; ++j) {
+    tri.index[2 * j] = row[j] + x.i0;
+    tri.index[2 * j + 1] = row[j] + x.i1;
+    tri.weight[2 * j] = wyz[j] * x.w0;
+    tri.weight[2 * j + 1] = wyz[j] * x.w1;
   }
   return tri;
 }
 
 template <typename T>
 CTNERF_HD T grid_ray_forward(const GridView<T>& g, const Ray<T>& r, int64_t n_samples, int64_t seed, int64_t ray) {
-  const T dt = bin_length(r, n_samples);
-  if (!(dt > T(0))) return T(0);
+  const Sampler<T> s(r, n_samples, seed, ray);
+  if (!(s.dt > T(0))) return T(0);
+  const GridRay<T> gr = grid_ray(g, r);
   T acc = T(0);
   for (int64_t k = 0; k < n_samples; ++k) {
-    const T t = sample_distance(r, dt, seed, ray, k);
-    const T p[3] = {r.o[0] + t * r.d[0], r.o[1] + t * r.d[1], r.o[2] + t * r.d[2]};
-    const Trilinear<T> tri = trilinear_at(g, p);
+    const Trilinear<T> tri = trilinear_at(g, gr, s.at(k));
+    if (!tri.hit) continue;
     T mu = T(0);
-    for (int c = 0; c < 8; ++c)
-      if (tri.index[c] >= 0) mu += tri.weight[c] * g.volume[tri.index[c]];
+    for (int c = 0; c < 8; ++c) mu += tri.weight[c] * g.volume[tri.index[c]];
     acc += mu;
   }
-  return acc * dt;
+  return acc * s.dt;
 }
 
 // d(out_ray)/d(volume) scattered with `add(pointer, value)`.
 template <typename T, typename Add>
 CTNERF_HD void grid_ray_backward(const GridView<T>& g, const Ray<T>& r, int64_t n_samples, int64_t seed,
                                  int64_t ray, T grad_out, T* grad_volume, Add add) {
-  const T dt = bin_length(r, n_samples);
-  const T scale = grad_out * dt;
-  if (!(dt > T(0)) || scale == T(0)) return;
+  const Sampler<T> s(r, n_samples, seed, ray);
+  const T scale = grad_out * s.dt;
+  if (!(s.dt > T(0)) || scale == T(0)) return;
+  const GridRay<T> gr = grid_ray(g, r);
+  // consecutive samples often fall in the same cell (steps are shorter than voxels): sum their
+  // weights and scatter once per cell visit, not once per sample
+  int64_t cell[8];
+  T acc[8];
+  bool open = false;
   for (int64_t k = 0; k < n_samples; ++k) {
-    const T t = sample_distance(r, dt, seed, ray, k);
-    const T p[3] = {r.o[0] + t * r.d[0], r.o[1] + t * r.d[1], r.o[2] + t * r.d[2]};
-    const Trilinear<T> tri = trilinear_at(g, p);
-    for (int c = 0; c < 8; ++c)
-      if (tri.index[c] >= 0) add(grad_volume + tri.index[c], scale * tri.weight[c]);
+    const Trilinear<T> tri = trilinear_at(g, gr, s.at(k));
+    if (!tri.hit) continue;
+    // a cell's 8 indices follow from its lowest and highest corner (clamping included)
+    if (open && tri.index[0] == cell[0] && tri.index[7] == cell[7]) {
+      for (int c = 0; c < 8; ++c) acc[c] += tri.weight[c];
+      continue;
+    }
+    if (open)
+      for (int c = 0; c < 8; ++c) add(grad_volume + cell[c], scale * acc[c]);
+    for (int c = 0; c < 8; ++c) {
+      cell[c] = tri.index[c];
+      acc[c] = tri.weight[c];
+    }
+    open = true;
   }
+  if (open)
+    for (int c = 0; c < 8; ++c) add(grad_volume + cell[c], scale * acc[c]);
 }
 
 // ---------------------------------------------------------------------------------------------
-// (b) TensoRF-VM field: three planes (3, C, R, R), three lines (3, C, L), linear decoder
+// (b) TensoRF-VM field: three planes, three lines, a linear decoder and softplus
 // ---------------------------------------------------------------------------------------------
+// The kernels read the factors channels-last: planes (3, R, R, C) and lines (3, L, C), so the
+// C values of one tap are contiguous (one cache line, SIMD over channels). The operators
+// transpose the (3, C, R, R) / (3, C, L) inputs once per call and the gradients back.
 template <typename T>
 struct VMView {
-  const T* planes;  // (3, C, R, R)
-  const T* lines;   // (3, C, L)
+  const T* planes;  // (3, R, R, C) channels-last
+  const T* lines;   // (3, L, C) channels-last
   const T* basis;   // (3 C,)
   T bias;
   int64_t channels;
@@ -243,11 +302,12 @@ struct VMView {
 };
 
 template <typename T>
-CTNERF_HD VMView<T> make_vm_view(const T* planes, const T* lines, const T* basis, const T* bias, int64_t channels,
-                                 int64_t plane_res, int64_t line_res, const T* box_min, const T* box_max) {
+CTNERF_HD VMView<T> make_vm_view(const T* planes_cl, const T* lines_cl, const T* basis, const T* bias,
+                                 int64_t channels, int64_t plane_res, int64_t line_res, const T* box_min,
+                                 const T* box_max) {
   VMView<T> v;
-  v.planes = planes;
-  v.lines = lines;
+  v.planes = planes_cl;
+  v.lines = lines_cl;
   v.basis = basis;
   v.bias = bias[0];
   v.channels = channels;
@@ -260,13 +320,13 @@ CTNERF_HD VMView<T> make_vm_view(const T* planes, const T* lines, const T* basis
   return v;
 }
 
-// Where one sample reads its factors: per mode, 4 plane taps (offsets inside one R x R channel
-// slice) and 2 line taps (offsets inside one length-L channel row).
+// Where one sample reads its factors: per mode, element offsets of the first channel of the 4
+// plane taps and the 2 line taps (always valid), with their weights (0 for taps outside).
 template <typename T>
 struct VMTaps {
-  int64_t plane_index[3][4];
+  int64_t plane_offset[3][4];
   T plane_weight[3][4];
-  int64_t line_index[3][2];
+  int64_t line_offset[3][2];
   T line_weight[3][2];
 };
 
@@ -278,25 +338,28 @@ CTNERF_HD VMTaps<T> vm_taps(const VMView<T>& v, const T p[3]) {
     pos_plane[a] = (q + T(1)) * T(0.5) * static_cast<T>(v.plane_res - 1);
     pos_line[a] = (q + T(1)) * T(0.5) * static_cast<T>(v.line_res - 1);
   }
-  // (plane's last axis, plane's first axis, line axis) per mode, as x=0, y=1, z=2
+  // (plane's last axis, plane's first axis, line axis) per mode, as x = 0, y = 1, z = 2
   const int last_axis[3] = {0, 0, 1};
   const int first_axis[3] = {1, 2, 2};
   const int line_axis[3] = {2, 1, 0};
+  const int64_t c = v.channels, r = v.plane_res;
   VMTaps<T> taps;
   for (int m = 0; m < 3; ++m) {
-    const Lerp<T> u = lerp_weights<T>(pos_plane[last_axis[m]], v.plane_res);
-    const Lerp<T> w = lerp_weights<T>(pos_plane[first_axis[m]], v.plane_res);
-    const int64_t ui[2] = {u.i0, u.i1}, wi[2] = {w.i0, w.i1};
-    const T uw[2] = {u.w0, u.w1}, ww[2] = {w.w0, w.w1};
-    for (int j = 0; j < 4; ++j) {
-      const int bu = j & 1, bw = j >> 1;
-      const bool ok = ui[bu] >= 0 && wi[bw] >= 0;
-      taps.plane_index[m][j] = ok ? wi[bw] * v.plane_res + ui[bu] : -1;
-      taps.plane_weight[m][j] = ok ? uw[bu] * ww[bw] : T(0);
-    }
+    const Lerp<T> u = lerp_weights<T>(pos_plane[last_axis[m]], r);
+    const Lerp<T> w = lerp_weights<T>(pos_plane[first_axis[m]], r);
+    const int64_t base = m * r * r * c;
+    taps.plane_offset[m][0] = base + (w.i0 * r + u.i0) * c;
+    taps.plane_offset[m][1] = base + (w.i0 * r + u.i1) * c;
+    taps.plane_offset[m][2] = base + (w.i1 * r + u.i0) * c;
+    taps.plane_offset[m][3] = base + (w.i1 * r + u.i1) * c;
+    taps.plane_weight[m][0] = w.w0 * u.w0;
+    taps.plane_weight[m][1] = w.w0 * u.w1;
+    taps.plane_weight[m][2] = w.w1 * u.w0;
+    taps.plane_weight[m][3] = w.w1 * u.w1;
     const Lerp<T> l = lerp_weights<T>(pos_line[line_axis[m]], v.line_res);
-    taps.line_index[m][0] = l.i0;
-    taps.line_index[m][1] = l.i1;
+    const int64_t lbase = m * v.line_res * c;
+    taps.line_offset[m][0] = lbase + l.i0 * c;
+    taps.line_offset[m][1] = lbase + l.i1 * c;
     taps.line_weight[m][0] = l.w0;
     taps.line_weight[m][1] = l.w1;
   }
@@ -304,30 +367,27 @@ CTNERF_HD VMTaps<T> vm_taps(const VMView<T>& v, const T p[3]) {
 }
 
 template <typename T>
-CTNERF_HD T vm_plane_value(const VMView<T>& v, const VMTaps<T>& taps, int m, int64_t c) {
-  const T* plane = v.planes + (m * v.channels + c) * v.plane_res * v.plane_res;
-  T s = T(0);
-  for (int j = 0; j < 4; ++j)
-    if (taps.plane_index[m][j] >= 0) s += taps.plane_weight[m][j] * plane[taps.plane_index[m][j]];
-  return s;
+CTNERF_HD T vm_plane_value(const VMView<T>& v, const VMTaps<T>& t, int m, int64_t c) {
+  const T* p = v.planes;
+  return t.plane_weight[m][0] * p[t.plane_offset[m][0] + c] + t.plane_weight[m][1] * p[t.plane_offset[m][1] + c] +
+         t.plane_weight[m][2] * p[t.plane_offset[m][2] + c] + t.plane_weight[m][3] * p[t.plane_offset[m][3] + c];
 }
 
 template <typename T>
-CTNERF_HD T vm_line_value(const VMView<T>& v, const VMTaps<T>& taps, int m, int64_t c) {
-  const T* line = v.lines + (m * v.channels + c) * v.line_res;
-  T s = T(0);
-  for (int j = 0; j < 2; ++j)
-    if (taps.line_index[m][j] >= 0) s += taps.line_weight[m][j] * line[taps.line_index[m][j]];
-  return s;
+CTNERF_HD T vm_line_value(const VMView<T>& v, const VMTaps<T>& t, int m, int64_t c) {
+  return t.line_weight[m][0] * v.lines[t.line_offset[m][0] + c] + t.line_weight[m][1] * v.lines[t.line_offset[m][1] + c];
 }
 
 // Decoder input: bias + sum over modes and channels of basis * plane * line.
 template <typename T>
 CTNERF_HD T vm_pre_activation(const VMView<T>& v, const VMTaps<T>& taps) {
   T pre = v.bias;
-  for (int m = 0; m < 3; ++m)
-    for (int64_t c = 0; c < v.channels; ++c)
-      pre += v.basis[m * v.channels + c] * vm_plane_value(v, taps, m, c) * vm_line_value(v, taps, m, c);
+  for (int m = 0; m < 3; ++m) {
+    const T* basis = v.basis + m * v.channels;
+    T acc = T(0);
+    for (int64_t c = 0; c < v.channels; ++c) acc += basis[c] * vm_plane_value(v, taps, m, c) * vm_line_value(v, taps, m, c);
+    pre += acc;
+  }
   return pre;
 }
 
@@ -345,52 +405,69 @@ CTNERF_HD T sigmoid(T x) {
 }
 
 template <typename T>
-CTNERF_HD T vm_ray_forward(const VMView<T>& v, const Ray<T>& r, int64_t n_samples, int64_t seed, int64_t ray) {
-  const T dt = bin_length(r, n_samples);
-  if (!(dt > T(0))) return T(0);
-  T acc = T(0);
-  for (int64_t k = 0; k < n_samples; ++k) {
-    const T t = sample_distance(r, dt, seed, ray, k);
-    const T p[3] = {r.o[0] + t * r.d[0], r.o[1] + t * r.d[1], r.o[2] + t * r.d[2]};
-    acc += softplus(vm_pre_activation(v, vm_taps(v, p)));
-  }
-  return acc * dt;
+CTNERF_HD T sample_point(const Ray<T>& r, T t, int a) {
+  return r.o[a] + t * r.d[a];
 }
 
-// Gradients of one ray's output. Planes and lines are scattered with `add` (shared targets);
-// basis and bias go to the caller's private accumulators: grad_basis[j * basis_stride] for
-// j < 3C and *grad_bias, updated with plain +=.
+template <typename T>
+CTNERF_HD T vm_ray_forward(const VMView<T>& v, const Ray<T>& r, int64_t n_samples, int64_t seed, int64_t ray) {
+  const Sampler<T> s(r, n_samples, seed, ray);
+  if (!(s.dt > T(0))) return T(0);
+  T acc = T(0);
+  for (int64_t k = 0; k < n_samples; ++k) {
+    const T t = s.at(k);
+    const T p[3] = {sample_point(r, t, 0), sample_point(r, t, 1), sample_point(r, t, 2)};
+    acc += softplus(vm_pre_activation(v, vm_taps(v, p)));
+  }
+  return acc * s.dt;
+}
+
+constexpr int kChannelBlock = 16;
+
+// Gradients of one ray's output. Planes and lines (channels-last, like the view) are scattered
+// with `add`; basis and bias go to the caller's private accumulators grad_basis[j * basis_stride]
+// (j < 3C) and *grad_bias, updated with plain +=.
 template <typename T, typename Add>
 CTNERF_HD void vm_ray_backward(const VMView<T>& v, const Ray<T>& r, int64_t n_samples, int64_t seed, int64_t ray,
                                T grad_out, T* grad_planes, T* grad_lines, T* grad_basis, int64_t basis_stride,
                                T* grad_bias, Add add) {
-  const T dt = bin_length(r, n_samples);
-  const T scale = grad_out * dt;
-  if (!(dt > T(0)) || scale == T(0)) return;
-  const int64_t plane_size = v.plane_res * v.plane_res;
+  const Sampler<T> s(r, n_samples, seed, ray);
+  const T scale = grad_out * s.dt;
+  if (!(s.dt > T(0)) || scale == T(0)) return;
   for (int64_t k = 0; k < n_samples; ++k) {
-    const T t = sample_distance(r, dt, seed, ray, k);
-    const T p[3] = {r.o[0] + t * r.d[0], r.o[1] + t * r.d[1], r.o[2] + t * r.d[2]};
+    const T t = s.at(k);
+    const T p[3] = {sample_point(r, t, 0), sample_point(r, t, 1), sample_point(r, t, 2)};
     const VMTaps<T> taps = vm_taps(v, p);
     const T g = scale * sigmoid(vm_pre_activation(v, taps));  // d out / d pre at this sample
     *grad_bias += g;
     for (int m = 0; m < 3; ++m) {
-      for (int64_t c = 0; c < v.channels; ++c) {
-        const int64_t mc = m * v.channels + c;
-        const T pv = vm_plane_value(v, taps, m, c);
-        const T lv = vm_line_value(v, taps, m, c);
-        grad_basis[mc * basis_stride] += g * pv * lv;
-        const T gb = g * v.basis[mc];
-        const T gp = gb * lv, gl = gb * pv;
-        if (gp != T(0)) {
-          T* gplane = grad_planes + mc * plane_size;
-          for (int j = 0; j < 4; ++j)
-            if (taps.plane_index[m][j] >= 0) add(gplane + taps.plane_index[m][j], gp * taps.plane_weight[m][j]);
+      const T* basis = v.basis + m * v.channels;
+      T* gb = grad_basis + m * v.channels * basis_stride;
+      // channels in blocks: first the per-channel factors, then one simple loop per tap, so each
+      // scatter loop has a fixed target row (vectorisable) and taps with zero weight are skipped
+      for (int64_t c0 = 0; c0 < v.channels; c0 += kChannelBlock) {
+        const int nb = static_cast<int>(v.channels - c0 < kChannelBlock ? v.channels - c0 : kChannelBlock);
+        T dp[kChannelBlock], dl[kChannelBlock];
+        for (int j = 0; j < nb; ++j) {
+          const int64_t c = c0 + j;
+          const T pv = vm_plane_value(v, taps, m, c);
+          const T lv = vm_line_value(v, taps, m, c);
+          gb[c * basis_stride] += g * pv * lv;
+          const T gc = g * basis[c];
+          dp[j] = gc * lv;
+          dl[j] = gc * pv;
         }
-        if (gl != T(0)) {
-          T* gline = grad_lines + mc * v.line_res;
-          for (int j = 0; j < 2; ++j)
-            if (taps.line_index[m][j] >= 0) add(gline + taps.line_index[m][j], gl * taps.line_weight[m][j]);
+        for (int tap = 0; tap < 4; ++tap) {
+          const T w = taps.plane_weight[m][tap];
+          if (w == T(0)) continue;
+          T* row = grad_planes + taps.plane_offset[m][tap] + c0;
+          for (int j = 0; j < nb; ++j) add(row + j, w * dp[j]);
+        }
+        for (int tap = 0; tap < 2; ++tap) {
+          const T w = taps.line_weight[m][tap];
+          if (w == T(0)) continue;
+          T* row = grad_lines + taps.line_offset[m][tap] + c0;
+          for (int j = 0; j < nb; ++j) add(row + j, w * dl[j]);
         }
       }
     }
