@@ -52,6 +52,7 @@ def _add_reconstruct(sub):
                    help="output voxel counts, keeping the grid's box (its centre with --grid-spacing)")
     p.add_argument("--iterations", type=int, metavar="N", help="iterations of an iterative method")
     p.add_argument("--snapshot-every", type=int, metavar="N", help="iterations between snapshots (0: none)")
+    p.add_argument("--progress-every", type=int, metavar="N", help="iterations between progress events")
     p.add_argument("--no-kernels", action="store_true", help="use the PyTorch renderer, not the fused kernels")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages (events still go out)")
 
@@ -110,7 +111,8 @@ def _reconstruct(args) -> int:
         reference_units=args.reference_units, mu_water=args.mu_water, method=args.method, preset=args.preset,
         device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
         grid_spacing=args.grid_spacing, grid_size=None if args.grid_size is None else tuple(args.grid_size),
-        iterations=args.iterations, snapshot_every=args.snapshot_every, kernels=not args.no_kernels,
+        iterations=args.iterations, snapshot_every=args.snapshot_every, progress_every=args.progress_every,
+        kernels=not args.no_kernels,
         quiet=args.quiet)
     return run_reconstruction(opts)
 

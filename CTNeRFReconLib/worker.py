@@ -68,6 +68,7 @@ class ReconstructOptions:
     """Voxel counts (x, y, z) of the output grid, keeping its box (or its centre with grid_spacing)."""
     iterations: int | None = None
     snapshot_every: int | None = None
+    progress_every: int | None = None
     kernels: bool = True
     quiet: bool = False
 
@@ -84,6 +85,8 @@ def method_settings(opts: ReconstructOptions) -> dict:
         settings["iterations"] = opts.iterations
     if opts.snapshot_every is not None:
         settings["snapshot_every"] = opts.snapshot_every
+    if opts.progress_every is not None:
+        settings["eval_every"] = opts.progress_every
     if not opts.kernels:
         settings["use_kernels"] = False
     return settings
@@ -248,6 +251,8 @@ def prepare(opts: ReconstructOptions) -> Prepared:
         raise ValueError(f"preset '{opts.preset}' unknown; use one of {', '.join(PRESETS)}")
     if opts.iterations is not None and opts.iterations < 1:
         raise ValueError(f"--iterations must be at least 1, got {opts.iterations}")
+    if opts.progress_every is not None and opts.progress_every < 1:
+        raise ValueError(f"--progress-every must be a positive number of iterations, got {opts.progress_every}")
     if opts.snapshot_every is not None and opts.snapshot_every < 0:
         raise ValueError(f"--snapshot-every must be 0 (no snapshots) or positive, got {opts.snapshot_every}")
     device = resolve_device(opts.device)

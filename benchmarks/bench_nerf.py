@@ -60,12 +60,18 @@ class PeakRSS:
 
 
 def run_ours(case: Path, method: str, out: Path, extra: list[str]) -> dict:
-    """Run the CLI; copy each snapshot as it is announced, to score the PSNR-against-time curve."""
+    """Run the CLI; copy each snapshot as it is announced, to score the PSNR-against-time curve.
+
+    `nerf-torch` is the nerf method with the fused kernels off (the PyTorch renderer).
+    """
     run_dir = out / f"run_{method}"
+    cli_method = method
+    if method == "nerf-torch":
+        cli_method, extra = "nerf", [*extra, "--no-kernels"]
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "CTNeRFReconLib", "reconstruct", str(case), "--out", str(run_dir),
-           "--reference", str(case / "reference.nrrd"), "--method", method, "--device", "cpu", "--quiet",
+           "--reference", str(case / "reference.nrrd"), "--method", cli_method, "--device", "cpu", "--quiet",
            *extra]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
@@ -142,7 +148,8 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=here / "bench_results" / "nerf")
     ap.add_argument("--cases", type=Path, default=Path.home() / ".cache" / "ctnerf_bench",
                     help="where the RTK-made cases are kept between runs")
-    ap.add_argument("--methods", nargs="+", default=["fdk", "nerf", "rtk-os-sart", "rtk-admm-tv"])
+    ap.add_argument("--methods", nargs="+", default=["fdk", "nerf", "rtk-os-sart", "rtk-admm-tv"],
+                    help="ours: fdk, nerf, nerf-torch (kernels off); RTK: rtk-fdk, rtk-os-sart, rtk-admm-tv")
     ap.add_argument("--nerf-args", default="", help="extra CLI arguments for our nerf runs")
     a = ap.parse_args(argv)
     if not a.ct.exists():
@@ -158,7 +165,7 @@ def main(argv=None):
             if method.startswith("rtk-"):
                 row = run_rtk(case, method, out)
             else:
-                row = run_ours(case, method, out, a.nerf_args.split() if method == "nerf" else [])
+                row = run_ours(case, method, out, a.nerf_args.split() if method.startswith("nerf") else [])
             row["views"] = views
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
             rows.append(row)

@@ -37,15 +37,16 @@ class NerfConfig:
     """Cosine decay ends at this fraction of the peak learning rate."""
     rays_start: int = 16384
     """Ray batch at the start of the curriculum."""
-    rays_end: int = 131072
+    rays_end: int = 65536
     """Ray batch at the end of the curriculum (reached at curriculum_fraction)."""
     curriculum_fraction: float = 0.5
     step_voxels: float = 0.6
     """Sample spacing along rays, in training voxels."""
-    tv_weight: float = 2e-3
+    tv_weight: float = 1e-2
     """Weight of the total-variation prior on the attenuation grid (relative to the data term)."""
-    fdk_init_iterations: int = 150
-    """Steps fitting the generator to a smoothed FDK volume before the projection loss (0 = off)."""
+    fdk_init_iterations: int = 0
+    """Steps fitting the generator to a smoothed FDK volume before the projection loss (0 = off:
+    on the abdomen benchmark the normalised generator reaches FDK's quality within ~50 steps)."""
     holdout_views: int = 0
     """Views held out of training for projection PSNR (data's own validation views are always used)."""
     snapshot_every: int = 100
@@ -80,8 +81,7 @@ class NerfConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "preview": dict(iterations=300, channels=12, rays_end=65536, fdk_init_iterations=80,
-                    snapshot_every=50),
+    "preview": dict(iterations=300, channels=12, rays_end=32768, snapshot_every=50),
     "standard": dict(),
-    "high": dict(iterations=3000, channels=24, rays_end=262144, generator_width=48),
+    "high": dict(iterations=2400, channels=24, rays_end=131072, generator_width=48),
 }

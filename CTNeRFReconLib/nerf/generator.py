@@ -67,8 +67,11 @@ class FactorGenerator(nn.Module):
         g = torch.Generator().manual_seed(int(seed) + 7919)
         n_up = max(1, min(4, int(math.log2(max(resolution, 4))) - 3))
         self.channels, self.resolution = channels, resolution
-        self.planes_net = _FactorGenerator(2, 3 * channels, resolution, width, noise_channels, n_up, g)
-        self.lines_net = _FactorGenerator(1, 3 * channels, resolution, width, noise_channels, n_up, g)
+        # the seed alone decides the noise and the initial weights (not the global RNG's state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            self.planes_net = _FactorGenerator(2, 3 * channels, resolution, width, noise_channels, n_up, g)
+            self.lines_net = _FactorGenerator(1, 3 * channels, resolution, width, noise_channels, n_up, g)
         # learnable output gains: planes and lines start near unit scale whatever the depth
         self.plane_gain = nn.Parameter(torch.tensor(1.0))
         self.line_gain = nn.Parameter(torch.tensor(1.0))

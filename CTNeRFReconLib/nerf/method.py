@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from ..data import ScanData, Volume
 from ..geometry import VolumeGrid
 from ..methods import RunContext, register
@@ -30,8 +28,6 @@ class NerfMethod:
 
     def reconstruct(self, scan: ScanData, grid: VolumeGrid, ctx: RunContext) -> Volume:
         cfg = NerfConfig.from_settings(ctx.settings)
-        if ctx.device == "cpu":
-            torch.use_deterministic_algorithms(False)
         fdk_volume = None
         if cfg.fdk_init_iterations > 0:
             fdk_volume = fdk_warm_start(scan, training_grid(grid, cfg), ctx.device)

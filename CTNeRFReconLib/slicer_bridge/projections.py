@@ -1,0 +1,47 @@
+"""A projection stack as a volume node, to scroll through the views in a slice viewer.
+
+The stack (view, row, col) becomes a volume whose slices are the views: IJK = (col, row, view)
+maps to RAS through ``diag(-pitch_u, -pitch_v, 1)``, so in the axial (red) viewer each slice is one
+view seen as an image: column 0 on the left, row 0 at the top (the LPS placement of an ITK image,
+as Slicer shows a 2D stack file), and scrolling moves from view to view. It is a picture of the
+data, not placed in the scanner frame.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..data import ScanData, Volume
+from ..geometry import VolumeGrid
+from . import volume_nodes as vn
+
+
+def projection_volume(scan: ScanData) -> Volume:
+    """The stack as a Volume whose grid puts views along k and pixels at their pitch."""
+    pitch_v, pitch_u = scan.geometry.pixel_pitch
+    v, rows, cols = scan.projections.shape
+    grid = VolumeGrid((cols, rows, v), (pitch_u, pitch_v, 1.0), (0.0, 0.0, 0.0))
+    return Volume(np.ascontiguousarray(scan.projections, dtype=np.float32), grid)
+
+
+def load_scan_file(path, projections=None) -> ScanData:
+    """Read a scan in any format the engine detects (numpy, SimpleITK, yaml needed in this Python)."""
+    try:
+        from ..formats import load_scan
+    except ImportError as exc:
+        raise ValueError(f"reading scans in this Python needs the package '{exc.name}'; install the engine's "
+                         "dependencies (see the module's setup)") from None
+    return load_scan(Path(path), projections=None if projections is None else Path(projections))
+
+
+def create_projection_node(scene, scan: ScanData, name: str = "projections", node=None):
+    """A scalar volume node showing the line-integral stack, one view per axial slice."""
+    volume = projection_volume(scan)
+    if node is None:
+        node = vn.create_volume_node(scene, volume, name)
+    else:
+        vn.update_volume_node(node, volume)
+    node.SetAttribute("CTNeRFRecon.Role", "projections")
+    node.SetAttribute("CTNeRFRecon.Views", str(scan.n_views))
+    return node

@@ -1,0 +1,307 @@
+"""One reconstruction run tied to a MRML scene: the worker's events become node updates.
+
+:class:`ReconstructionSession` starts a :class:`~.worker.WorkerProcess` and, each time
+:meth:`ReconstructionSession.poll` is called (a GUI timer in Slicer, a loop in tests), applies the
+events that arrived:
+
+* ``progress``: a row in the loss table (created on first use, with its plot chart), and the
+  iteration / loss / PSNR / rate / time-left figures in :attr:`progress`;
+* ``snapshot``: the snapshot file is read *after* its event (the worker renames a complete file
+  into place before announcing it, so the read never sees a torn volume) and copied into the one
+  output node, in place; when several snapshots arrived since the last poll only the newest is read;
+* ``finished``: the final volume.nrrd into the same node, the engine's metrics (and, with a
+  reference node, the comparison of :mod:`.compare` with its difference volume) into tables;
+* ``failed``: the message and kind are kept; when no volume arrived, every node this run created
+  is removed again, so a refused input leaves the scene as it was.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..phantom import MU_WATER
+from . import tables
+from . import volume_nodes as vn
+from .compare import compare_node_volumes, difference_into_node, flatten_metrics
+from .worker import ReconstructRequest, WorkerConfig, WorkerProcess
+
+
+class SessionState(enum.Enum):
+    NOT_STARTED = "not started"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    @property
+    def done(self) -> bool:
+        return self in (SessionState.FINISHED, SessionState.CANCELLED, SessionState.FAILED)
+
+
+@dataclass
+class SessionOptions:
+    """How a run is shown in the scene."""
+
+    name: str = "CTNeRFRecon"
+    """Base name of the nodes this run creates."""
+    units: vn.Units = vn.Units.MU
+    """Values of the output node: attenuation (1/mm) or HU through the water calibration."""
+    mu_water: float = MU_WATER
+    window: str = "auto"
+    """Window preset applied when the output node is first filled (see volume_nodes.WINDOW_PRESETS)."""
+    reference_units: str = "auto"
+    """Units of the reference node for the comparison: auto, mu or hu."""
+
+
+@dataclass
+class Progress:
+    """The latest figures of a run, for a progress bar and its label."""
+
+    iteration: int | None = None
+    iterations: int | None = None
+    loss: float | None = None
+    projection_psnr: float | None = None
+    rays_per_batch: int | None = None
+    lr: float | None = None
+    elapsed_s: float | None = None
+    gpu_mem_mb: float | None = None
+    rate_it_s: float | None = None
+    """Iterations per second over the run so far."""
+    time_left_s: float | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        if self.iteration is None or not self.iterations:
+            return None
+        return max(0.0, min(1.0, self.iteration / self.iterations))
+
+    def summary(self) -> str:
+        """One line for the GUI, e.g. 'iteration 120/600  loss 3.1e-04  PSNR 41.2 dB  8.4 it/s  57 s left'."""
+        parts = []
+        if self.iteration is not None:
+            parts.append(f"iteration {self.iteration}" + (f"/{self.iterations}" if self.iterations else ""))
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.3g}")
+        if self.projection_psnr is not None:
+            parts.append(f"PSNR {self.projection_psnr:.1f} dB")
+        if self.rate_it_s:
+            parts.append(f"{self.rate_it_s:.3g} it/s")
+        if self.time_left_s is not None:
+            parts.append(f"{_duration(self.time_left_s)} left")
+        elif self.elapsed_s is not None:
+            parts.append(f"{_duration(self.elapsed_s)} elapsed")
+        return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds // 60 % 60:02d} min"
+
+
+@dataclass
+class _RateTracker:
+    """Iterations per second from (elapsed, iteration) pairs, ignoring the warm-up's first report."""
+
+    first: tuple[float, int] | None = None
+
+    def update(self, p: Progress):
+        if p.iteration is None or p.elapsed_s is None:
+            return
+        if self.first is None or p.iteration < self.first[1]:
+            self.first = (p.elapsed_s, p.iteration)
+            return
+        dt, di = p.elapsed_s - self.first[0], p.iteration - self.first[1]
+        if dt > 0 and di > 0:
+            p.rate_it_s = di / dt
+            if p.iterations:
+                p.time_left_s = max(0, p.iterations - p.iteration) / p.rate_it_s
+
+
+class ReconstructionSession:
+    """A reconstruction run whose volume streams into one scalar volume node of ``scene``.
+
+    ``output_node``: an existing volume node to fill (e.g. to resume a run); None creates one at
+    the first volume. ``reference_node``: a volume to compare with when the run finishes.
+    """
+
+    def __init__(self, scene, request: ReconstructRequest, config: WorkerConfig | None = None,
+                 options: SessionOptions | None = None, reference_node=None, output_node=None):
+        self.scene = scene
+        self.request = request
+        self.options = options or SessionOptions()
+        self.worker = WorkerProcess.reconstruct(request, config)
+        self.reference_node = reference_node
+        self.output_node = output_node
+        self.loss_table_node = None
+        self.chart_node = None
+        self.metrics_table_node = None
+        self.difference_node = None
+        self.state = SessionState.NOT_STARTED
+        self.progress = Progress()
+        self.message = ""
+        self.failure_kind: str | None = None
+        self.started_info: dict | None = None
+        self.finished_info: dict | None = None
+        self.metrics: dict | None = None
+        self.volumes_applied = 0
+        """How many volumes (snapshots and the final one) were copied into the output node."""
+        self.events: list[dict] = []
+        self._created: list = []
+        self._rate = _RateTracker()
+
+    # ------------------------------------------------------------------------------ control
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.request.out)
+
+    def start(self) -> "ReconstructionSession":
+        self.worker.start()
+        self.state = SessionState.RUNNING
+        self.message = "starting the reconstruction engine"
+        return self
+
+    def cancel(self):
+        """Ask the run to stop (non-blocking); the last volume is kept and loaded when it finishes."""
+        if self.state is SessionState.RUNNING:
+            self.worker.request_cancel()
+            self.state = SessionState.CANCELLING
+            self.message = "stopping: the engine writes its last volume"
+
+    def stop(self, timeout: float | None = None):
+        """Cancel and wait until the process is gone (scene close, module cleanup), then apply what it sent."""
+        if self.state in (SessionState.RUNNING, SessionState.CANCELLING):
+            self.cancel()
+            self.worker.stop(timeout)
+            self.poll()
+
+    def poll(self) -> list[dict]:
+        """Apply every event that arrived since the last call; never blocks on the worker."""
+        if self.state is SessionState.NOT_STARTED:
+            return []
+        events = self.worker.poll()
+        self.events += events
+        last_snapshot = max((i for i, e in enumerate(events) if e.get("event") == "snapshot"), default=None)
+        for i, event in enumerate(events):
+            kind = event.get("event")
+            if kind == "snapshot" and i != last_snapshot:
+                continue  # a newer complete snapshot is already on disk
+            handler = getattr(self, f"_on_{kind}", None)
+            if handler is not None:
+                handler(event)
+        return events
+
+    def wait(self, timeout: float, interval: float = 0.05) -> SessionState:
+        """Poll until the run is done or the timeout passes (tests and the module's self-test)."""
+        deadline = time.monotonic() + timeout
+        while not self.state.done and time.monotonic() < deadline:
+            self.poll()
+            if not self.state.done:
+                time.sleep(interval)
+        return self.state
+
+    @property
+    def created_nodes(self) -> list:
+        return [n for n in self._created if n.GetScene() is self.scene]
+
+    # ------------------------------------------------------------------------------- events
+
+    def _on_started(self, event: dict):
+        self.started_info = event
+        self.message = (f"{event.get('method', '')} on {event.get('device', '')}: {event.get('views', '?')} views, "
+                        f"grid {event.get('grid', {}).get('shape_xyz', '?')}")
+
+    def _on_progress(self, event: dict):
+        p = self.progress
+        for key in ("iteration", "iterations", "loss", "projection_psnr", "rays_per_batch", "lr", "elapsed_s",
+                    "gpu_mem_mb"):
+            if event.get(key) is not None:
+                setattr(p, key, event[key])
+        self._rate.update(p)
+        if event.get("iteration") is not None and event.get("loss") is not None:
+            if self.loss_table_node is None:
+                self.loss_table_node = self._track(tables.create_loss_table(self.scene, f"{self.options.name} loss"))
+                self.chart_node, series = tables.create_loss_chart(self.scene, self.loss_table_node, self.options.name)
+                self._track(series)
+                self._track(self.chart_node)
+            tables.append_loss_row(self.loss_table_node, event)
+
+    def _on_snapshot(self, event: dict):
+        self._apply_volume(event.get("path"), event.get("iteration"))
+
+    def _on_finished(self, event: dict):
+        self.finished_info = event
+        cancelled = bool(event.get("cancelled"))
+        paths = event.get("paths") or {}
+        self._apply_volume(paths.get("volume") or self.run_dir / "volume.nrrd", event.get("iteration"))
+        self.metrics = dict(event.get("metrics") or {})
+        rows = [("state", "cancelled" if cancelled else "finished"),
+                ("elapsed_s", event.get("elapsed_s")), ("iteration", event.get("iteration"))]
+        rows += [(f"engine.{k}", v) for k, v in flatten_metrics(self.metrics)]
+        self.metrics_table_node = self._track(tables.write_key_value_table(
+            self.scene, [(k, v) for k, v in rows if v is not None], self.metrics_table_node,
+            f"{self.options.name} metrics"))
+        if self.reference_node is not None and self.output_node is not None:
+            self.compare()
+        self.state = SessionState.CANCELLED if cancelled else SessionState.FINISHED
+        self.message = ("stopped; the last volume is kept" if cancelled else "finished") + \
+            f" in {_duration(event.get('elapsed_s') or 0)}"
+
+    def _on_failed(self, event: dict):
+        self.failure_kind = event.get("kind", "internal")
+        self.message = event.get("message") or "the reconstruction failed"
+        if self.volumes_applied == 0:
+            for node in reversed(self.created_nodes):
+                self.scene.RemoveNode(node)
+            self._created.clear()
+            self.loss_table_node = self.chart_node = self.metrics_table_node = self.difference_node = None
+            if self.output_node is not None and self.output_node.GetScene() is not self.scene:
+                self.output_node = None
+        self.state = SessionState.FAILED
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _track(self, node):
+        if node is not None and node not in self._created:
+            self._created.append(node)
+        return node
+
+    def _apply_volume(self, path, iteration):
+        if not path:
+            return
+        volume = vn.load_volume_file(path)
+        if self.output_node is None:
+            self.output_node = self._track(vn.create_volume_node(
+                self.scene, volume, self.options.name, self.options.units, self.options.mu_water,
+                self.options.window))
+            self.output_node.SetAttribute(vn.ATTR_ITERATION, str(int(iteration or 0)))
+        else:
+            fresh = self.output_node.GetImageData() is None
+            vn.update_volume_node(self.output_node, volume, self.options.units, self.options.mu_water, iteration)
+            if fresh or self.output_node.GetDisplayNode() is None:
+                vn.set_window(self.output_node, self.options.window)
+        self.output_node.SetAttribute("CTNeRFRecon.RunFolder", str(self.run_dir))
+        self.volumes_applied += 1
+
+    def compare(self):
+        """Compare the output node with the reference node (difference volume + metrics rows)."""
+        if self.reference_node is None or self.output_node is None:
+            raise ValueError("comparing needs a reference volume and a reconstruction; choose both first")
+        comparison = compare_node_volumes(self.reference_node, self.output_node, self.options.reference_units,
+                                          self.options.mu_water)
+        self.difference_node = difference_into_node(self.scene, comparison, f"{self.options.name} difference",
+                                                    self.difference_node)
+        self._track(self.difference_node)
+        rows = dict(tables.read_key_value_table(self.metrics_table_node)) if self.metrics_table_node else {}
+        rows.update([("reference", self.reference_node.GetName())] + flatten_metrics(comparison.metrics))
+        self.metrics_table_node = self._track(tables.write_key_value_table(
+            self.scene, list(rows.items()), self.metrics_table_node, f"{self.options.name} metrics"))
+        self.metrics = {**(self.metrics or {}), "comparison": comparison.metrics}
+        return comparison

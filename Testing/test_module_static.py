@@ -1,0 +1,123 @@
+"""The Slicer module file against its .ui, checked without Slicer (the module cannot import here).
+
+Every `self.ui.<name>` the widget uses must be a widget in Resources/UI/CTNeRFRecon.ui, every
+SlicerParameterName in the .ui must be a field of the @parameterNodeWrapper class, and the
+module keeps its four-class shape.
+"""
+from __future__ import annotations
+
+import ast
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+MODULE_DIR = Path(__file__).resolve().parents[1] / "CTNeRFRecon"
+MODULE_FILE = MODULE_DIR / "CTNeRFRecon.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "CTNeRFRecon.ui"
+
+
+@pytest.fixture(scope="module")
+def tree() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
+
+
+@pytest.fixture(scope="module")
+def ui() -> ET.Element:
+    return ET.parse(UI_FILE).getroot()
+
+
+def _classes(tree) -> dict[str, ast.ClassDef]:
+    return {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+
+
+def _widget_names(ui) -> dict[str, str]:
+    return {w.get("name"): w.get("class") for w in ui.iter("widget")}
+
+
+def _parameter_names(ui) -> dict[str, str]:
+    """Widget name -> the SlicerParameterName it binds to."""
+    out = {}
+    for widget in ui.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                out[widget.get("name")] = prop.findtext("string")
+    return out
+
+
+def _wrapper_fields(tree) -> dict[str, ast.expr]:
+    for cls in _classes(tree).values():
+        if any(getattr(d, "id", None) == "parameterNodeWrapper" for d in cls.decorator_list):
+            return {stmt.target.id: stmt.annotation for stmt in cls.body
+                    if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)}
+    raise AssertionError("no @parameterNodeWrapper class in the module file")
+
+
+def test_ui_is_designer_xml(ui):
+    assert ui.tag == "ui" and ui.get("version") == "4.0"
+    top = ui.find("widget")
+    assert top is not None and top.get("class") == "qMRMLWidget" and top.get("name") == "CTNeRFRecon"
+    names = [w.get("name") for w in ui.iter("widget")]
+    assert len(names) == len(set(names)), "duplicate objectName in the .ui"
+    declared = {c.findtext("class") for c in ui.iter("customwidget")}
+    used = {w.get("class") for w in ui.iter("widget")}
+    assert {c for c in used if c.startswith(("ctk", "qMRML"))} <= declared
+
+
+def test_every_ui_attribute_is_a_widget(tree, ui):
+    used = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+            and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+    assert used, "the widget uses no self.ui.<name>: the check would be empty"
+    missing = sorted(used - set(_widget_names(ui)))
+    assert not missing, f"self.ui names with no widget of that objectName in {UI_FILE.name}: {missing}"
+
+
+def test_parameter_names_are_wrapper_fields(tree, ui):
+    bound = _parameter_names(ui)
+    fields = _wrapper_fields(tree)
+    unknown = sorted(f"{w} -> {p}" for w, p in bound.items() if p not in fields)
+    assert not unknown, f"SlicerParameterName values that are not parameter node fields: {unknown}"
+    unbound = sorted(set(fields) - set(bound.values()))
+    assert not unbound, f"parameter node fields no widget is bound to: {unbound}"
+
+
+def test_bound_widgets_have_connectable_types(tree, ui):
+    """connectGui matches widget classes exactly: e.g. a str field needs a QComboBox with a Choice."""
+    classes = _widget_names(ui)
+    fields = _wrapper_fields(tree)
+    allowed = {"str": {"QComboBox", "QLineEdit"}, "int": {"QSpinBox", "QSlider"},
+               "float": {"QDoubleSpinBox", "ctkSliderWidget"}, "bool": {"QCheckBox"},
+               "pathlib.Path": {"ctkPathLineEdit"}, "vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}}
+    for widget, param in _parameter_names(ui).items():
+        annotation = fields[param]
+        text = ast.unparse(annotation)
+        base = ast.unparse(annotation.slice.elts[0]) if text.startswith("Annotated[") else text
+        assert classes[widget] in allowed[base], f"{widget} ({classes[widget]}) cannot bind a {base} field"
+        if classes[widget] == "QComboBox" and base == "str":
+            assert "Choice(" in text, f"{param}: a str bound to a QComboBox needs Annotated[str, Choice([...])]"
+
+
+def test_module_shape(tree):
+    classes = _classes(tree)
+    for name, base in [("CTNeRFRecon", "ScriptedLoadableModule"), ("CTNeRFReconWidget", "ScriptedLoadableModuleWidget"),
+                       ("CTNeRFReconLogic", "ScriptedLoadableModuleLogic"),
+                       ("CTNeRFReconTest", "ScriptedLoadableModuleTest")]:
+        assert name in classes, f"missing class {name}"
+        assert base in [ast.unparse(b) for b in classes[name].bases]
+    logic = ast.unparse(classes["CTNeRFReconLogic"])
+    assert "self.ui" not in logic and "qt." not in logic, "the Logic must not touch widgets"
+    imports = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not any(a.name == "*" for n in imports for a in n.names), "no `import *`"
+
+
+def test_resources_exist():
+    from PIL import Image
+
+    icon = MODULE_DIR / "Resources" / "Icons" / "CTNeRFRecon.png"
+    with Image.open(icon) as img:
+        assert img.size == (128, 128)
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule" in cmake and "CTNeRFReconLib" in cmake
+    top = (MODULE_DIR.parent / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(CTNeRFRecon)" in top and "EXTENSION_DEPENDS" in top
