@@ -57,7 +57,7 @@ class CTNeRFRecon(ScriptedLoadableModule):
             "Reconstruct a CT volume from a sparse set of cone-beam X-ray projections with a deep-prior "
             "TensoRF field (or FDK), watch it improve live, and compare it with a reference CT. "
             "Start with <b>Load demo data</b>. See the "
-            "<a href='https://github.com/CTNeRFRecon/CTNeRFRecon/blob/main/docs/slicer.md'>documentation</a>.")
+            "<a href='https://github.com/CTNeRFRecon/CTNeRFRecon/blob/main/README.md#slicer-module'>documentation</a>.")
         self.parent.acknowledgementText = (
             "Builds on the ideas of TensoRF, ZeroRF, NAF and R2-Gaussian, and on RTK and TIGRE for geometry "
             "conventions.")

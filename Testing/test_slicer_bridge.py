@@ -290,7 +290,7 @@ def test_a_crashed_worker_is_reported_and_its_half_made_nodes_removed(scene, cas
     before = _user_nodes(scene)
     session = ReconstructionSession(
         scene, ReconstructRequest(data=case, out=tmp_path / "run", method="nerf", device="cpu", preset="preview",
-                                  iterations=100000, snapshot_every=0),
+                                  iterations=100000, snapshot_every=0, extra_args=["--progress-every", "2"]),
         WorkerConfig(), SessionOptions(name="recon")).start()
     deadline = time.monotonic() + 180
     while session.loss_table_node is None and not session.state.done and time.monotonic() < deadline:

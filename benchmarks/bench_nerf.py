@@ -59,7 +59,7 @@ class PeakRSS:
         return self.peak / 2 ** 20
 
 
-def run_ours(case: Path, method: str, out: Path, extra: list[str]) -> dict:
+def run_ours(case: Path, method: str, out: Path, extra: list[str], time_limit: float | None = None) -> dict:
     """Run the CLI; copy each snapshot as it is announced, to score the PSNR-against-time curve.
 
     `nerf-torch` is the nerf method with the fused kernels off (the PyTorch renderer).
@@ -77,6 +77,9 @@ def run_ours(case: Path, method: str, out: Path, extra: list[str]) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     mem = PeakRSS(proc.pid)
+    if time_limit:
+        # the worker's own cancel: it stops at its next step and keeps its volume
+        threading.Timer(time_limit, lambda: (run_dir / "cancel").touch()).start()
     curve, progress = [], []
     for line in proc.stdout:
         ev = json.loads(line)
@@ -151,6 +154,8 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=["fdk", "nerf", "rtk-os-sart", "rtk-admm-tv"],
                     help="ours: fdk, nerf, nerf-torch (kernels off); RTK: rtk-fdk, rtk-os-sart, rtk-admm-tv")
     ap.add_argument("--nerf-args", default="", help="extra CLI arguments for our nerf runs")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="cancel our iterative runs after this many seconds (curves compared at equal time)")
     a = ap.parse_args(argv)
     if not a.ct.exists():
         raise SystemExit(f"{a.ct}: CT not found; pass --ct")
@@ -165,7 +170,8 @@ def main(argv=None):
             if method.startswith("rtk-"):
                 row = run_rtk(case, method, out)
             else:
-                row = run_ours(case, method, out, a.nerf_args.split() if method.startswith("nerf") else [])
+                row = run_ours(case, method, out, a.nerf_args.split() if method.startswith("nerf") else [],
+                               time_limit=a.time_limit if method.startswith("nerf") else None)
             row["views"] = views
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
             rows.append(row)
@@ -176,7 +182,8 @@ def main(argv=None):
             ips = "" if r["iterations_per_s"] is None else f"{r['iterations_per_s']:.2f}"
             print(f"{views:5d} {r['method']:12s} {r['psnr']:8.2f} {r['ssim']:7.3f} {r['seconds']:8.1f} "
                   f"{ips:>6s} {r['peak_memory_mb']:8.0f}")
-    (a.out / "results.json").write_text(json.dumps(dict(cpu_count=os.cpu_count(), results=results), indent=1))
+    (a.out / "results.json").write_text(json.dumps(dict(cpu_count=os.cpu_count(), time_limit_s=a.time_limit,
+                                                        results=results), indent=1))
     plot(results, a.out / "psnr_vs_time.png")
     print(f"\nwrote {a.out / 'results.json'} and {a.out / 'psnr_vs_time.png'}")
 

@@ -14,7 +14,7 @@ class NerfConfig:
 
     preset: str = "standard"
     """'preview', 'standard' or 'high': sets the defaults below."""
-    iterations: int = 1200
+    iterations: int = 3000
     """Optimisation steps on projection rays (after the FDK warm start)."""
     channels: int = 16
     """C: components per VM mode (three planes and three lines)."""
@@ -37,12 +37,12 @@ class NerfConfig:
     """Cosine decay ends at this fraction of the peak learning rate."""
     rays_start: int = 16384
     """Ray batch at the start of the curriculum."""
-    rays_end: int = 65536
+    rays_end: int = 32768
     """Ray batch at the end of the curriculum (reached at curriculum_fraction)."""
     curriculum_fraction: float = 0.5
-    step_voxels: float = 0.6
+    step_voxels: float = 0.8
     """Sample spacing along rays, in training voxels."""
-    tv_weight: float = 1e-2
+    tv_weight: float = 2e-2
     """Weight of the total-variation prior on the attenuation grid (relative to the data term)."""
     fdk_init_iterations: int = 0
     """Steps fitting the generator to a smoothed FDK volume before the projection loss (0 = off:
@@ -81,7 +81,7 @@ class NerfConfig:
 
 
 PRESETS: dict[str, dict] = {
-    "preview": dict(iterations=300, channels=12, rays_end=32768, snapshot_every=50),
+    "preview": dict(iterations=400, channels=12, rays_end=16384, snapshot_every=50),
     "standard": dict(),
-    "high": dict(iterations=2400, channels=24, rays_end=131072, generator_width=48),
+    "high": dict(iterations=5000, channels=24, rays_end=65536, generator_width=48),
 }
