@@ -68,6 +68,24 @@ def projection_psnr(measured: np.ndarray, predicted: np.ndarray) -> float:
     return psnr3d(measured, predicted, rng=float(np.max(measured)))
 
 
+def heldout_projection_psnr(volume: Volume, scan, n_samples: int | None = None, device: str = "cpu") -> float:
+    """Projection PSNR of `volume` on held-out views (a ScanData, e.g. NAF's 'val'): the volume is
+    forward-projected through those views' geometry, so it needs no ground-truth volume."""
+    import torch
+
+    from .rays import all_pixel_indices, view_rays
+    from .render import RenderConfig, VoxelField, line_integrals
+
+    g = scan.geometry
+    lo, hi = volume.grid.bounds()
+    steps = n_samples or int(2 * np.ceil(np.linalg.norm(hi - lo) / min(volume.grid.spacing_xyz)))
+    field = VoxelField(torch.as_tensor(volume.array, dtype=torch.float32, device=device), volume.grid)
+    v, r, c = all_pixel_indices(g)
+    with torch.no_grad():
+        pred = line_integrals(field, view_rays(g, v, r, c, lo, hi, device=device), RenderConfig(n_samples=steps))
+    return projection_psnr(scan.projections, pred.reshape(scan.projections.shape).cpu().numpy())
+
+
 # -- structure scores -----------------------------------------------------------------------------
 def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)

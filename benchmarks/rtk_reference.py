@@ -28,8 +28,12 @@ def _rtk():
 
 
 def make_case(ct_path, out_dir, views: int, det: int = 240, pitch: float = 3.2, voxel: float = 3.0,
-              i0: float = 1e5, sid: float = 1000.0, sdd: float = 1500.0, seed: int = 0) -> Path:
-    """Write geometry.xml, projections.mha, reference.nrrd and case.json; reuse a finished case."""
+              i0: float = 1e5, sid: float = 1000.0, sdd: float = 1500.0, seed: int = 0,
+              arc: float = 360.0) -> Path:
+    """Write geometry.xml, projections.mha, reference.nrrd and case.json; reuse a finished case.
+
+    `arc` (degrees) below 360 makes a short scan: angles k * arc / views, as the referee's --arc.
+    """
     out = Path(out_dir)
     if (out / "case.json").exists():
         return out
@@ -49,7 +53,7 @@ def make_case(ct_path, out_dir, views: int, det: int = 240, pitch: float = 3.2, 
     ref.CopyInformation(grid)
 
     geometry = rtk.ThreeDCircularProjectionGeometry.New()
-    for angle in np.arange(views) * 360.0 / views:
+    for angle in np.arange(views) * arc / views:
         geometry.AddProjection(sid, sdd, float(angle))
     F3 = itk.Image[itk.F, 3]
     vol = itk.image_from_array(mu)
@@ -80,7 +84,8 @@ def make_case(ct_path, out_dir, views: int, det: int = 240, pitch: float = 3.2, 
     writer.WriteFile()
     sitk.WriteImage(ref, str(out / "reference.nrrd"))
     (out / "case.json").write_text(json.dumps(dict(ct=str(ct_path), views=views, det=det, pitch=pitch,
-                                                   voxel=voxel, i0=i0, sid=sid, sdd=sdd, seed=seed), indent=1))
+                                                   voxel=voxel, i0=i0, sid=sid, sdd=sdd, seed=seed,
+                                                   arc=arc), indent=1))
     return out
 
 
@@ -100,6 +105,13 @@ def run_peer(case_dir, method: str, out_path) -> float:
     init.SetConstant(0.0)
     init.Update()
     if method == "rtk-fdk":
+        f = rtk.FDKConeBeamReconstructionFilter[F3].New()
+    elif method == "rtk-fdk-parker":  # as RTK's rtkfdk application: Parker weights on a short scan
+        parker = rtk.ParkerShortScanImageFilter[F3].New()
+        parker.SetInput(proj)
+        parker.SetGeometry(geometry)
+        parker.InPlaceOff()
+        proj = parker.GetOutput()
         f = rtk.FDKConeBeamReconstructionFilter[F3].New()
     elif method == "rtk-os-sart":
         f = rtk.SARTConeBeamReconstructionFilter[F3, F3].New()
