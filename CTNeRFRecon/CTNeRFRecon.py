@@ -82,18 +82,31 @@ class CTNeRFReconParameterNode:
     method: Annotated[str, Choice(["nerf", "fdk"])] = "nerf"
     preset: Annotated[str, Choice(["preview", "standard", "high"])] = "standard"
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    gridChoice: Annotated[str, Choice(["auto", "reference", "custom"])] = "auto"
+    """Output grid: auto (the data's, else the field of view's), reference (the reference CT's grid),
+    custom (the automatic box with the voxel size and/or counts below)."""
+    gridSpacing: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
+    """Custom grid: voxel size in mm; 0: automatic."""
+    gridSizeX: Annotated[int, WithinRange(0, 4096)] = 0
+    """Custom grid: voxel counts (X, Y, Z); all 0: automatic."""
+    gridSizeY: Annotated[int, WithinRange(0, 4096)] = 0
+    gridSizeZ: Annotated[int, WithinRange(0, 4096)] = 0
     iterations: Annotated[int, WithinRange(0, 1000000)] = 0
     """0: the preset's."""
     snapshotEvery: Annotated[int, WithinRange(0, 1000000)] = 0
     """0: the method's default."""
-    gridSpacing: Annotated[float, WithinRange(0.0, 100.0)] = 0.0
-    """Output voxel size in mm; 0: automatic."""
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     showHU: bool = False
     runFolder: pathlib.Path
     """Empty: a new folder under Slicer's temporary folder for each run."""
     pythonInterpreter: pathlib.Path
     """Empty: Slicer's own Python (PythonSlicer)."""
+    volumeRendering: bool = False
+    """Also show the output volume rendered in the 3D view (it follows the slice window/level)."""
+    overlay: Annotated[str, Choice(["reference", "difference"])] = "reference"
+    """What the slice views show over the reconstruction when comparing."""
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    """Opacity of the overlay: 0 shows the reconstruction only, 1 the overlay only."""
 
 
 def _is_set(path) -> bool:
@@ -107,7 +120,8 @@ def _is_set(path) -> bool:
 
 class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel. Slicer calls setup() once when the module is first shown, enter()/exit() each
-    time it is shown/hidden, and cleanup() when the application closes or the module is reloaded."""
+    time it is shown/hidden, cleanup() when the application closes or the module is reloaded, and
+    onSceneStartClose()/onSceneEndClose() around File > Close Scene."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -118,6 +132,11 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._session = None
         self._lastRunFolder = None
         self._shownOutput = False
+        self._shownChart = False
+        self._differenceNode = None
+        self._metricsTableNode = None
+        self._describedPath = None
+        self._overlayShown = False
         self._timer = None
 
     def setup(self) -> None:
@@ -138,8 +157,13 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.startButton.connect("clicked(bool)", self.onStart)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.resumeButton.connect("clicked(bool)", self.onResume)
+        self.ui.volumeRenderingCheckBox.connect("toggled(bool)", self.onVolumeRenderingToggled)
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
-        self.ui.showDifferenceButton.connect("clicked(bool)", self.onShowDifference)
+        self.ui.showOverlayButton.connect("clicked(bool)", self.onShowOverlay)
+        self.ui.flickButton.connect("clicked(bool)", self.onFlick)
+        self.ui.showTableButton.connect("clicked(bool)", self.onShowTable)
+        self.ui.overlayComboBox.connect("currentIndexChanged(int)", self.onOverlayChanged)
+        self.ui.overlayOpacitySlider.connect("valueChanged(double)", self.onOverlayOpacityChanged)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -149,7 +173,7 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Application exit or module reload: stop the worker, drop observers."""
-        self._stopSession()
+        self._stopSession("Slicer is closing the module")
         self.removeObservers()
 
     def enter(self) -> None:
@@ -161,14 +185,18 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
-        """The scene is about to close: stop the run before its nodes go away."""
+        """The scene is about to close: stop the run before its nodes go away (the session also
+        stops itself on this event; this drops the panel's hold on it)."""
         self._stopSession()
+        self._differenceNode = self._metricsTableNode = None
+        self._overlayShown = False
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
+        """The scene was closed: bind a fresh parameter node when the panel is shown."""
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -179,14 +207,34 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Bind the GUI to a parameter node (two-way, through connectGui)."""
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        self._updateScanInfo()
         self._updateButtons()
 
-    def _updateButtons(self, caller=None, event=None) -> None:
+    def _updateScanInfo(self) -> None:
+        """Summarise the projection data whenever its path changes (errors go into the label)."""
+        p = self._parameterNode
+        path = str(p.dataPath) if p is not None and _is_set(p.dataPath) else None
+        if path == self._describedPath:
+            return
+        self._describedPath = path
+        if path is None or not pathlib.Path(path).exists():
+            self.ui.scanInfoLabel.text = ""
+            return
+        try:
+            with slicer.util.WaitCursor():
+                self.ui.scanInfoLabel.text = self.logic.describeScan(path)
+        except Exception as exc:  # any unreadable input: say why, next to the path
+            self.ui.scanInfoLabel.text = f"Not readable as projection data: {exc}"
+
+    def _updateButtons(self) -> None:
         p = self._parameterNode
         running = self._session is not None and not self._session.state.done
         hasData = p is not None and _is_set(p.dataPath)
@@ -196,9 +244,23 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                         and p is not None and p.method == "nerf")
         self.ui.showProjectionsButton.enabled = hasData
         self.ui.loadDemoButton.enabled = not running
+        custom = p is not None and p.gridChoice == "custom"
+        for widget in (self.ui.gridSpacingSpinBox, self.ui.gridSizeXSpinBox, self.ui.gridSizeYSpinBox,
+                       self.ui.gridSizeZSpinBox):
+            widget.enabled = custom
         hasOutput = p is not None and p.outputVolume is not None and p.outputVolume.GetImageData() is not None
         self.ui.compareButton.enabled = hasOutput and p.referenceVolume is not None and not running
-        self.ui.showDifferenceButton.enabled = self._session is not None and self._session.difference_node is not None
+        canOverlay = hasOutput and self._overlayNode() is not None
+        self.ui.showOverlayButton.enabled = canOverlay
+        self.ui.flickButton.enabled = canOverlay
+        self.ui.showTableButton.enabled = self._metricsTableNode is not None
+
+    def _overlayNode(self):
+        """The volume chosen to go over the reconstruction: the reference or the difference."""
+        p = self._parameterNode
+        if p is None:
+            return None
+        return self._differenceNode if p.overlay == "difference" else p.referenceVolume
 
     # -------------------------------------------------------------------------------- actions
 
@@ -209,13 +271,11 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             folder, reference = self.logic.loadDemoData(self._parameterNode.pythonInterpreter)
             self._parameterNode.dataPath = folder
             self._parameterNode.referenceVolume = reference
-            self.ui.scanInfoLabel.text = self.logic.describeScan(folder)
 
     def onShowProjections(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to show the projections.", waitCursor=True):
             node = self.logic.showProjections(self._parameterNode.dataPath)
             slicer.util.setSliceViewerLayers(background=node, foreground=None, fit=True)
-            self.ui.scanInfoLabel.text = self.logic.describeScan(self._parameterNode.dataPath)
 
     def onStart(self) -> None:
         self._start(resume=False)
@@ -230,7 +290,8 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._session = self.logic.startReconstruction(
                 self._parameterNode, runFolder=self._lastRunFolder if resume else None, resume=resume)
             self._lastRunFolder = self._session.run_dir
-            self._shownOutput = False
+            self._shownOutput = self._shownChart = False
+            self._differenceNode = self._metricsTableNode = None
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = self._session.message
             self.ui.metricsLabel.text = ""
@@ -243,18 +304,55 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = self._session.message
         self._updateButtons()
 
+    def onVolumeRenderingToggled(self, checked: bool) -> None:
+        node = self._parameterNode.outputVolume if self._parameterNode else None
+        if node is not None and node.GetImageData() is not None:
+            with slicer.util.tryWithErrorDisplay("Failed to change the volume rendering.", waitCursor=True):
+                self.logic.showVolumeRendering(node, checked)
+
     def onCompare(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to compare with the reference.", waitCursor=True):
             p = self._parameterNode
-            rows, difference = self.logic.compare(p.referenceVolume, p.outputVolume, self._session)
+            rows, self._differenceNode, self._metricsTableNode = self.logic.compare(
+                p.referenceVolume, p.outputVolume, self._session)
             self.ui.metricsLabel.text = self.logic.metricsSummary(rows)
-            slicer.util.setSliceViewerLayers(background=p.outputVolume, foreground=difference, foregroundOpacity=0.5)
+            self._showOverlay()
         self._updateButtons()
 
-    def onShowDifference(self) -> None:
-        if self._session is not None and self._session.difference_node is not None:
-            slicer.util.setSliceViewerLayers(background=self._session.output_node,
-                                             foreground=self._session.difference_node, foregroundOpacity=0.5)
+    def onShowOverlay(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Failed to show the comparison.", waitCursor=True):
+            self._showOverlay()
+
+    def _showOverlay(self) -> None:
+        p = self._parameterNode
+        self.logic.showComparison(p.outputVolume, self._overlayNode(), p.overlayOpacity)
+        self._overlayShown = True
+
+    def onOverlayChanged(self, index: int) -> None:
+        """Another overlay chosen: swap it in when a comparison is on view (never just on opening the panel)."""
+        p = self._parameterNode
+        if self._overlayShown and p is not None and p.outputVolume is not None and self._overlayNode() is not None:
+            self.onShowOverlay()
+        self._updateButtons()
+
+    def onOverlayOpacityChanged(self, value: float) -> None:
+        """The opacity slider moves the overlay of every slice view while a comparison is on view."""
+        if self._overlayShown:
+            self.logic.setOverlayOpacity(value)
+
+    def onFlick(self) -> None:
+        """Swap between the reconstruction alone and the overlay alone (opacity 0 <-> 1)."""
+        from CTNeRFReconLib.slicer_bridge.views import flicked
+
+        p = self._parameterNode
+        if not self._overlayShown:
+            self._showOverlay()
+        p.overlayOpacity = flicked(p.overlayOpacity)  # the slider follows
+        self.logic.setOverlayOpacity(p.overlayOpacity)
+
+    def onShowTable(self) -> None:
+        if self._metricsTableNode is not None:
+            self.logic.showTable(self._metricsTableNode)
 
     def onPollTimer(self) -> None:
         """Drain the worker's events (never blocks) and show them."""
@@ -272,11 +370,16 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
             return
         self._showProgress(session)
+        if session.chart_node is not None and not self._shownChart:
+            self._shownChart = True  # the loss curve from its first point; it redraws as rows arrive
+            slicer.modules.plots.logic().ShowChartInLayout(session.chart_node)
         if session.output_node is not None and not self._shownOutput:
             self._shownOutput = True
             self._parameterNode.outputVolume = session.output_node
             slicer.util.setSliceViewerLayers(background=session.output_node, fit=True)
             self._linkSliceViews()
+            if self._parameterNode.volumeRendering:
+                self.logic.showVolumeRendering(session.output_node, True)
         if session.state.done:
             self._timer.stop()
             self._onRunDone(session)
@@ -294,18 +397,18 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onRunDone(self, session) -> None:
         from CTNeRFReconLib.slicer_bridge.session import SessionState
+        from CTNeRFReconLib.slicer_bridge.tables import read_key_value_table
 
         self.ui.progressBar.maximum = 1000
         self.ui.progressBar.value = 1000 if session.state is SessionState.FINISHED else self.ui.progressBar.value
         self.ui.statusLabel.text = session.message
-        if session.chart_node is not None:
-            slicer.modules.plots.logic().ShowChartInLayout(session.chart_node)
         if session.metrics_table_node is not None:
-            from CTNeRFReconLib.slicer_bridge.tables import read_key_value_table
-
+            self._metricsTableNode = session.metrics_table_node
             self.ui.metricsLabel.text = self.logic.metricsSummary(read_key_value_table(session.metrics_table_node))
         if session.difference_node is not None:
-            self.onShowDifference()
+            self._differenceNode = session.difference_node
+        if session.output_node is not None and self._overlayNode() is not None:
+            self._showOverlay()
         if session.state is SessionState.FAILED:
             hint = self.logic.failureHint(session.failure_kind)
             slicer.util.errorDisplay(f"The reconstruction failed: {session.message}" + (f"\n\n{hint}" if hint else ""))
@@ -315,28 +418,36 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             composite = slicer.app.layoutManager().sliceWidget(name).mrmlSliceCompositeNode()
             composite.SetLinkedControl(True)
 
-    def _stopSession(self) -> None:
+    def _stopSession(self, reason: str = "the scene was closed") -> None:
+        """Scene close or application exit: stop the worker (its run folder keeps the last volume)
+        without loading anything more into nodes that are about to go."""
         if self._timer is not None:
             self._timer.stop()
-        if self._session is not None and not self._session.state.done:
-            self._session.stop(timeout=15)
+        if self._session is not None:
+            self._session.close(timeout=15, reason=reason)
         self._session = None
 
     def _ensureEngine(self) -> bool:
-        """At first use (never at import): offer to install what the engine needs in Slicer's Python."""
-        if _is_set(self._parameterNode.pythonInterpreter):
-            return True  # an external environment: its own business (a failed run says what is missing)
-        missing = self.logic.missingEnginePackages()
+        """At first use (never at import): offer to install what the engine needs in the Python that
+        runs it (Slicer's own, or the external one chosen under Advanced)."""
+        interpreter = self._parameterNode.pythonInterpreter
+        external = _is_set(interpreter)
+        with slicer.util.WaitCursor():
+            missing = self.logic.missingEnginePackages(interpreter)
         if not missing:
             return True
         names = ", ".join(missing)
+        where = f"the Python at {interpreter}" if external else "Slicer"
+        how = ("They are installed with that interpreter's pip; for a CUDA build of PyTorch there, follow "
+               "pytorch.org instead." if external else
+               "PyTorch comes from the PyTorch extension when it is installed, which picks the build that fits "
+               "your GPU.")
         if not slicer.util.confirmOkCancelDisplay(
-                f"The reconstruction engine needs these Python packages in Slicer: {names}.\n\n"
-                "Install them now? (PyTorch comes from the PyTorch extension when it is installed, which picks "
-                "the build that fits your GPU; this can take several minutes.)", "CTNeRFRecon setup"):
+                f"The reconstruction engine needs these Python packages in {where}: {names}.\n\n"
+                f"Install them now? {how} This can take several minutes.", "CTNeRFRecon setup"):
             return False
         with slicer.util.tryWithErrorDisplay("Failed to install the engine's packages.", waitCursor=True):
-            self.logic.installEnginePackages(missing)
+            self.logic.installEnginePackages(missing, interpreter)
             return True
         return False
 
@@ -378,16 +489,31 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
         return WorkerConfig(interpreter=self.engineInterpreter(pythonInterpreter),
                             env=slicer.util.startupEnvironment())
 
-    @staticmethod
-    def missingEnginePackages() -> list:
-        """pip names of the engine's packages that Slicer's own Python lacks (torch first)."""
-        missing = [] if importlib.util.find_spec("torch") else ["torch"]
-        return missing + [pip for name, pip in ENGINE_PACKAGES.items() if importlib.util.find_spec(name) is None]
+    def missingEnginePackages(self, pythonInterpreter=None) -> list:
+        """pip names of the engine's packages that its interpreter lacks (torch first). Slicer's own
+        Python is checked in place; an external one is asked in a short subprocess."""
+        pipNames = {"torch": "torch", **ENGINE_PACKAGES}
+        if _is_set(pythonInterpreter):
+            from CTNeRFReconLib.slicer_bridge.worker import missing_modules
 
-    @staticmethod
-    def installEnginePackages(packages) -> None:
-        """torch through the PyTorch extension when present (GPU-matched build), the rest with pip."""
+            missing = set(missing_modules(self.workerConfig(pythonInterpreter), list(pipNames)))
+        else:
+            missing = {name for name in pipNames if importlib.util.find_spec(name) is None}
+        return [pip for name, pip in pipNames.items() if name in missing]
+
+    def installEnginePackages(self, packages, pythonInterpreter=None) -> None:
+        """Into Slicer's Python: torch through the PyTorch extension when present (GPU-matched build),
+        the rest with pip. Into an external Python: everything with that interpreter's own pip."""
         packages = list(packages)
+        if _is_set(pythonInterpreter):
+            interpreter = self.engineInterpreter(pythonInterpreter)
+            process = slicer.util.launchConsoleProcess([interpreter, "-m", "pip", "install", *packages])
+            try:
+                slicer.util.logProcessOutput(process)
+            except Exception as exc:  # CalledProcessError: pip's own output is in the Python console
+                raise ValueError(f"{interpreter}: pip could not install {', '.join(packages)} ({exc}); see the "
+                                 "Python console, or install them in that environment yourself") from None
+            return
         if "torch" in packages:
             packages.remove("torch")
             try:
@@ -431,13 +557,10 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
         set_window(node, preset)
 
     def describeScan(self, dataPath) -> str:
-        """One line on what the engine understood of the data (format, views, detector)."""
-        from CTNeRFReconLib.slicer_bridge.projections import load_scan_file
+        """One line on what the engine understood of the data (format, views, detector, angles, distances)."""
+        from CTNeRFReconLib.slicer_bridge.projections import describe_scan, load_scan_file
 
-        scan = load_scan_file(self._checkedDataPath(dataPath))
-        rows, cols = scan.geometry.det_shape
-        return (f"{scan.source_format}: {scan.n_views} views of {rows} x {cols} pixels "
-                f"({scan.geometry.pixel_pitch[1]:.3g} mm)")
+        return describe_scan(load_scan_file(self._checkedDataPath(dataPath)))
 
     def showProjections(self, dataPath):
         """The projection stack as a volume node (one view per axial slice)."""
@@ -459,11 +582,17 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
 
     def startReconstruction(self, parameters, runFolder=None, resume: bool = False):
         """Start a run in the background; returns the ReconstructionSession to poll."""
-        from CTNeRFReconLib.slicer_bridge.session import ReconstructionSession, SessionOptions
+        from CTNeRFReconLib.slicer_bridge.session import ReconstructionSession, SessionOptions, grid_request_fields
         from CTNeRFReconLib.slicer_bridge.volume_nodes import Units
         from CTNeRFReconLib.slicer_bridge.worker import ReconstructRequest
 
         data = self._checkedDataPath(parameters.dataPath)
+        grid = grid_request_fields(parameters.gridChoice, parameters.gridSpacing,
+                                   (parameters.gridSizeX, parameters.gridSizeY, parameters.gridSizeZ))
+        fromReference = parameters.gridChoice == "reference"
+        if fromReference and parameters.referenceVolume is None:
+            raise ValueError("the output grid is the reference's, but no reference CT is selected; choose one "
+                             "under Inputs, or another output grid")
         if resume and runFolder is None:
             raise ValueError("there is no earlier run to resume in this session; press Start")
         if runFolder is None:
@@ -476,27 +605,66 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
         request = ReconstructRequest(
             data=data, out=pathlib.Path(runFolder), method=parameters.method, preset=parameters.preset,
             device=parameters.device, seed=parameters.seed, resume=resume,
-            iterations=parameters.iterations or None, snapshot_every=parameters.snapshotEvery or None,
-            grid_spacing=parameters.gridSpacing or None)
+            iterations=parameters.iterations or None, snapshot_every=parameters.snapshotEvery or None, **grid)
         options = SessionOptions(name=parameters.outputVolume.GetName() if parameters.outputVolume else "CTNeRFRecon",
-                                 units=Units.HU if parameters.showHU else Units.MU)
+                                 units=Units.HU if parameters.showHU else Units.MU, grid_from_reference=fromReference)
         session = ReconstructionSession(slicer.mrmlScene, request, self.workerConfig(parameters.pythonInterpreter),
                                         options, reference_node=parameters.referenceVolume,
                                         output_node=parameters.outputVolume)
         return session.start()
 
     def compare(self, referenceNode, outputNode, session=None):
-        """Score the output against the reference; returns (metric rows, difference node)."""
+        """Score the output against the reference; returns (metric rows, difference node, metrics table node)."""
         from CTNeRFReconLib.slicer_bridge.compare import compare_nodes
         from CTNeRFReconLib.slicer_bridge.tables import read_key_value_table
 
         if session is not None and session.output_node is outputNode and session.reference_node is referenceNode:
             session.compare()
-            return read_key_value_table(session.metrics_table_node), session.difference_node
-        if session is not None:
-            session.reference_node = referenceNode
+            return (read_key_value_table(session.metrics_table_node), session.difference_node,
+                    session.metrics_table_node)
         _, difference, table = compare_nodes(slicer.mrmlScene, referenceNode, outputNode)
-        return read_key_value_table(table), difference
+        return read_key_value_table(table), difference, table
+
+    # ----------------------------------------------------------------------------- display
+
+    @staticmethod
+    def showComparison(outputNode, overlayNode, opacity: float) -> None:
+        """The reconstruction under the overlay (reference or difference) in every slice view, linked."""
+        from CTNeRFReconLib.slicer_bridge.views import show_layers
+
+        if overlayNode is None:
+            raise ValueError("there is nothing to show over the reconstruction; choose a reference CT, or press "
+                             "Compare with reference to make the difference volume")
+        show_layers(slicer.mrmlScene, outputNode, overlayNode, opacity)
+
+    @staticmethod
+    def setOverlayOpacity(opacity: float) -> None:
+        from CTNeRFReconLib.slicer_bridge.views import set_overlay_opacity
+
+        set_overlay_opacity(slicer.mrmlScene, opacity)
+
+    @staticmethod
+    def showVolumeRendering(volumeNode, show: bool = True):
+        """Show (or hide) the volume rendered in the 3D views; its transfer functions follow the slice
+        window/level, so the rendering stays right while the volume updates in place."""
+        vrLogic = slicer.modules.volumerendering.logic()
+        displayNode = vrLogic.GetFirstVolumeRenderingDisplayNode(volumeNode)
+        if displayNode is None:
+            if not show:
+                return None
+            displayNode = vrLogic.CreateDefaultVolumeRenderingNodes(volumeNode)
+            displayNode.SetFollowVolumeDisplayNode(True)
+        displayNode.SetVisibility(show)
+        return displayNode
+
+    @staticmethod
+    def showTable(tableNode) -> None:
+        """Show a table node in a table view (switching to a layout with one, keeping a plot view)."""
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
+        selectionNode = slicer.app.applicationLogic().GetSelectionNode()
+        selectionNode.SetActiveTableID(tableNode.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
 
     @staticmethod
     def metricsSummary(rows: dict) -> str:
@@ -553,8 +721,9 @@ class CTNeRFReconTest(ScriptedLoadableModuleTest):
         parameters.method = "fdk"
         parameters.device = "cpu"
         parameters.preset = "preview"
+        parameters.gridChoice = "reference"
 
-        self.delayDisplay("Reconstructing with FDK on CPU")
+        self.delayDisplay("Reconstructing with FDK on CPU, on the reference's grid")
         session = logic.startReconstruction(parameters)
         deadline = time.monotonic() + 300
         while not session.state.done and time.monotonic() < deadline:
@@ -568,4 +737,17 @@ class CTNeRFReconTest(ScriptedLoadableModuleTest):
         self.assertIn("psnr", rows)
         self.assertGreater(float(rows["psnr"]), 15.0)
         self.assertIsNotNone(session.difference_node)
+        self.assertEqual(session.output_node.GetImageData().GetDimensions(), reference.GetImageData().GetDimensions())
+
+        self.delayDisplay("Linking the reference over the reconstruction, then volume rendering")
+        logic.showComparison(session.output_node, reference, 0.5)
+        composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+        self.assertEqual(composite.GetBackgroundVolumeID(), session.output_node.GetID())
+        self.assertEqual(composite.GetForegroundVolumeID(), reference.GetID())
+        self.assertTrue(composite.GetLinkedControl())
+        logic.setOverlayOpacity(1.0)
+        self.assertEqual(composite.GetForegroundOpacity(), 1.0)
+        displayNode = logic.showVolumeRendering(session.output_node, True)
+        self.assertTrue(displayNode.GetVisibility())
+        self.assertFalse(logic.showVolumeRendering(session.output_node, False).GetVisibility())
         self.delayDisplay("Test passed")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def _add_reconstruct(sub):
     p.add_argument("--snapshot-every", type=int, metavar="N", help="iterations between snapshots (0: none)")
     p.add_argument("--progress-every", type=int, metavar="N", help="iterations between progress events")
     p.add_argument("--no-kernels", action="store_true", help="use the PyTorch renderer, not the fused kernels")
+    p.add_argument("--fdk-filter", metavar="WINDOW", help="FDK's ramp filter window: ram-lak, shepp-logan, cosine, "
+                   "hamming or hann (default hann)")
+    p.add_argument("--fdk-cutoff", type=float, metavar="F", help="FDK's filter cut-off, fraction of Nyquist in (0, 1] "
+                   "(default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages (events still go out)")
 
 
@@ -104,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _reconstruct(args) -> int:
+    if args.method == "fdk" and "torch" not in sys.modules:
+        # FDK is a few hundred short parallel loops: OpenMP threads that spin between them (the
+        # default) steal the CPU from each other as soon as anything else runs on the machine
+        # (Slicer beside the worker); sleeping threads keep it fast there and cost nothing when idle
+        # (25-view abdomen FDK on 2 busy cores: 2.4 s spinning, 0.25 s passive). Read by OpenMP
+        # when torch loads it, so only here, before that; a value the user set is kept.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .worker import ReconstructOptions, run_reconstruction
 
     opts = ReconstructOptions(
@@ -112,7 +124,7 @@ def _reconstruct(args) -> int:
         device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
         grid_spacing=args.grid_spacing, grid_size=None if args.grid_size is None else tuple(args.grid_size),
         iterations=args.iterations, snapshot_every=args.snapshot_every, progress_every=args.progress_every,
-        kernels=not args.no_kernels,
+        kernels=not args.no_kernels, fdk_filter=args.fdk_filter, fdk_cutoff=args.fdk_cutoff,
         quiet=args.quiet)
     return run_reconstruction(opts)
 
@@ -139,6 +151,13 @@ def info_dict(scan) -> dict:
     except ValueError as exc:
         out["default_grid"] = None
         out["notes"] = list(out.get("notes", [])) + [str(exc)]
+    shipped = scan.grid or (scan.reference.grid if scan.reference is not None else None)
+    if shipped is not None:
+        from .formats.validate import grid_problem
+
+        problem = grid_problem(scan.geometry, shipped)
+        if problem is not None:  # `reconstruct` refuses this grid; say so here already
+            out["notes"] = list(out.get("notes", [])) + [f"the data's grid is unusable: {problem}"]
     return out
 
 
@@ -152,6 +171,8 @@ def _info(args) -> int:
         print(json.dumps(to_json_value(details), indent=2))
         return ExitCode.OK
     print(describe(scan)["description"])
+    for note in details.get("notes", [])[len(scan.summary().get("notes", [])):]:
+        print(note)
     grid = details["default_grid"]
     if scan.grid is None and grid is not None:
         print(f"default grid (field of view seen by every view): {grid['shape_xyz']} voxels (x, y, z) of "

@@ -9,7 +9,6 @@ region is bounded even for a single view direction or a parallel beam.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linprog
 
 from .geometry import ConeBeamGeometry, VolumeGrid
 
@@ -77,6 +76,8 @@ def view_halfspaces(geometry: ConeBeamGeometry, view: int) -> tuple[np.ndarray, 
 
 def common_fov_bounds(geometry: ConeBeamGeometry) -> tuple[np.ndarray, np.ndarray]:
     """World box (lo, hi) enclosing exactly the points every view sees (six small linear programs)."""
+    from scipy.optimize import linprog  # imported here: half a second that runs with a reference grid need not pay
+
     parts = [view_halfspaces(geometry, k) for k in range(geometry.n_views)]
     a_ub = np.concatenate([a for a, _ in parts])
     b_ub = np.concatenate([b for _, b in parts])

@@ -91,13 +91,38 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
+def _distances_to(target_surface: np.ndarray, points: np.ndarray, spacing_zyx, box) -> np.ndarray:
+    """Distances (mm) from the `points` voxels to the nearest `target_surface` voxel, inside `box`."""
+    if not target_surface.any():
+        return np.full(int(points.sum()), np.inf)
+    dist = ndimage.distance_transform_edt(~target_surface[box], sampling=spacing_zyx)
+    return dist[points[box]]
+
+
+def _surface_box(sa: np.ndarray, sb: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of both surfaces: every surface voxel, and so every nearest one, lies in it,
+    so distance transforms restricted to it are exact (and much cheaper for small structures)."""
+    both = sa | sb
+    if not both.any():
+        return tuple(slice(0, 0) for _ in both.shape)
+    box = []
+    for axis in range(both.ndim):
+        hit = np.flatnonzero(both.any(axis=tuple(i for i in range(both.ndim) if i != axis)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def surface_distances(a: np.ndarray, b: np.ndarray, spacing_zyx) -> tuple[np.ndarray, np.ndarray]:
+    """(distances from a's surface voxels to b's surface, and from b's to a's), in mm."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    sa, sb = _surface(a), _surface(b)
+    box = _surface_box(sa, sb)
+    return _distances_to(sb, sa, spacing_zyx, box), _distances_to(sa, sb, spacing_zyx, box)
+
+
 def _surface_distances(a: np.ndarray, b: np.ndarray, spacing_zyx) -> np.ndarray:
     """Distances (mm) from the surface voxels of a to the surface of b."""
-    sb = _surface(b)
-    if not sb.any():
-        return np.full(int(_surface(a).sum()), np.inf)
-    dist_to_b = ndimage.distance_transform_edt(~sb, sampling=spacing_zyx)
-    return dist_to_b[_surface(a)]
+    return surface_distances(a, b, spacing_zyx)[0]
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -106,19 +131,31 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
 
 
-def surface_dice(a: np.ndarray, b: np.ndarray, spacing_zyx, tolerance_mm: float) -> float:
-    """Normalised surface Dice (NSD): share of both surfaces within the tolerance of the other."""
-    a, b = a.astype(bool), b.astype(bool)
-    da, db = _surface_distances(a, b, spacing_zyx), _surface_distances(b, a, spacing_zyx)
+def _nsd(da: np.ndarray, db: np.ndarray, tolerance_mm: float) -> float:
     n = da.size + db.size
     return 1.0 if n == 0 else float(((da <= tolerance_mm).sum() + (db <= tolerance_mm).sum()) / n)
 
 
+def _hd95(da: np.ndarray, db: np.ndarray) -> float:
+    d = np.concatenate([da, db])
+    return float("nan") if d.size == 0 else float(np.percentile(d, 95))
+
+
+def surface_dice(a: np.ndarray, b: np.ndarray, spacing_zyx, tolerance_mm: float) -> float:
+    """Normalised surface Dice (NSD): share of both surfaces within the tolerance of the other."""
+    return _nsd(*surface_distances(a, b, spacing_zyx), tolerance_mm)
+
+
 def hd95(a: np.ndarray, b: np.ndarray, spacing_zyx) -> float:
     """95th percentile of the symmetric surface distances (mm)."""
-    a, b = a.astype(bool), b.astype(bool)
-    d = np.concatenate([_surface_distances(a, b, spacing_zyx), _surface_distances(b, a, spacing_zyx)])
-    return float("nan") if d.size == 0 else float(np.percentile(d, 95))
+    return _hd95(*surface_distances(a, b, spacing_zyx))
+
+
+def _structure(a: np.ndarray, b: np.ndarray, spacing_zyx, tolerance_mm: float, threshold: float) -> dict:
+    """Dice, NSD and HD95 of one structure, from one pair of distance transforms."""
+    da, db = surface_distances(a, b, spacing_zyx)
+    return dict(threshold=threshold, dice=dice(a, b), nsd=_nsd(da, db, tolerance_mm), hd95_mm=_hd95(da, db),
+                tolerance_mm=tolerance_mm)
 
 
 def structure_scores(reference: Volume, volume: Volume, thresholds: dict[str, float] | None = None,
@@ -146,12 +183,10 @@ def structure_scores(reference: Volume, volume: Volume, thresholds: dict[str, fl
             inside, around = float(np.median(reference.array[a])), float(np.median(reference.array[shell]))
             t = 0.5 * (inside + around)
             b = near & ((vol > t) if inside >= around else (vol < t))
-            out[f"label_{int(value)}"] = dict(threshold=t, dice=dice(a, b), nsd=surface_dice(a, b, spacing, tol),
-                                               hd95_mm=hd95(a, b, spacing), tolerance_mm=tol)
+            out[f"label_{int(value)}"] = _structure(a, b, spacing, tol, t)
         return out
     thresholds = thresholds or {"soft_tissue": 0.017, "bone": 0.026}
     for name, t in thresholds.items():
         a, b = reference.array > t, vol > t
-        out[name] = dict(threshold=t, dice=dice(a, b), nsd=surface_dice(a, b, spacing, tol),
-                         hd95_mm=hd95(a, b, spacing), tolerance_mm=tol)
+        out[name] = _structure(a, b, spacing, tol, t)
     return out

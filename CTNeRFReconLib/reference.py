@@ -13,7 +13,7 @@ import numpy as np
 
 from .data import Volume
 from .phantom import MU_WATER
-from .volume_io import read_volume
+from .volume_io import read_input_volume
 
 REFERENCE_UNITS = ("auto", "mu", "hu")
 
@@ -35,9 +35,8 @@ def load_reference(path, units: str = "auto", mu_water: float = MU_WATER) -> tup
         raise ValueError(f"reference units '{units}' unknown; use one of {', '.join(REFERENCE_UNITS)}")
     if mu_water <= 0:
         raise ValueError(f"water attenuation must be positive (1/mm), got {mu_water}; 0.02 is water at ~70 keV")
-    volume = read_volume(Path(path))
-    if not np.all(np.isfinite(volume.array)):
-        raise ValueError(f"{path}: the reference volume has NaN or infinite voxels; give a finite volume")
+    volume = read_input_volume(Path(path), "--reference", "give a 3D CT volume (NRRD, MHA or NIfTI) with finite "
+                               "values in HU or 1/mm, or leave --reference out")
     if units == "auto":
         units = "hu" if looks_like_hu(volume.array) else "mu"
     if units == "hu":

@@ -30,20 +30,63 @@ def sitk_to_volume(img: sitk.Image, dtype=np.float32) -> Volume:
     return Volume(sitk.GetArrayFromImage(img).astype(dtype), grid)
 
 
+def _read_image(path: Path) -> tuple[sitk.Image | None, str]:
+    """(image, "") or (None, what is wrong with the file)."""
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        try:  # a header that reads while the pixels do not: a truncated file
+            info = sitk.ImageFileReader()
+            info.SetFileName(str(path))
+            info.ReadImageInformation()
+            return None, (f"its header reads ({'x'.join(map(str, info.GetSize()))} voxels) but its pixel data "
+                          "cannot: the file is truncated or its data file is missing")
+        except RuntimeError:
+            return None, f"cannot be read as a volume ({reason})"
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        return None, (f"expected a 3D scalar volume, got {img.GetDimension()}D with "
+                      f"{img.GetNumberOfComponentsPerPixel()} components per voxel")
+    return img, ""
+
+
 def read_volume(path, dtype=np.float32) -> Volume:
     """Any SimpleITK-readable volume (NRRD, MHA, NIfTI, ...), with its world geometry."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: volume file not found; check the path")
-    try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: cannot be read as a volume ({str(exc).strip().splitlines()[-1]}); "
-                         "give an NRRD, MHA or NIfTI file") from None
-    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: expected a 3D scalar volume, got {img.GetDimension()}D with "
-                         f"{img.GetNumberOfComponentsPerPixel()} components per voxel")
+    img, problem = _read_image(path)
+    if img is None:
+        raise ValueError(f"{path}: {problem}; give a 3D NRRD, MHA or NIfTI volume")
     return sitk_to_volume(sitk.Cast(img, sitk.sitkFloat32) if dtype == np.float32 else img, dtype)
+
+
+def read_input_volume(path, field: str, fix: str) -> Volume:
+    """read_volume for input data (a reference CT, a ground truth shipped with a scan): a missing or
+    unreadable file, or a NaN/infinite voxel, is a ScanFormatError naming the file, the field and the fix."""
+    from .formats.validate import ScanFormatError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ScanFormatError(path, field, "not found" if not path.exists() else "is not a file", fix)
+    img, problem = _read_image(path)
+    if img is None:
+        raise ScanFormatError(path, field, problem, fix)
+    volume = sitk_to_volume(sitk.Cast(img, sitk.sitkFloat32))
+    bad = int(np.count_nonzero(~np.isfinite(volume.array)))
+    if bad:
+        raise ScanFormatError(path, field, f"has {bad} NaN or infinite voxels", fix)
+    return volume
+
+
+def _file_mode() -> int:
+    """The permissions a plainly created file gets (0o666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
 
 
 def atomic_write(path, write_fn) -> Path:
@@ -51,6 +94,7 @@ def atomic_write(path, write_fn) -> Path:
 
     A reader polling `path` sees either the previous complete file or the new complete file.
     The temporary name keeps the extension so that writers that pick a format by suffix work.
+    The file ends with the usual permissions (mkstemp's private 0600 would hide it from other users).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +103,7 @@ def atomic_write(path, write_fn) -> Path:
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

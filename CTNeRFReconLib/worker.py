@@ -71,6 +71,10 @@ class ReconstructOptions:
     progress_every: int | None = None
     kernels: bool = True
     quiet: bool = False
+    fdk_filter: str | None = None
+    """FDK's ramp filter window (fdk.FILTERS); None: FDK's default (hann)."""
+    fdk_cutoff: float | None = None
+    """FDK's filter cut-off as a fraction of Nyquist, in (0, 1]; None: 1."""
 
 
 def default_method() -> str:
@@ -89,6 +93,10 @@ def method_settings(opts: ReconstructOptions) -> dict:
         settings["eval_every"] = opts.progress_every
     if not opts.kernels:
         settings["use_kernels"] = False
+    if opts.fdk_filter is not None:
+        settings["filter"] = opts.fdk_filter
+    if opts.fdk_cutoff is not None:
+        settings["cutoff"] = opts.fdk_cutoff
     return settings
 
 
@@ -121,6 +129,24 @@ def adjust_grid(grid: VolumeGrid, spacing: float | None, size) -> VolumeGrid:
     if spacing is None:
         return VolumeGrid.centered(tuple(size), tuple((hi - lo) / np.asarray(size, dtype=float)), tuple(centre))
     return VolumeGrid.centered(tuple(size), (spacing,) * 3, tuple(centre))
+
+
+def check_output_grid(scan: ScanData, grid: VolumeGrid, grid_source: str, opts: ReconstructOptions):
+    """Refuse an output grid that holds a source or that no view sees (another frame or other units)."""
+    from .formats.validate import ScanFormatError, grid_problem
+
+    problem = grid_problem(scan.geometry, grid)
+    if problem is None:
+        return
+    if opts.grid_size is not None and grid_source == "field of view":
+        raise ScanFormatError("--grid-size", "--grid-size", problem, "give a grid that fits inside the orbit, or "
+                              "leave --grid-size out for the field of view every view sees")
+    if grid_source == "reference":
+        raise ScanFormatError(opts.reference, "--reference", problem + f" of {scan.source_path}",
+                              "the reference CT must be in the scan's frame and units (mm; `info DATA` shows them): "
+                              "resample it into that frame, or leave --reference out")
+    raise ScanFormatError(scan.source_path, "grid", problem,
+                          "check the scan's distances and units (mm) and the grid's size and origin")
 
 
 def check_memory(grid: VolumeGrid, copies: int = 4):
@@ -255,6 +281,13 @@ def prepare(opts: ReconstructOptions) -> Prepared:
         raise ValueError(f"--progress-every must be a positive number of iterations, got {opts.progress_every}")
     if opts.snapshot_every is not None and opts.snapshot_every < 0:
         raise ValueError(f"--snapshot-every must be 0 (no snapshots) or positive, got {opts.snapshot_every}")
+    if opts.fdk_filter is not None or opts.fdk_cutoff is not None:
+        if name != "fdk":
+            raise ValueError(f"--fdk-filter and --fdk-cutoff apply to --method fdk only, not to '{name}'; "
+                             "leave them out or add --method fdk")
+        from .fdk import FDKConfig
+
+        FDKConfig(**{k: v for k, v in (("filter", opts.fdk_filter), ("cutoff", opts.fdk_cutoff)) if v is not None})
     device = resolve_device(opts.device)
     scan = load_scan(Path(opts.data), projections=None if opts.projections is None else Path(opts.projections))
     reference, reference_info = None, None
@@ -273,6 +306,7 @@ def prepare(opts: ReconstructOptions) -> Prepared:
         reference, reference_info = scan.reference, {"path": str(scan.source_path), "units": "mu",
                                                      "shipped_with_data": True}
     grid = adjust_grid(grid, opts.grid_spacing, opts.grid_size)
+    check_output_grid(scan, grid, grid_source, opts)
     check_memory(grid)
     return Prepared(scan, grid, grid_source, reference, reference_info, name, method, device,
                     method_settings(opts))

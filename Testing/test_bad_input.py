@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from CTNeRFReconLib.formats import ScanFormatError, load_scan
 from CTNeRFReconLib.formats.r2gaussian import write_r2gaussian
 from CTNeRFReconLib.formats.rtk import geometry_to_rtk, write_rtk_geometry_xml
 from CTNeRFReconLib.geometry import circular_geometry
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def good_proj(n=4, rows=6, cols=8):
@@ -214,3 +217,289 @@ def test_malicious_pickle_is_refused_and_not_run(tmp_path):
     path.write_bytes(pickle.dumps({"train": {"projections": good_proj(), "angles": range(4)}}))
     refused(path, "range")
     assert not marker.exists()
+
+
+# -- pickles that are broken or tampered with, rather than asking for a foreign name ------------------
+def _naf_pickle(protocol=2) -> bytes:
+    d = {"DSD": 1500.0, "DSO": 1000.0, "nDetector": [6, 8], "dDetector": [2.0, 2.0], "nVoxel": [4, 4, 4],
+         "dVoxel": [1.0, 1.0, 1.0], "train": {"projections": good_proj(), "angles": np.arange(4.0)}}
+    return pickle.dumps(d, protocol=protocol)
+
+
+def _tampered_dtype_pickle() -> bytes:
+    """A protocol-2 pickle naming only allowed things (numpy arrays and dtypes) whose dtype state is
+    corrupted (three bytes changed): numpy's own unpickling of it crashed the process (SIGSEGV)."""
+    data = _naf_pickle(2)
+    plain_state = b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"  # (3, '<', None, None, None, -1, -1, 0)
+    assert plain_state in data
+    return data.replace(plain_state, b"NN\x86J\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t", 1)
+
+
+def test_tampered_dtype_state_is_refused_without_a_crash(tmp_path):
+    path = tmp_path / "tampered.pickle"
+    path.write_bytes(_tampered_dtype_pickle())
+    # in a child process: a regression here is a segmentation fault, which must not take pytest along
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "CTNeRFReconLib", "info", str(path)], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "numpy.dtype.__setstate__" in res.stderr and "Traceback" not in res.stderr
+    # and here: numpy's shared float32 descriptor is untouched afterwards
+    refused(path, "numpy.dtype.__setstate__")
+    assert np.dtype("f4").__reduce__()[2] == (3, "<", None, None, None, -1, -1, 0)
+    assert float(np.ones(3, np.float32).max()) == 1.0
+
+
+def test_object_arrays_and_odd_dtypes_are_refused(tmp_path):
+    path = tmp_path / "obj.pickle"
+    path.write_bytes(pickle.dumps({"train": {"projections": np.array([1, "a"], dtype=object)}}))
+    refused(path, "numpy.dtype('O")
+    path.write_bytes(pickle.dumps({"train": {"projections": np.zeros(3, dtype=[("a", "f4"), ("b", "i4")])}}))
+    refused(path, "numpy.dtype")
+
+
+def test_plain_pickles_load_exactly_as_pickle_does(tmp_path):
+    from CTNeRFReconLib.formats.safe_pickle import safe_load
+
+    data = {"f32": np.arange(6, dtype=np.float32).reshape(2, 3), "big_endian": np.arange(4, dtype=">i2"),
+            "fortran": np.asfortranarray(np.arange(12.0).reshape(3, 4)), "strided": np.arange(8)[::2],
+            "empty": np.zeros((0, 5)), "text": np.array(["ab", "c"]), "bools": np.array([True, False]),
+            "scalar": np.float64(2.5), "complex": np.complex64(1j), "raw": b"xyz", "no_bytes": b"",
+            "plain": [1, 2.5, "s", None, True, (3, [4])], "nested": {"a": {"b": np.int16(7)}}}
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        path = tmp_path / f"p{protocol}.pickle"
+        path.write_bytes(pickle.dumps(data, protocol=protocol))
+        ours, theirs = safe_load(path), pickle.loads(path.read_bytes())
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            got = ours[key]
+            if isinstance(value, np.ndarray):
+                assert got.dtype.str == value.dtype.str and got.shape == value.shape, (protocol, key)
+                assert np.array_equal(got, value) and got.flags.writeable == value.flags.writeable, (protocol, key)
+            else:
+                assert got == value and type(got) is type(value), (protocol, key)
+
+
+def test_corrupted_pickles_are_refused_cleanly(tmp_path):
+    """Every truncation and a few hundred random byte changes: a ScanFormatError each time, never
+    another exception, and numpy left intact."""
+    import random
+
+    path = tmp_path / "c.pickle"
+    rng = random.Random(0)
+    for protocol in (0, 2, 5):
+        data = _naf_pickle(protocol)
+        for cut in range(1, len(data), max(1, len(data) // 150)):
+            path.write_bytes(data[:cut])
+            with pytest.raises(ScanFormatError):
+                load_scan(path)
+        for _ in range(200):
+            changed = bytearray(data)
+            for _ in range(3):
+                changed[rng.randrange(len(changed))] = rng.randrange(256)
+            path.write_bytes(bytes(changed))
+            try:
+                load_scan(path)
+            except ScanFormatError:
+                pass
+    assert np.dtype("f4").__reduce__()[2] == (3, "<", None, None, None, -1, -1, 0)
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    path = tmp_path / "locked.pickle"
+    path.write_bytes(_naf_pickle())
+    path.chmod(0)
+    if os.access(path, os.R_OK):  # root reads anything: make the read fail as it would for a user
+        real = type(path).read_bytes
+
+        def read_bytes(self):
+            if self == path:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self)
+
+        monkeypatch.setattr(type(path), "read_bytes", read_bytes)
+    err = refused(path, "file")
+    assert "ermission" in str(err)
+    path.chmod(0o644)
+    d = tmp_path / "folder.xml"
+    d.mkdir()
+    refused(d, "format")  # a folder named like a file is searched, not opened
+
+
+def test_shipped_reference_must_be_readable_and_finite(tmp_path):
+    from worker_case import write_small_case
+
+    case = write_small_case(tmp_path / "case")
+    ref = sitk.ReadImage(str(case / "reference.nrrd"))
+    arr = sitk.GetArrayFromImage(ref)
+    arr[2, 3, 4] = np.nan
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(ref)
+    sitk.WriteImage(bad, str(case / "reference.nrrd"))
+    err = refused(case, "reference")
+    assert err.file.endswith("reference.nrrd") and "NaN" in str(err)
+    (case / "reference.nrrd").write_bytes(b"NRRD0004\ntype: float\n")
+    refused(case, "reference")
+
+
+# -- the whole matrix through the command line: exit code 2, one `failed` event, no traceback ---------
+@pytest.fixture(scope="module")
+def small_case(tmp_path_factory):
+    from worker_case import write_small_case
+
+    return write_small_case(tmp_path_factory.mktemp("matrix") / "good")
+
+
+def _copy_case(good, root):
+    import shutil
+
+    case = root / "case"
+    shutil.copytree(good, case)
+    return case
+
+
+def _edit_stack(case, edit):
+    img = sitk.ReadImage(str(case / "projections.mha"))
+    arr = edit(sitk.GetArrayFromImage(img))
+    out = sitk.GetImageFromArray(np.ascontiguousarray(arr, dtype=np.float32))
+    out.SetSpacing(img.GetSpacing())
+    out.SetOrigin(img.GetOrigin())
+    sitk.WriteImage(out, str(case / "projections.mha"))
+    return case
+
+
+def _edit_xml(case, edit):
+    xml = case / "geometry.xml"
+    xml.write_text(edit(xml.read_text()))
+    return case
+
+
+def _set_distances(text, sid, sdd):
+    import re
+
+    text = re.sub(r"<SourceToIsocenterDistance>[^<]*<", f"<SourceToIsocenterDistance>{sid}<", text)
+    return re.sub(r"<SourceToDetectorDistance>[^<]*<", f"<SourceToDetectorDistance>{sdd}<", text)
+
+
+def _with_nan(a, value):
+    a = a.copy()
+    a[3, 10, 10] = value
+    return a
+
+
+def _moved_reference(case, root):
+    ref = sitk.ReadImage(str(case / "reference.nrrd"))
+    ref.SetOrigin(tuple(o + 5000.0 for o in ref.GetOrigin()))  # e.g. a CT in patient coordinates
+    sitk.WriteImage(ref, str(root / "moved.nrrd"))
+    return root / "moved.nrrd"
+
+
+def _nan_reference(case, root):
+    ref = sitk.ReadImage(str(case / "reference.nrrd"))
+    arr = sitk.GetArrayFromImage(ref)
+    arr[1, 2, 3] = np.inf
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(ref)
+    sitk.WriteImage(out, str(root / "nan_ref.nrrd"))
+    return root / "nan_ref.nrrd"
+
+
+def _pickle_file(root, data: bytes, name="scan.pickle"):
+    (root / name).write_bytes(data)
+    return root / name
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+# name -> build(good_case, root) -> (data, extra argv, file named, field named)
+MATRIX = {
+    "unknown format": lambda g, r: ((r / "notes.txt").write_text("hello") and r / "notes.txt", [],
+                                    r / "notes.txt", "format"),
+    "empty folder": lambda g, r: ((r / "empty").mkdir() or r / "empty", [], r / "empty", "format"),
+    "count mismatch": lambda g, r: (_edit_stack(_copy_case(g, r), lambda a: a[:20]), [],
+                                    r / "case" / "projections.mha", "projections"),
+    "NaN": lambda g, r: (_edit_stack(_copy_case(g, r), lambda a: _with_nan(a, np.nan)), [],
+                         r / "case" / "projections.mha", "projections"),
+    "inf": lambda g, r: (_edit_stack(_copy_case(g, r), lambda a: _with_nan(a, np.inf)), [],
+                         r / "case" / "projections.mha", "projections"),
+    "negative": lambda g, r: (_edit_stack(_copy_case(g, r), lambda a: -a), [],
+                              r / "case" / "projections.mha", "projections"),
+    "all zero": lambda g, r: (_edit_stack(_copy_case(g, r), lambda a: 0 * a), [],
+                              r / "case" / "projections.mha", "projections"),
+    "missing field": lambda g, r: (_edit_xml(_copy_case(g, r), lambda t: __import__("re").sub(
+        r"<SourceToDetectorDistance>[^<]*</SourceToDetectorDistance>", "", t)), [],
+        r / "case" / "geometry.xml", "SourceToDetectorDistance"),
+    "detector before the isocentre": lambda g, r: (_edit_xml(_copy_case(g, r), lambda t: _set_distances(
+        t, 1000, 800)), [], r / "case" / "geometry.xml", "SourceToDetectorDistance"),
+    "source inside the volume": lambda g, r: (_edit_xml(_copy_case(g, r), lambda t: _set_distances(
+        t, 50, 500)), [], r / "case" / "geometry.xml", "grid"),
+    "source inside the reference": lambda g, r: (_edit_xml(_copy_case(g, r), lambda t: _set_distances(
+        t, 50, 500)), ["--reference", g / "reference.nrrd"], g / "reference.nrrd", "--reference"),
+    "reference in another frame": lambda g, r: (g, ["--reference", _moved_reference(g, r)],
+                                                r / "moved.nrrd", "--reference"),
+    "reference with NaN": lambda g, r: (g, ["--reference", _nan_reference(g, r)], r / "nan_ref.nrrd",
+                                        "--reference"),
+    "unreadable reference": lambda g, r: (g, ["--reference", g / "geometry.xml"], g / "geometry.xml",
+                                          "--reference"),
+    "truncated stack": lambda g, r: (_copy_case(g, r), [], r / "case" / "projections.mha", "projections"),
+    "garbage stack": lambda g, r: (_copy_case(g, r), [], r / "case" / "projections.mha", "projections"),
+    "truncated XML": lambda g, r: (_edit_xml(_copy_case(g, r), lambda t: t[: len(t) // 2]), [],
+                                   r / "case" / "geometry.xml", "xml"),
+    "truncated pickle": lambda g, r: (_pickle_file(r, _naf_pickle()[:300]), [], r / "scan.pickle", "pickle"),
+    "pickle calling os.system": lambda g, r: (_pickle_file(r, pickle.dumps({"train": _Marker(r / "pwned")})), [],
+                                              r / "scan.pickle", "system"),
+    "pickle with a tampered dtype": lambda g, r: (_pickle_file(r, _tampered_dtype_pickle()), [], r / "scan.pickle",
+                                                  "numpy.dtype.__setstate__"),
+}
+
+
+def _damage_stack(case, how):
+    stack = case / "projections.mha"
+    data = stack.read_bytes()
+    stack.write_bytes(data[: len(data) // 2] if how == "truncated" else np.random.default_rng(1).bytes(4000))
+
+
+def _named_field(message: str) -> str:
+    """The field a refusal names: "FILE: field 'NAME': problem. Fix: ..." """
+    import re
+
+    found = re.search(r"field '(.+?)': ", message)
+    return found.group(1) if found else ""
+
+
+@pytest.mark.parametrize("name", list(MATRIX))
+def test_every_bad_input_is_refused_by_the_command_line(name, small_case, tmp_path, capfd):
+    from CTNeRFReconLib import cli
+
+    data, extra, file, field = MATRIX[name](small_case, tmp_path)
+    if name in ("truncated stack", "garbage stack"):
+        _damage_stack(data, name.split()[0])
+    run = tmp_path / "run"
+    code = cli.main(["reconstruct", str(data), "--out", str(run), "--method", "fdk", "--device", "cpu",
+                     *map(str, extra)])
+    out, err = capfd.readouterr()
+    assert code == 2, (name, out, err)
+    events = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [e["event"] for e in events] == ["failed"] and events[0]["kind"] == "bad_input", (name, out)
+    message = events[0]["message"]
+    assert str(file) in message and field in _named_field(message) and "Fix:" in message, (name, message)
+    assert "Traceback" not in err and message in err, (name, err)
+    assert sorted(p.name for p in run.iterdir()) == ["events.jsonl"], name  # no work was done
+    assert not (tmp_path / "pwned").exists()
+    if extra:
+        return
+    # `info` refuses the same data with the same message (and exit code), or notes an unusable grid
+    code = cli.main(["info", str(data)])
+    out, err = capfd.readouterr()
+    if name == "source inside the volume":
+        assert code == 0 and "the data's grid is unusable" in out
+        return
+    assert code == 2 and "Traceback" not in err and str(file) in err and field in _named_field(err), (name, err)

@@ -63,3 +63,25 @@ def test_disjoint_views_are_refused():
     centers = geo.det_centers + np.array([[0.0, 300.0, 0.0], [0.0, -300.0, 0.0]])
     with pytest.raises(ValueError, match="every view"):
         common_fov_bounds(dataclasses.replace(geo, det_centers=centers))
+
+
+def test_output_grid_must_hold_no_source_and_be_seen():
+    """formats.validate.grid_problem: what `reconstruct` refuses as an output grid."""
+    from CTNeRFReconLib.formats.validate import grid_problem
+    from CTNeRFReconLib.geometry import VolumeGrid
+
+    g = orbit(views=8, axis="y")
+    assert grid_problem(g, VolumeGrid.centered((64, 64, 64), (3.0, 3.0, 3.0))) is None
+    # a box reaching past the orbit holds the sources
+    assert "inside the output grid" in grid_problem(g, VolumeGrid.centered((30, 30, 30), (80.0, 80.0, 80.0)))
+    # a box in another frame (e.g. patient coordinates, far along the rotation axis): no view sees it
+    assert "no view sees" in grid_problem(g, VolumeGrid.centered((20, 20, 20), (3.0, 3.0, 3.0), (0.0, 2000.0, 0.0)))
+    # off-centre but inside the cone of some views only: accepted (the default grid is stricter)
+    assert grid_problem(g, VolumeGrid.centered((10, 10, 10), (3.0, 3.0, 3.0), (0.0, 0.0, 700.0))) is None
+    # behind every source (outside the orbit on the axis plane): only views that face it count
+    far = VolumeGrid.centered((10, 10, 10), (3.0, 3.0, 3.0), (0.0, 900.0, 3000.0))
+    assert grid_problem(g, far) is not None
+    # parallel beam: sources are only directions, never "inside"; a box beside the detector is unseen
+    p = orbit(views=8, axis="y", parallel=True)
+    assert grid_problem(p, VolumeGrid.centered((30, 30, 30), (80.0, 80.0, 80.0))) is None
+    assert "no view sees" in grid_problem(p, VolumeGrid.centered((5, 5, 5), (3.0, 3.0, 3.0), (0.0, 500.0, 0.0)))

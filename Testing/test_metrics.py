@@ -114,3 +114,36 @@ def _ellipsoid(grid, e):
     pts = grid.world_points(np.float64)
     q = ((pts - np.asarray(e.center)) / np.asarray(e.semi_axes)) ** 2
     return np.where(q.sum(-1) <= 1.0, e.value, 0.0)
+
+
+def test_surface_distances_equal_full_volume_distance_transforms():
+    """The distance transforms run on the surfaces' bounding box only; that must change no value."""
+    from scipy import ndimage
+
+    from CTNeRFReconLib.metrics import surface_distances
+
+    def brute(a, b, spacing):
+        sa = a & ~ndimage.binary_erosion(a, border_value=0)
+        sb = b & ~ndimage.binary_erosion(b, border_value=0)
+        if not sb.any():
+            return np.full(int(sa.sum()), np.inf)
+        return ndimage.distance_transform_edt(~sb, sampling=spacing)[sa]
+
+    rng = np.random.default_rng(3)
+    spacing = (2.5, 1.0, 1.5)
+    for _ in range(6):
+        a = np.zeros((30, 34, 28), bool)
+        b = np.zeros_like(a)
+        for m in (a, b):  # a few random boxes each, some touching the border
+            for _ in range(rng.integers(1, 4)):
+                lo = rng.integers(0, 25, 3)
+                hi = lo + rng.integers(2, 10, 3)
+                m[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = True
+        da, db = surface_distances(a, b, spacing)
+        np.testing.assert_array_equal(da, brute(a, b, spacing))
+        np.testing.assert_array_equal(db, brute(b, a, spacing))
+    empty = np.zeros((5, 5, 5), bool)
+    full = np.ones((5, 5, 5), bool)
+    da, db = surface_distances(full, empty, spacing)
+    assert np.all(np.isinf(da)) and db.size == 0
+    assert surface_dice(empty, empty, spacing, 1.0) == 1.0 and np.isnan(hd95(empty, empty, spacing))

@@ -1,18 +1,22 @@
 """The Slicer module file against its .ui, checked without Slicer (the module cannot import here).
 
-Every `self.ui.<name>` the widget uses must be a widget in Resources/UI/CTNeRFRecon.ui, every
-SlicerParameterName in the .ui must be a field of the @parameterNodeWrapper class, and the
-module keeps its four-class shape.
+Every `self.ui.<name>` the widget uses must be a widget in Resources/UI/CTNeRFRecon.ui (and every
+signal it connects must be one that widget's class has), every SlicerParameterName in the .ui must
+be a field of the @parameterNodeWrapper class, the module keeps its four-class shape, the bridge
+stays free of Qt and of the application, and the extension's metadata is complete.
 """
 from __future__ import annotations
 
 import ast
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-MODULE_DIR = Path(__file__).resolve().parents[1] / "CTNeRFRecon"
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "CTNeRFRecon"
+BRIDGE_DIR = REPO / "CTNeRFReconLib" / "slicer_bridge"
 MODULE_FILE = MODULE_DIR / "CTNeRFRecon.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "CTNeRFRecon.ui"
 
@@ -73,6 +77,33 @@ def test_every_ui_attribute_is_a_widget(tree, ui):
     assert not missing, f"self.ui names with no widget of that objectName in {UI_FILE.name}: {missing}"
 
 
+SIGNALS = {
+    "QPushButton": {"clicked(bool)", "clicked()", "toggled(bool)"},
+    "QCheckBox": {"toggled(bool)", "clicked(bool)", "stateChanged(int)"},
+    "QComboBox": {"currentIndexChanged(int)", "currentTextChanged(QString)", "activated(int)"},
+    "QSpinBox": {"valueChanged(int)"},
+    "QDoubleSpinBox": {"valueChanged(double)"},
+    "ctkSliderWidget": {"valueChanged(double)", "valueIsChanging(double)"},
+    "ctkPathLineEdit": {"currentPathChanged(QString)"},
+    "qMRMLNodeComboBox": {"currentNodeChanged(vtkMRMLNode*)", "currentNodeChanged(bool)"},
+}
+"""Signals the module may connect, per widget class (a typo connects nothing, silently)."""
+
+
+def test_connected_signals_exist(tree, ui):
+    classes = _widget_names(ui)
+    connects = []
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                and isinstance(node.func.value, ast.Attribute) and isinstance(node.func.value.value, ast.Attribute)
+                and node.func.value.value.attr == "ui" and node.args and isinstance(node.args[0], ast.Constant)):
+            connects.append((node.func.value.attr, node.args[0].value))
+    assert connects, "the widget connects no self.ui signal: the check would be empty"
+    bad = [f"{name} ({classes.get(name)}): {signal}" for name, signal in connects
+           if signal not in SIGNALS.get(classes.get(name), set())]
+    assert not bad, f"signals the widget class does not have (or that this test does not know yet): {bad}"
+
+
 def test_parameter_names_are_wrapper_fields(tree, ui):
     bound = _parameter_names(ui)
     fields = _wrapper_fields(tree)
@@ -111,6 +142,40 @@ def test_module_shape(tree):
     assert not any(a.name == "*" for n in imports for a in n.names), "no `import *`"
 
 
+def test_bridge_needs_no_qt_and_no_application():
+    """The bridge runs on slicer-core's bare scene: no Qt, no slicer.app/modules/util/mrmlScene."""
+    for path in sorted(BRIDGE_DIR.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+                assert not any(n and (n == "qt" or n.startswith(("qt.", "PythonQt", "ctk"))) for n in names), \
+                    f"{path.name} imports Qt"
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer"
+                    and node.attr in ("app", "modules", "util", "mrmlScene")):
+                raise AssertionError(f"{path.name} uses slicer.{node.attr}; take the scene as an argument")
+
+
+def _cmake_sets(text: str) -> dict[str, str]:
+    return dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"', text))
+
+
+def test_extension_metadata_is_complete():
+    fields = _cmake_sets((REPO / "CMakeLists.txt").read_text())
+    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
+        assert fields.get(f"EXTENSION_{key}", "").strip(), f"EXTENSION_{key} is missing or empty"
+    assert fields["EXTENSION_HOMEPAGE"].startswith("https://")
+    module = MODULE_FILE.read_text(encoding="utf-8")
+    assert f'self.parent.categories = ["{fields["EXTENSION_CATEGORY"]}"]' in module
+    # the icon and screenshots are files of this repository, served raw from its main branch
+    raw = re.compile(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/main/(.+)")
+    urls = [fields["EXTENSION_ICONURL"]] + fields["EXTENSION_SCREENSHOTURLS"].split()
+    for url in urls:
+        match = raw.fullmatch(url)
+        assert match, f"{url}: not a raw URL of this repository's main branch"
+        assert (REPO / match.group(1)).is_file(), f"{url}: {match.group(1)} is not in the repository"
+
+
 def test_resources_exist():
     from PIL import Image
 
@@ -119,5 +184,8 @@ def test_resources_exist():
         assert img.size == (128, 128)
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text()
     assert "slicerMacroBuildScriptedModule" in cmake and "CTNeRFReconLib" in cmake
+    assert "slicer_add_python_unittest" in cmake
+    for resource in ("Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui"):
+        assert resource in cmake and (MODULE_DIR / resource.replace("${MODULE_NAME}", "CTNeRFRecon")).is_file()
     top = (MODULE_DIR.parent / "CMakeLists.txt").read_text()
     assert "add_subdirectory(CTNeRFRecon)" in top and "EXTENSION_DEPENDS" in top

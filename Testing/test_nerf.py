@@ -10,6 +10,7 @@ from CTNeRFReconLib.geometry import VolumeGrid
 from CTNeRFReconLib.methods import RunContext, get_method
 from CTNeRFReconLib.metrics import psnr3d
 from CTNeRFReconLib.nerf.config import NerfConfig
+from CTNeRFReconLib.nerf.detail import DetailGrid
 from CTNeRFReconLib.nerf.field import VMField, interp_matrix
 from CTNeRFReconLib.nerf.generator import FactorGenerator
 from CTNeRFReconLib.nerf.train import NerfTrainer
@@ -45,6 +46,47 @@ def test_materialize_equals_pointwise_field():
     # outside the box the field is zero, whatever the bias
     far = torch.tensor([[100.0, 0.0, 0.0]], dtype=torch.float64)
     assert field.attenuation_at(planes, lines, far).item() == 0.0
+
+
+def test_detail_grid_is_the_same_field_on_any_grid():
+    """Separable export (axis-aligned grids) equals pointwise trilinear sampling; zero outside the box."""
+    grid = VolumeGrid((6, 5, 4), (2.0, 3.0, 2.5), (-5.0, -6.0, 1.0))
+    detail = DetailGrid(grid)
+    with torch.no_grad():
+        detail.values.copy_(torch.randn(grid.shape_zyx, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(detail.on_grid(grid), detail.values)
+    for other in (grid.with_spacing(0.9), VolumeGrid((9, 9, 9), (2.0, 2.0, 2.0), (-12.0, -14.0, -6.0))):
+        pts = torch.as_tensor(other.world_points(np.float32)).reshape(-1, 3)
+        pointwise = detail.at(pts).reshape(other.shape_zyx)
+        assert torch.allclose(detail.on_grid(other), pointwise, atol=1e-5)
+    lo, hi = grid.bounds()
+    outside = torch.tensor([[lo[0] - 0.1, 0.0, 5.0], [0.0, hi[1] + 0.1, 5.0]], dtype=torch.float32)
+    assert torch.equal(detail.at(outside), torch.zeros(2))
+    # between the outermost voxel centre and the box edge the value is held, not faded
+    edge = torch.tensor([[lo[0] + 0.2, grid.origin_xyz[1], grid.origin_xyz[2]]], dtype=torch.float32)
+    assert torch.allclose(detail.at(edge), detail.values[0, 0, 0].reshape(1))
+
+
+def test_rays_grouped_by_length_integrate_like_dense_sampling(case):
+    """Grouping a batch by chord length (fewer samples on short rays) keeps every ray's integral and order."""
+    scan, ref = case
+    vol = torch.as_tensor(ref.array)
+    weights = torch.linspace(0, 1, 3000)  # a different weight per ray: a ray out of place shows
+    results, grads = {}, {}
+    for groups, step in ((1, 0.8), (4, 0.8), (1, 0.05)):
+        cfg = NerfConfig.from_settings({**FAST, "length_groups": groups, "step_voxels": step})
+        trainer = NerfTrainer(scan, ref.grid, cfg, RunContext())
+        o, d, tn, tf = (t[:3000] for t in trainer.rays)
+        v = vol.clone().requires_grad_(True)
+        results[groups, step] = trainer.integrate(v, o, d, tn, tf)
+        (results[groups, step] * weights).sum().backward()
+        grads[groups, step] = v.grad
+    exact, exact_grad = results[1, 0.05].detach(), grads[1, 0.05]
+    for key in ((1, 0.8), (4, 0.8)):
+        err = float((results[key].detach() - exact).norm() / exact.norm())
+        grad_err = float((grads[key] - exact_grad).norm() / exact_grad.norm())
+        # measured: 4 % gradient error for both; shuffled ray weights give 35 %
+        assert err < 0.01 and grad_err < 0.08, (key, err, grad_err)
 
 
 def test_generator_output_shapes_and_determinism():
@@ -94,7 +136,7 @@ def test_same_seed_same_volume_on_cpu(case):
 
 def test_resume_continues_the_loss_curve(case, tmp_path):
     scan, ref = case
-    stop_at = 40
+    stop_at = 60  # after the refinement (free factors and detail grid) began at 40
     seen = []
     _run(scan, ref.grid, iterations=80, fdk_init_iterations=0, run_dir=tmp_path,
          should_stop=lambda: len(seen) >= stop_at // 20,

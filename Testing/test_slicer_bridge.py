@@ -6,6 +6,9 @@ into the scene. Checked: the output node is one node updated in place (several t
 no observer ever sees a torn or misplaced volume, the bright feature lands at RAS = diag(-1,-1,1)
 world, Slicer's own NRRD reader gives the same IJKToRAS as the bridge, the comparison matches
 numpy, cancel ends the whole process tree and keeps the last volume, and bad input leaves no node.
+Also: the loss table (the chart's data) grows while the run goes, a run can be made on the
+reference's own grid, closing the scene or the Python that started a worker stops it, and the
+comparison layers of the slice views are linked with one opacity.
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ from CTNeRFReconLib.geometry import VolumeGrid, circular_geometry  # noqa: E402
 from CTNeRFReconLib.methods import method_names  # noqa: E402
 from CTNeRFReconLib.phantom import Ellipsoid, phantom_line_integrals, voxelize  # noqa: E402
 from CTNeRFReconLib.rays import all_pixel_indices, view_rays  # noqa: E402
-from CTNeRFReconLib.slicer_bridge import tables  # noqa: E402
+from CTNeRFReconLib.slicer_bridge import tables, views  # noqa: E402
 from CTNeRFReconLib.slicer_bridge import volume_nodes as vn  # noqa: E402
 from CTNeRFReconLib.slicer_bridge.compare import compare_nodes  # noqa: E402
-from CTNeRFReconLib.slicer_bridge.projections import create_projection_node  # noqa: E402
-from CTNeRFReconLib.slicer_bridge.session import ReconstructionSession, SessionOptions, SessionState  # noqa: E402
+from CTNeRFReconLib.slicer_bridge.projections import create_projection_node, describe_scan  # noqa: E402
+from CTNeRFReconLib.slicer_bridge.session import (  # noqa: E402
+    REFERENCE_FILE, ReconstructionSession, SessionOptions, SessionState, grid_request_fields)
 from CTNeRFReconLib.slicer_bridge.worker import ReconstructRequest, WorkerConfig  # noqa: E402
 
 FEATURE_WORLD = np.array([22.0, -14.0, 10.0])
@@ -109,16 +113,19 @@ class NodeWatcher:
 
 
 def run_session(scene, case: Path, out: Path, method: str, timeout: float = 240, watcher: NodeWatcher | None = None,
-                reference_node=None, **request) -> ReconstructionSession:
+                reference_node=None, options: SessionOptions | None = None, on_poll=None,
+                **request) -> ReconstructionSession:
     session = ReconstructionSession(
         scene, ReconstructRequest(data=case, out=out, method=method, device="cpu", preset="preview", **request),
-        WorkerConfig(), SessionOptions(name="recon"), reference_node=reference_node).start()
+        WorkerConfig(), options or SessionOptions(name="recon"), reference_node=reference_node).start()
     deadline = time.monotonic() + timeout
     try:
         while not session.state.done and time.monotonic() < deadline:
             session.poll()
             if watcher is not None and session.output_node is not None:
                 watcher.attach(session.output_node)
+            if on_poll is not None:
+                on_poll(session)
             time.sleep(0.02)
     finally:
         if not session.state.done:
@@ -182,6 +189,70 @@ def test_projection_stack_node_scrolls_through_views(scene, case):
     assert m[0, 0] < 0 and m[1, 1] < 0 and m[2, 2] == 1.0  # columns to screen right, rows down, views along S
 
 
+def test_scan_description_names_format_views_detector_angles_and_distances(case):
+    from CTNeRFReconLib.formats import load_scan
+
+    text = describe_scan(load_scan(case))
+    assert text.startswith("rtk: 16 views"), text
+    assert "detector 32 x 32 pixels of 6.75 mm" in text
+    assert "angles 0-337.5 deg" in text
+    assert "source-isocentre 300 mm" in text and "source-detector 450 mm" in text
+
+
+def test_comparison_layers_are_linked_with_one_opacity(scene):
+    grid = VolumeGrid.centered((4, 4, 4), (1.0, 1.0, 1.0))
+    recon = vn.create_volume_node(scene, Volume(np.zeros(grid.shape_zyx, np.float32), grid), "recon")
+    reference = vn.create_volume_node(scene, Volume(np.ones(grid.shape_zyx, np.float32), grid), "reference")
+    assert views.show_layers(scene, recon, reference) == 0  # no slice views: nothing to set, no error
+    composites = []
+    for name in ("Red", "Yellow", "Green"):
+        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(name)
+        composites.append(composite)
+    assert views.show_layers(scene, recon, reference, opacity=0.3) == 3
+    for composite in composites:
+        assert composite.GetBackgroundVolumeID() == recon.GetID()
+        assert composite.GetForegroundVolumeID() == reference.GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.3)
+        assert composite.GetLinkedControl()
+    views.set_overlay_opacity(scene, views.flicked(0.3))  # flick: the overlay alone
+    assert [c.GetForegroundOpacity() for c in composites] == [1.0, 1.0, 1.0]
+    views.set_overlay_opacity(scene, views.flicked(1.0))  # and back: the reconstruction alone
+    assert [c.GetForegroundOpacity() for c in composites] == [0.0, 0.0, 0.0]
+    views.show_layers(scene, recon, None, opacity=0.0)
+    assert all(c.GetForegroundVolumeID() is None for c in composites)
+    with pytest.raises(ValueError, match="opacity"):
+        views.set_overlay_opacity(scene, 1.5)
+    with pytest.raises(ValueError, match="no reconstruction"):
+        views.show_layers(scene, None, reference)
+
+
+def test_output_grid_choices_map_to_the_engines_options():
+    assert grid_request_fields("auto", 2.0, (8, 8, 8)) == {"grid_spacing": None, "grid_size": None}
+    assert grid_request_fields("reference") == {"grid_spacing": None, "grid_size": None}
+    assert grid_request_fields("custom", 1.5) == {"grid_spacing": 1.5, "grid_size": None}
+    assert grid_request_fields("custom", 0, (64, 32, 16)) == {"grid_spacing": None, "grid_size": (64, 32, 16)}
+    assert grid_request_fields("custom", 2.0, (8, 9, 10)) == {"grid_spacing": 2.0, "grid_size": (8, 9, 10)}
+    request = ReconstructRequest(data=Path("d"), out=Path("o"), **grid_request_fields("custom", 2.0, (8, 9, 10)))
+    args = request.to_args()
+    assert args[args.index("--grid-size") + 1:args.index("--grid-size") + 4] == ["8", "9", "10"]
+    assert args[args.index("--grid-spacing") + 1] == "2.0"
+    for bad in [("custom", 0.0, (0, 0, 0)), ("custom", 1.0, (8, 0, 8)), ("custom", -1.0, (0, 0, 0)),
+                ("cube", 1.0, (0, 0, 0))]:
+        with pytest.raises(ValueError):
+            grid_request_fields(*bad)
+
+
+def test_grid_from_a_missing_reference_is_refused_before_any_process(scene, case, tmp_path):
+    before = _user_nodes(scene)
+    session = ReconstructionSession(scene, ReconstructRequest(data=case, out=tmp_path / "run", device="cpu"),
+                                    WorkerConfig(), SessionOptions(grid_from_reference=True))
+    with pytest.raises(ValueError, match="reference"):
+        session.start()
+    assert session.worker is None and session.state is SessionState.NOT_STARTED
+    assert _user_nodes(scene) == before
+
+
 # -------------------------------------------------------------------------------- real worker
 
 @pytest.mark.skipif(not _have("fdk"), reason="the engine's fdk method (CTNeRFReconLib/fdk.py) is not there yet")
@@ -235,12 +306,62 @@ def test_fdk_run_lands_the_feature_at_its_ras_point_and_compares_like_numpy(scen
     assert tables.read_key_value_table(table2)["reference"] == "moved reference"
 
 
+@pytest.mark.skipif(not _have("fdk"), reason="the engine's fdk method (CTNeRFReconLib/fdk.py) is not there yet")
+def test_a_run_on_the_reference_grid_lands_on_the_reference_node(scene, case, tmp_path):
+    """Output grid = the reference node's (an HU CT on its own oblique-free, off-centre grid)."""
+    grid = VolumeGrid((30, 26, 22), (3.5, 3.0, 3.2), (-48.0, -40.0, -30.0))
+    mu = voxelize(phantom(), grid, supersample=2).astype(np.float32)
+    hu = vn.mu_to_units(mu, "hu")  # a CT as loaded from a file: HU values, no bridge attributes
+    reference = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    reference.CreateDefaultDisplayNodes()
+    vn.update_volume_node(reference, Volume(hu, grid))
+    for name in (vn.ATTR_UNITS, vn.ATTR_MU_WATER):
+        reference.RemoveAttribute(name)
+    session = run_session(scene, case, tmp_path / "run", "fdk", reference_node=reference,
+                          options=SessionOptions(name="recon", grid_from_reference=True))
+    assert session.state is SessionState.FINISHED, session.message
+    assert session.started_info["grid"]["source"] == "reference"
+    written = vn.load_volume_file(tmp_path / "run" / REFERENCE_FILE)
+    np.testing.assert_allclose(written.array, mu, atol=1e-6)  # HU read back as 1/mm for the engine
+    node = session.output_node
+    assert node.GetImageData().GetDimensions() == (30, 26, 22)
+    np.testing.assert_allclose(vn.node_ijk_to_ras(node), vn.node_ijk_to_ras(reference), atol=1e-9)
+    rows = tables.read_key_value_table(session.metrics_table_node)
+    assert float(rows["psnr"]) == pytest.approx(float(rows["engine.psnr"]), abs=1e-3)  # both on one grid
+    np.testing.assert_allclose(vn.array_from_node(session.difference_node), vn.array_from_node(node) - mu,
+                               atol=1e-6)
+
+
+@pytest.mark.skipif(not _have("fdk"), reason="the engine's fdk method (CTNeRFReconLib/fdk.py) is not there yet")
+def test_a_cancel_before_the_engine_started_is_a_cancel(scene, case, tmp_path):
+    """Cancel at once (the worker may still be importing, or about to remove a stale cancel file)."""
+    before = _user_nodes(scene)
+    session = ReconstructionSession(
+        scene, ReconstructRequest(data=case, out=tmp_path / "run", method="fdk", device="cpu", preset="preview"),
+        WorkerConfig(), SessionOptions(name="recon")).start()
+    session.cancel()
+    assert session.wait(120) is SessionState.CANCELLED, session.message
+    assert session.worker.wait(30) is not None and session.failure_kind is None
+    if session.volumes_applied == 0:
+        assert _user_nodes(scene) == before
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _have("nerf"), reason="the engine's nerf method is not available yet")
 def test_nerf_streams_several_snapshots_into_one_node(scene, case, tmp_path):
     watcher = NodeWatcher()
-    session = run_session(scene, case, tmp_path / "run", "nerf", watcher=watcher, iterations=6, snapshot_every=2)
+    rows_seen = []  # loss table rows after each poll while the run goes: the chart's data, live
+
+    def count_rows(session):
+        if session.loss_table_node is not None and not session.state.done:
+            rows_seen.append(session.loss_table_node.GetTable().GetNumberOfRows())
+
+    session = run_session(scene, case, tmp_path / "run", "nerf", watcher=watcher, iterations=6, snapshot_every=2,
+                          on_poll=count_rows, extra_args=["--progress-every", "1"])
     assert session.state is SessionState.FINISHED, session.message
+    assert len(set(rows_seen)) >= 2 and rows_seen == sorted(rows_seen), rows_seen
+    series = scene.GetNodeByID(session.chart_node.GetNthPlotSeriesNodeID(0))
+    assert series.GetTableNodeID() == session.loss_table_node.GetID()
     snapshots = [e for e in session.events if e["event"] == "snapshot"]
     assert len(snapshots) >= 2
     assert session.volumes_applied >= 2 and vn.update_count(session.output_node) == session.volumes_applied
@@ -283,6 +404,71 @@ def test_cancel_ends_the_process_tree_and_keeps_the_last_volume(scene, case, tmp
     assert tables.read_key_value_table(session.metrics_table_node)["state"] == "cancelled"
 
 
+def _long_nerf_request(case: Path, out: Path) -> ReconstructRequest:
+    return ReconstructRequest(data=case, out=out, method="nerf", device="cpu", preset="preview", iterations=100000,
+                              snapshot_every=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have("nerf"), reason="the engine's nerf method is not available yet")
+def test_closing_the_scene_stops_the_worker(scene, case, tmp_path):
+    import psutil
+
+    # a generous close timeout: on a loaded machine the engine's set-up before its first cancel check
+    # can take longer than the default's 15 s, and this test is about the clean stop, not the kill
+    session = ReconstructionSession(scene, _long_nerf_request(case, tmp_path / "run"), WorkerConfig(),
+                                    SessionOptions(name="recon", close_timeout_s=120)).start()
+    deadline = time.monotonic() + 180
+    while session.started_info is None and not session.state.done and time.monotonic() < deadline:
+        session.poll()
+        time.sleep(0.05)
+    assert session.started_info is not None, session.message
+    pid = session.worker.pid
+    scene.Clear(0)  # File > Close Scene: StartCloseEvent, then every node goes
+    assert session.state is SessionState.CANCELLED and "scene was closed" in session.message
+    assert session.worker.exit_code == ExitCode.OK and not session.worker.killed  # stopped cleanly
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert session.output_node is None and session.created_nodes == []
+    assert any(e["event"] == "finished" and e["cancelled"] for e in session.events)
+    assert (tmp_path / "run" / "volume.nrrd").exists()  # the run folder keeps the last volume
+    scene.Clear(0)  # the session no longer observes the scene
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _have("nerf"), reason="the engine's nerf method is not available yet")
+def test_a_worker_is_stopped_when_the_python_that_started_it_exits(case, tmp_path):
+    """Closing Slicer: the interpreter's exit stops its running workers (atexit), cleanly."""
+    import json
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "run"
+    script = f"""
+import json, sys, time
+from pathlib import Path
+from CTNeRFReconLib.slicer_bridge.worker import ReconstructRequest, WorkerConfig, WorkerProcess
+request = ReconstructRequest(data=Path({str(case)!r}), out=Path({str(out)!r}), method="nerf", device="cpu",
+                             preset="preview", iterations=100000, snapshot_every=0)
+worker = WorkerProcess.reconstruct(request, WorkerConfig(exit_timeout_s=120)).start()
+deadline = time.monotonic() + 180
+while time.monotonic() < deadline and not any(e["event"] == "started" for e in worker.poll()):
+    time.sleep(0.05)
+print(json.dumps({{"pid": worker.pid}}), flush=True)
+"""  # ends without stopping its worker
+    from CTNeRFReconLib.slicer_bridge.worker import worker_environment
+
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                           env=worker_environment())
+    assert child.returncode == 0, child.stderr
+    pid = json.loads(child.stdout.strip().splitlines()[-1])["pid"]
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "finished" and events[-1]["cancelled"] is True
+    assert (out / "volume.nrrd").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _have("nerf"), reason="the engine's nerf method is not available yet")
 def test_a_crashed_worker_is_reported_and_its_half_made_nodes_removed(scene, case, tmp_path):
@@ -317,6 +503,23 @@ def test_bad_input_fails_cleanly_without_nodes(scene, tmp_path):
     assert session.worker.wait(30) == ExitCode.BAD_INPUT
     assert session.output_node is None and _user_nodes(scene) == before
     assert not (tmp_path / "run" / "volume.nrrd").exists()
+
+
+def test_the_engines_interpreter_is_asked_which_packages_it_lacks(tmp_path):
+    """How the panel finds out what to offer to install, for Slicer's Python or an external one."""
+    import sys
+
+    from CTNeRFReconLib.slicer_bridge.worker import missing_modules
+
+    config = WorkerConfig(interpreter=sys.executable)
+    assert missing_modules(config, ["json", "CTNeRFReconLib", "no_such_module_xyz"]) == ["no_such_module_xyz"]
+    with pytest.raises(ValueError, match="interpreter"):
+        missing_modules(WorkerConfig(interpreter=str(tmp_path / "no-python")), ["json"])
+    not_python = tmp_path / "not-python"
+    not_python.write_text("#!/bin/sh\necho nonsense\n")
+    not_python.chmod(0o755)
+    with pytest.raises(ValueError, match="could not ask"):
+        missing_modules(WorkerConfig(interpreter=str(not_python)), ["json"])
 
 
 def test_a_missing_interpreter_is_refused_before_starting(scene, tmp_path):

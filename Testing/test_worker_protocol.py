@@ -122,6 +122,30 @@ def test_bad_input_is_refused_before_any_work(case, tmp_path):
     assert "--iterations" in failed["message"]
 
 
+def test_fdk_filter_options(case, tmp_path):
+    """--fdk-filter / --fdk-cutoff reach FDK (the volume is the library's with that window), and are
+    refused before any work with another method or an unknown window."""
+    from CTNeRFReconLib.fdk import FDKConfig, fdk
+    from CTNeRFReconLib.formats import load_scan
+
+    run = tmp_path / "run"
+    res = run_cli("reconstruct", case, "--out", run, "--method", "fdk", "--fdk-filter", "ram-lak",
+                  "--fdk-cutoff", "0.8", "--reference", case / "reference.nrrd", "--snapshot-every", "0")
+    assert res.returncode == 0, res.stderr
+    started = parse_events(res.stdout)[0]
+    assert started["settings"]["filter"] == "ram-lak" and started["settings"]["cutoff"] == 0.8
+    reference = read_volume(case / "reference.nrrd")
+    expected = fdk(load_scan(case), reference.grid, FDKConfig(filter="ram-lak", cutoff=0.8)).array
+    np.testing.assert_allclose(read_volume(run / "volume.nrrd").array, expected, rtol=1e-5, atol=1e-7)
+    assert not (run / "snapshot.nrrd").exists()  # --snapshot-every 0: none
+    failed = _refused(run_cli("reconstruct", case, "--out", tmp_path / "r1", "--method", "nerf", "--fdk-filter",
+                              "hann"), tmp_path / "r1")
+    assert "--method fdk" in failed["message"]
+    failed = _refused(run_cli("reconstruct", case, "--out", tmp_path / "r2", "--method", "fdk", "--fdk-filter",
+                              "box"), tmp_path / "r2")
+    assert "hann" in failed["message"]
+
+
 def test_cuda_request_without_gpu_is_a_missing_dependency(case, tmp_path):
     import torch
 

@@ -122,8 +122,11 @@ def load_scan(path, projections=None) -> ScanData:
     path = Path(path)
     if not path.exists():
         raise ScanFormatError(path, "path", "does not exist", "check the path")
-    scan = _load_folder(path, projections) if path.is_dir() else _load_file(path, projections)
-    return scan
+    try:
+        return _load_folder(path, projections) if path.is_dir() else _load_file(path, projections)
+    except OSError as exc:  # unreadable: permissions, a folder where a file belongs, I/O errors
+        raise ScanFormatError(exc.filename or path, "file", f"cannot be read ({exc.strerror or exc})",
+                              "check that the file exists and that you may read it (permissions)") from None
 
 
 _FORMAT_WORDS = {

@@ -173,8 +173,16 @@ def read_stack(path: Path) -> sitk.Image:
         img = sitk.ReadImage(str(path), sitk.sitkFloat32)
     except RuntimeError as exc:
         msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-        raise ScanFormatError(path, "projections", f"cannot be read as an image ({msg})",
-                              "the file is truncated or not an image (MHA, NRRD, NIfTI, TIFF)") from None
+        try:  # a header that reads while the pixels do not: a truncated file
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            msg = (f"its header reads ({' x '.join(map(str, reader.GetSize()))} pixels) but its pixel data "
+                   "cannot: the file is truncated or its data file is missing")
+        except RuntimeError:
+            msg = f"cannot be read as an image ({msg})"
+        raise ScanFormatError(path, "projections", msg,
+                              "copy or write the stack again; it must be an image file (MHA, NRRD, NIfTI, TIFF)") from None
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise ScanFormatError(path, "projections", f"is {img.GetDimension()}D with "
                               f"{img.GetNumberOfComponentsPerPixel()} components, expected a 3D scalar stack [u, v, view]",
@@ -200,13 +208,14 @@ def load_rtk(xml_path, projections=None) -> ScanData:
     geom = rtk_to_geometry(params, (n_u, n_v), img.GetOrigin(), img.GetSpacing(), img.GetDirection(), xml_path)
     check_geometry(geom, xml_path)
     notes = ["RTK ThreeDCircularProjectionGeometry: rotation axis y, source at (0, 0, +SID) at gantry 0; "
-             f"pixel positions from {stack_path.name}'s origin {list(np.round(img.GetOrigin()[:2], 3))} and "
-             f"spacing {list(np.round(img.GetSpacing()[:2], 4))}"]
+             f"pixel positions from {stack_path.name}'s origin {np.round(img.GetOrigin()[:2], 3).tolist()} and "
+             f"spacing {np.round(img.GetSpacing()[:2], 4).tolist()}"]
     reference = None
     ref = xml_path.parent / "reference.nrrd"
     if ref.exists() and ref != stack_path:
-        from ..volume_io import read_volume
-        reference = read_volume(ref)
+        from ..volume_io import read_input_volume
+        reference = read_input_volume(ref, "reference", "repair reference.nrrd (the ground truth used only for "
+                                      "scoring), or move it out of the case folder")
         notes.append("reference volume: reference.nrrd")
     return ScanData(proj, geom, "rtk", str(xml_path), reference=reference, notes=notes)
 

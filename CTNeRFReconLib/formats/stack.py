@@ -192,8 +192,9 @@ def load_stack(path) -> ScanData:
     check_geometry(geom, path, grid)
     reference = None
     if desc.get("reference"):
-        from ..volume_io import read_volume
-        reference = read_volume(check_exists(base / desc["reference"], "reference"))
+        from ..volume_io import read_input_volume
+        reference = read_input_volume(check_exists(base / desc["reference"], "reference"), "reference",
+                                      f"repair the ground-truth volume, or remove 'reference' from {path.name}")
     return ScanData(proj, geom, "stack+" + path.suffix.lstrip(".").lower(), str(path), grid=grid,
                     reference=reference, notes=notes)
 

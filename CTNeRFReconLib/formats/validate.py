@@ -209,3 +209,40 @@ def check_exists(path, field: str, what: str = "file") -> Path:
         raise ScanFormatError(path, field, "file is empty (truncated download or failed write?)",
                               "write or download the file again")
     return path
+
+
+def grid_problem(geometry: ConeBeamGeometry, grid: VolumeGrid) -> str | None:
+    """What makes `grid` unusable as the output grid of a scan, in words, or None.
+
+    Two things: a source inside the grid's box (the distances or units cannot be right: rays
+    would start inside the object), and a box that no view sees at all (a grid in another frame or
+    units, e.g. a reference CT in patient coordinates: the volume would be empty, not merely poor).
+    """
+    lo, hi = grid.bounds()
+    if not geometry.parallel:
+        inside = np.all((geometry.sources > lo) & (geometry.sources < hi), axis=1)
+        if inside.any():
+            v = int(np.flatnonzero(inside)[0])
+            return (f"the source of view {v} at {geometry.sources[v].round(1).tolist()} mm lies inside the output "
+                    f"grid's box {lo.round(1).tolist()}..{hi.round(1).tolist()} mm")
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    normal = np.cross(geometry.det_u, geometry.det_v)                       # (V, 3)
+    half_u = geometry.det_shape[1] * geometry.pixel_pitch[1] / 2.0
+    half_v = geometry.det_shape[0] * geometry.pixel_pitch[0] / 2.0
+    for k in range(geometry.n_views):
+        c, s, n = geometry.det_centers[k], geometry.sources[k], normal[k]
+        if geometry.parallel:
+            hit = corners - ((corners - c) @ n)[:, None] * n
+        else:
+            depth = (corners - s) @ n
+            ahead = depth * ((c - s) @ n) > 0  # corners on the detector's side of the source
+            if not ahead.any():  # the whole box lies behind the source: this view does not see it
+                continue
+            if not ahead.all():  # the box straddles the source's plane: take it as seen
+                return None
+            hit = s + ((c - s) @ n / depth)[:, None] * (corners - s)
+        u, v = (hit - c) @ geometry.det_u[k], (hit - c) @ geometry.det_v[k]
+        if u.min() < half_u and u.max() > -half_u and v.min() < half_v and v.max() > -half_v:
+            return None
+    return (f"no view sees any part of the output grid's box {lo.round(1).tolist()}..{hi.round(1).tolist()} mm: "
+            "its projection misses the detector in every view")

@@ -14,7 +14,7 @@ class NerfConfig:
 
     preset: str = "standard"
     """'preview', 'standard' or 'high': sets the defaults below."""
-    iterations: int = 3000
+    iterations: int = 2000
     """Optimisation steps on projection rays (after the FDK warm start)."""
     channels: int = 16
     """C: components per VM mode (three planes and three lines)."""
@@ -29,6 +29,11 @@ class NerfConfig:
     refine_fraction: float = 0.5
     """Last fraction of the iterations that refines the generated planes/lines directly: the prior
     shapes the solution first, free factors then fit the detail a small generator cannot."""
+    detail_grid: bool = True
+    """The refinement phase also learns a dense detail grid added to the field (nerf/detail.py):
+    the voxel-scale structure a rank-C VM field cannot hold."""
+    detail_lr: float = 0.01
+    """Peak Adam learning rate of the detail grid, as a fraction of the attenuation scale."""
     lr: float = 2e-3
     """Peak Adam learning rate of the generator (direct factors use 10x)."""
     warmup_fraction: float = 0.05
@@ -42,6 +47,10 @@ class NerfConfig:
     curriculum_fraction: float = 0.5
     step_voxels: float = 0.8
     """Sample spacing along rays, in training voxels."""
+    length_groups: int = 8
+    """Rays of a batch are split into this many groups by chord length, each sampled at about
+    step_voxels (1: every ray gets the sample count of the 98th-percentile chord). On a cone-beam
+    scan the mean chord is about half the longest, so this halves the renderer's work."""
     tv_weight: float = 2e-2
     """Weight of the total-variation prior on the attenuation grid (relative to the data term)."""
     fdk_init_iterations: int = 0
@@ -83,5 +92,5 @@ class NerfConfig:
 PRESETS: dict[str, dict] = {
     "preview": dict(iterations=400, channels=12, rays_end=16384, snapshot_every=50),
     "standard": dict(),
-    "high": dict(iterations=5000, channels=24, rays_end=65536, generator_width=48),
+    "high": dict(iterations=4000, channels=24, rays_end=65536, generator_width=48),
 }

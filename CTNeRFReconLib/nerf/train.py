@@ -22,6 +22,7 @@ from ..methods import RunContext
 from ..rays import all_pixel_indices, view_rays
 from ..render import centre_bounds
 from .config import NerfConfig
+from .detail import DetailGrid
 from .field import VMField
 from .generator import DirectFactors, FactorGenerator
 
@@ -86,6 +87,7 @@ class NerfTrainer:
         else:
             self.factors = DirectFactors(cfg.channels, res, seed=ctx.seed).to(self.device)
             self.phase = "direct"
+        self.detail: DetailGrid | None = None
         self._make_optimizer()
 
         # training and held-out views
@@ -105,6 +107,7 @@ class NerfTrainer:
         self.target_peak = float(proj.max())
         chords = (self.rays[3] - self.rays[2])
         dt = cfg.step_voxels * float(min(self.grid.spacing_xyz))
+        self.sample_step = dt
         self.n_samples = int(max(8, math.ceil(float(torch.quantile(chords[::max(1, len(chords) // 100000)], 0.98)) / dt)))
         self.state = TrainState(rays_per_batch=min(cfg.rays_start, len(self.targets)))
         self.fdk_volume = fdk_volume
@@ -114,6 +117,8 @@ class NerfTrainer:
         lr = self.cfg.lr * (1 if self.phase == "generator" else 10)
         groups = [dict(params=self.factors.parameters(), lr=lr),
                   dict(params=self.field.parameters(), lr=self.cfg.lr * 5)]
+        if self.detail is not None:
+            groups.append(dict(params=self.detail.parameters(), lr=self.cfg.detail_lr * self.field.mu_scale))
         self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
 
@@ -125,6 +130,8 @@ class NerfTrainer:
             planes, lines = self.factors()
         self.factors = DirectFactors.from_tensors(planes.float(), lines.float()).to(self.device)
         self.phase = "direct"
+        if self.cfg.detail_grid:
+            self.detail = DetailGrid(self.grid, device=self.device)
         self._make_optimizer()
 
     @property
@@ -165,9 +172,14 @@ class NerfTrainer:
             planes, lines = self.factors()
             planes, lines = planes.float(), lines.float()
             if grid.is_axis_aligned:
-                return self.field.materialize(planes, lines, grid)
-            pts = torch.as_tensor(grid.world_points(np.float32), device=self.device).reshape(-1, 3)
-            return self.field.attenuation_at(planes, lines, pts).reshape(grid.shape_zyx)
+                vol = self.field.materialize(planes, lines, grid)
+            else:
+                pts = torch.as_tensor(grid.world_points(np.float32), device=self.device).reshape(-1, 3)
+                vol = self.field.attenuation_at(planes, lines, pts).reshape(grid.shape_zyx)
+            if self.detail is not None:
+                # attenuation is never negative: the sum is clipped where the detail undercuts it
+                vol = (vol + self.detail.on_grid(grid)).clamp_min(0.0)
+            return vol
 
     def output_volume(self) -> Volume:
         return Volume(self.volume_on(self.out_grid).cpu().numpy().astype(np.float32), self.out_grid)
@@ -176,7 +188,10 @@ class NerfTrainer:
         use_amp = self.cfg.amp and self.device.type == "cuda"
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             planes, lines = self.factors()
-        return self.field.materialize(planes.float(), lines.float(), self.grid)
+        vol = self.field.materialize(planes.float(), lines.float(), self.grid)
+        if self.detail is not None:
+            vol = vol + self.detail()
+        return vol
 
     # -- phases ---------------------------------------------------------------------------------
     def fit_fdk(self):
@@ -241,11 +256,28 @@ class NerfTrainer:
         return loss.item(), psnr
 
     def integrate(self, vol, o, d, tn, tf, jitter_seed: int = -1):
+        """Line integrals of a batch; rays are grouped by chord length so each group is sampled at
+        about `step_voxels`, not at the longest chord's count (short rays need fewer samples)."""
+        groups = self.cfg.length_groups
+        if groups <= 1 or o.shape[0] < 2 * groups:
+            return self._integrate(vol, o, d, tn, tf, self.n_samples, jitter_seed)
+        chord = (tf - tn).clamp_min(0.0)
+        order = torch.argsort(chord)
+        out = torch.empty_like(tn)
+        parts = []
+        for k, sel in enumerate(torch.tensor_split(order, groups)):
+            n = int(max(8, math.ceil(float(chord[sel[-1]]) / self.sample_step)))
+            seed = -1 if jitter_seed < 0 else jitter_seed * 16 + k
+            parts.append((sel, self._integrate(vol, o[sel], d[sel], tn[sel], tf[sel], n, seed)))
+        sel = torch.cat([p[0] for p in parts])
+        return out.index_put((sel,), torch.cat([p[1] for p in parts]))
+
+    def _integrate(self, vol, o, d, tn, tf, n_samples: int, jitter_seed: int):
         g = self.grid
         if self._kernel is not None:
-            return self._kernel(vol, g.origin_xyz, g.spacing_xyz, o, d, tn, tf, self.n_samples, jitter_seed)
+            return self._kernel(vol, g.origin_xyz, g.spacing_xyz, o, d, tn, tf, n_samples, jitter_seed)
         return fused.grid_line_integrals_reference(vol, g.origin_xyz, g.spacing_xyz, o, d, tn, tf,
-                                                   self.n_samples, jitter_seed)
+                                                   n_samples, jitter_seed)
 
     def validation_psnr(self) -> float | None:
         if self.val is None:
@@ -268,6 +300,7 @@ class NerfTrainer:
                        elapsed_s=self.state.elapsed_s, rays_cap=self.state.rays_per_batch_cap,
                        phase=self.phase,
                        factors=self.factors.state_dict(), field=self.field.state_dict(),
+                       detail=None if self.detail is None else self.detail.state_dict(),
                        optimizer=self.optimizer.state_dict(), config=asdict(self.cfg),
                        grid=self.grid.to_dict(), seed=self.ctx.seed)
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -283,6 +316,8 @@ class NerfTrainer:
         if ck["phase"] == "direct" and self.phase != "direct":
             self.switch_to_direct()
         self.factors.load_state_dict(ck["factors"])
+        if ck.get("detail") is not None and self.detail is not None:
+            self.detail.load_state_dict(ck["detail"])
         self.field.load_state_dict(ck["field"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.state.iteration = int(ck["iteration"])

@@ -11,8 +11,13 @@ Modules (imported on demand; this file imports nothing heavy):
 * ``worker``: :class:`WorkerProcess`, the engine's command line in a subprocess, read without
   blocking, cancelled cleanly;
 * ``session``: :class:`ReconstructionSession`, a worker tied to the scene (output node updated in
-  place, loss curve, metrics, difference volume);
+  place, live loss curve, metrics, difference volume, output on the reference's grid, stopped when
+  the scene closes);
 * ``compare``: a reference volume node resampled onto the reconstruction, scores, difference;
-* ``projections``: a projection stack as a volume node for scrolling through the views;
+* ``tables``: the metrics table and the loss table with its plot chart (redrawn as rows arrive);
+* ``views``: the reconstruction under the reference or difference in every slice view, linked, with
+  one overlay opacity (flicking between them);
+* ``projections``: a projection stack as a volume node for scrolling through the views, and a one-line
+  description of a scan (format, views, detector, angles, distances);
 * ``demo_data``: writes the demo phantom scan (run in the engine's interpreter).
 """

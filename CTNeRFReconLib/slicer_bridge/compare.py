@@ -21,7 +21,8 @@ from ..volume_io import resample_to_grid
 from . import volume_nodes as vn
 from .tables import write_key_value_table
 
-DIFFERENCE_COLOR_IDS = ("vtkMRMLColorTableNodeFileDivergingBlueRed.txt", "vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+DIFFERENCE_COLOR_IDS = ("vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
+                        "vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
 """Diverging colour tables of a Slicer scene, used for the difference when the scene has them."""
 
 

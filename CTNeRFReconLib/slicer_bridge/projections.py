@@ -35,6 +35,30 @@ def load_scan_file(path, projections=None) -> ScanData:
     return load_scan(Path(path), projections=None if projections is None else Path(projections))
 
 
+def _span(values, unit: str) -> str:
+    lo, hi = float(min(values)), float(max(values))
+    return f"{lo:.4g} {unit}" if abs(hi - lo) <= 1e-6 * max(1.0, abs(hi)) else f"{lo:.4g}-{hi:.4g} {unit}"
+
+
+def describe_scan(scan: ScanData) -> str:
+    """What the engine understood of a scan, in one line for the panel: format, views, detector,
+    angles and distances, e.g. ``rtk: 40 views, detector 128 x 128 pixels of 2.4 mm, angles 0-351 deg,
+    source-isocentre 1000 mm, source-detector 1500 mm``."""
+    g = scan.geometry
+    rows, cols = g.det_shape
+    pitch_v, pitch_u = g.pixel_pitch
+    pitch = f"{pitch_u:.3g} mm" if abs(pitch_u - pitch_v) < 1e-9 else f"{pitch_u:.3g} x {pitch_v:.3g} mm"
+    parts = [f"{scan.source_format}: {scan.n_views} views", f"detector {rows} x {cols} pixels of {pitch}"]
+    if g.angles is not None and len(g.angles):
+        parts.append("angles " + _span(np.degrees(g.angles), "deg"))
+    if g.parallel:
+        parts.append("parallel beam")
+    else:
+        parts.append("source-isocentre " + _span(np.linalg.norm(g.sources, axis=1), "mm"))
+        parts.append("source-detector " + _span(g.source_detector_distance(), "mm"))
+    return ", ".join(parts)
+
+
 def create_projection_node(scene, scan: ScanData, name: str = "projections", node=None):
     """A scalar volume node showing the line-integral stack, one view per axial slice."""
     volume = projection_volume(scan)

@@ -13,19 +13,60 @@ events that arrived:
   reference node, the comparison of :mod:`.compare` with its difference volume) into tables;
 * ``failed``: the message and kind are kept; when no volume arrived, every node this run created
   is removed again, so a refused input leaves the scene as it was.
+
+The loss table grows by one row per ``progress`` event, and its plot chart node observes it, so a
+plot view showing the chart redraws as the run goes, not only at the end.
+
+With ``SessionOptions.grid_from_reference`` the reference node is written into the run folder
+(``reference.nrrd``, attenuation in 1/mm) and given to the worker as ``--reference``, so the
+reconstruction is made on the reference's own grid (and the engine scores it too).
+
+Closing the scene stops the run: the session observes the scene's StartCloseEvent, stops the
+worker (its run folder keeps the last volume) and lets go of the nodes the close removes.
 """
 from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..phantom import MU_WATER
 from . import tables
 from . import volume_nodes as vn
-from .compare import compare_node_volumes, difference_into_node, flatten_metrics
+from .compare import compare_node_volumes, difference_into_node, flatten_metrics, reference_volume_from_node
 from .worker import ReconstructRequest, WorkerConfig, WorkerProcess
+
+REFERENCE_FILE = "reference.nrrd"
+"""Name of the reference written into the run folder when the output grid is the reference's."""
+
+GRID_CHOICES = ("auto", "reference", "custom")
+"""Output grid choices of the panel (see :func:`grid_request_fields`)."""
+
+
+def grid_request_fields(choice: str, spacing_mm: float = 0.0, size_xyz=(0, 0, 0)) -> dict:
+    """The :class:`ReconstructRequest` fields for an output-grid choice.
+
+    ``auto``: the grid the data prescribes, else the field of view's (the engine decides);
+    ``reference``: the reference CT's own grid (also set ``SessionOptions.grid_from_reference``);
+    ``custom``: the automatic grid's box with a voxel size (``spacing_mm`` > 0) and/or voxel counts
+    (``size_xyz``, all three > 0); a zero leaves that part as the engine would choose it.
+    """
+    if choice not in GRID_CHOICES:
+        raise ValueError(f"output grid '{choice}' unknown; use one of {', '.join(GRID_CHOICES)}")
+    if choice != "custom":
+        return {"grid_spacing": None, "grid_size": None}
+    size = tuple(int(n) for n in size_xyz)
+    if len(size) != 3 or (any(size) and min(size) < 1):
+        raise ValueError(f"output grid size {size_xyz}: give three positive voxel counts (X, Y, Z), or all 0 to "
+                         "keep the automatic counts")
+    spacing = float(spacing_mm or 0.0)
+    if spacing < 0:
+        raise ValueError(f"output voxel size {spacing_mm} mm: give a positive size, or 0 for automatic")
+    if not spacing and not any(size):
+        raise ValueError("a custom output grid needs a voxel size or voxel counts; set one, or choose the "
+                         "automatic grid")
+    return {"grid_spacing": spacing or None, "grid_size": size if any(size) else None}
 
 
 class SessionState(enum.Enum):
@@ -54,6 +95,10 @@ class SessionOptions:
     """Window preset applied when the output node is first filled (see volume_nodes.WINDOW_PRESETS)."""
     reference_units: str = "auto"
     """Units of the reference node for the comparison: auto, mu or hu."""
+    grid_from_reference: bool = False
+    """Reconstruct on the reference node's grid (the node is written into the run folder for the worker)."""
+    close_timeout_s: float = 15.0
+    """When the scene closes, how long the worker may take to write its last volume before it is killed."""
 
 
 @dataclass
@@ -136,7 +181,9 @@ class ReconstructionSession:
         self.scene = scene
         self.request = request
         self.options = options or SessionOptions()
-        self.worker = WorkerProcess.reconstruct(request, config)
+        self.config = config
+        self.worker: WorkerProcess | None = None
+        """The engine process, made by :meth:`start`."""
         self.reference_node = reference_node
         self.output_node = output_node
         self.loss_table_node = None
@@ -155,6 +202,7 @@ class ReconstructionSession:
         self.events: list[dict] = []
         self._created: list = []
         self._rate = _RateTracker()
+        self._close_observer: int | None = None
 
     # ------------------------------------------------------------------------------ control
 
@@ -163,10 +211,34 @@ class ReconstructionSession:
         return Path(self.request.out)
 
     def start(self) -> "ReconstructionSession":
+        """Start the worker (and, for the reference's grid, write the reference for it first).
+
+        Raises ValueError, before any process or node exists, when the inputs cannot work.
+        """
+        if self.state is not SessionState.NOT_STARTED:
+            raise RuntimeError("this session was already started; make a new ReconstructionSession for another run")
+        request = self.request
+        (self.config or WorkerConfig()).check()  # a missing interpreter: refused before writing anything
+        if self.options.grid_from_reference:
+            request = replace(request, reference=self._write_reference(), reference_units="mu")
+        self.worker = WorkerProcess.reconstruct(request, self.config)
         self.worker.start()
+        self.request = request
         self.state = SessionState.RUNNING
         self.message = "starting the reconstruction engine"
+        self._close_observer = self.scene.AddObserver(self.scene.StartCloseEvent, self._on_scene_close)
         return self
+
+    def _write_reference(self) -> Path:
+        from ..volume_io import write_volume
+
+        node = self.reference_node
+        if node is None or node.GetImageData() is None:
+            raise ValueError("the output grid is the reference's, but no reference volume (with voxels) is "
+                             "selected; choose a reference CT or another output grid")
+        volume = reference_volume_from_node(node, self.options.reference_units, self.options.mu_water)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return write_volume(volume, self.run_dir / REFERENCE_FILE)
 
     def cancel(self):
         """Ask the run to stop (non-blocking); the last volume is kept and loaded when it finishes."""
@@ -176,7 +248,8 @@ class ReconstructionSession:
             self.message = "stopping: the engine writes its last volume"
 
     def stop(self, timeout: float | None = None):
-        """Cancel and wait until the process is gone (scene close, module cleanup), then apply what it sent."""
+        """Cancel and wait (blocking) until the process is gone, then apply what it sent: the last volume
+        lands in the output node. For a closing scene or application use :meth:`close`."""
         if self.state in (SessionState.RUNNING, SessionState.CANCELLING):
             self.cancel()
             self.worker.stop(timeout)
@@ -184,7 +257,7 @@ class ReconstructionSession:
 
     def poll(self) -> list[dict]:
         """Apply every event that arrived since the last call; never blocks on the worker."""
-        if self.state is SessionState.NOT_STARTED:
+        if self.state is SessionState.NOT_STARTED or self.worker is None:
             return []
         events = self.worker.poll()
         self.events += events
@@ -196,6 +269,8 @@ class ReconstructionSession:
             handler = getattr(self, f"_on_{kind}", None)
             if handler is not None:
                 handler(event)
+        if self.state.done:
+            self._detach_scene()
         return events
 
     def wait(self, timeout: float, interval: float = 0.05) -> SessionState:
@@ -255,8 +330,21 @@ class ReconstructionSession:
             f" in {_duration(event.get('elapsed_s') or 0)}"
 
     def _on_failed(self, event: dict):
+        if self.state is SessionState.CANCELLING and event.get("synthetic"):
+            # the process ended as asked, before it could report (a SIGTERM during start-up, or a kill
+            # after the grace periods): a cancel, not a failure
+            self._drop_created_nodes_if_empty()
+            self.state = SessionState.CANCELLED
+            self.message = ("stopped; the last volume is kept" if self.volumes_applied else
+                            "stopped before the engine produced a volume")
+            return
         self.failure_kind = event.get("kind", "internal")
         self.message = event.get("message") or "the reconstruction failed"
+        self._drop_created_nodes_if_empty()
+        self.state = SessionState.FAILED
+
+    def _drop_created_nodes_if_empty(self):
+        """No volume arrived: remove every node this run made, so the scene is as it was."""
         if self.volumes_applied == 0:
             for node in reversed(self.created_nodes):
                 self.scene.RemoveNode(node)
@@ -264,7 +352,39 @@ class ReconstructionSession:
             self.loss_table_node = self.chart_node = self.metrics_table_node = self.difference_node = None
             if self.output_node is not None and self.output_node.GetScene() is not self.scene:
                 self.output_node = None
-        self.state = SessionState.FAILED
+
+    def close(self, timeout: float | None = None, reason: str = "the scene was closed"):
+        """Stop the worker without applying what it still sends, and let go of every node: for a
+        scene that is closing (called on its StartCloseEvent) or an application that is quitting.
+
+        The events that arrived are kept in :attr:`events`; the run folder holds the last volume.
+        ``timeout`` bounds the wait for a clean stop (default ``SessionOptions.close_timeout_s``).
+        """
+        if not self.state.done and self.worker is not None:
+            self.worker.stop(timeout=self.options.close_timeout_s if timeout is None else timeout)
+            late = self.worker.poll()
+            self.events += late
+            last = next((e for e in reversed(late) if e.get("event") in ("finished", "failed")), {})
+            if last.get("event") == "finished" and not last.get("cancelled"):
+                self.state, self.message = SessionState.FINISHED, f"finished; the volume is in {self.run_dir}"
+            elif last.get("event") == "failed" and not last.get("synthetic"):
+                self.state, self.failure_kind = SessionState.FAILED, last.get("kind", "internal")
+                self.message = last.get("message") or "the reconstruction failed"
+            else:
+                self.state = SessionState.CANCELLED
+                self.message = f"stopped: {reason}; the last volume is in {self.run_dir}"
+        self.output_node = self.reference_node = None
+        self.loss_table_node = self.chart_node = self.metrics_table_node = self.difference_node = None
+        self._created.clear()
+        self._detach_scene()
+
+    def _on_scene_close(self, caller=None, event=None):
+        self.close()
+
+    def _detach_scene(self):
+        if self._close_observer is not None:
+            self.scene.RemoveObserver(self._close_observer)
+            self._close_observer = None
 
     # ------------------------------------------------------------------------------ helpers
 

@@ -11,9 +11,16 @@ Stopping escalates, as the protocol allows: first a ``cancel`` file in the run f
 writes its last volume and finishes with ``"cancelled": true``), then SIGTERM after
 ``cancel_grace_s`` (same effect, for a worker stuck between checks), then a kill of the whole
 process tree (psutil) after ``terminate_grace_s``, so no compiler or data-loader child outlives it.
+Before the worker has announced ``started`` it may still remove a stale cancel file, so a cancel
+then also sends SIGTERM at once (the engine treats both alike).
+
+Workers never outlive the Python that started them: every running worker is stopped, in the same
+way, when that interpreter exits (``atexit``: Slicer quitting, a script ending), unless its
+config says ``stop_at_exit=False``.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import enum
 import json
@@ -72,6 +79,10 @@ class WorkerConfig:
     """After SIGTERM, how long before the whole process tree is killed."""
     stderr_lines: int = 200
     """Lines of the worker's stderr kept for error messages."""
+    stop_at_exit: bool = True
+    """Stop the worker when the Python that started it exits (closing Slicer)."""
+    exit_timeout_s: float = 15.0
+    """At exit, how long the worker may take to write its last volume before it is killed."""
 
     def check(self):
         interpreter = Path(self.interpreter)
@@ -90,6 +101,8 @@ class ReconstructRequest:
     data: Path
     out: Path
     reference: Path | None = None
+    reference_units: str | None = None
+    """'auto', 'mu' or 'hu' (None: the engine's default, auto)."""
     method: str | None = None
     """'nerf', 'fdk', or None for the engine's default (nerf when available)."""
     preset: str = "standard"
@@ -111,6 +124,8 @@ class ReconstructRequest:
             args += ["--projections", str(self.projections)]
         if self.reference is not None:
             args += ["--reference", str(self.reference)]
+            if self.reference_units:
+                args += ["--reference-units", self.reference_units]
         if self.method:
             args += ["--method", self.method]
         if self.resume:
@@ -138,6 +153,33 @@ def worker_environment(base: dict | None = None) -> dict:
     return env
 
 
+_PROBE = """
+import importlib.util, json, sys
+print(json.dumps([name for name in sys.argv[1:] if importlib.util.find_spec(name) is None]))
+"""
+
+
+def missing_modules(config: WorkerConfig, modules, timeout: float = 120.0) -> list[str]:
+    """Which of ``modules`` (import names) the engine's interpreter cannot import, asked of that
+    interpreter itself (with the worker's environment), so an external Python is checked too."""
+    config.check()
+    try:
+        done = subprocess.run([str(config.interpreter), "-c", _PROBE, *modules], capture_output=True, text=True,
+                              timeout=timeout, env=worker_environment(config.env), stdin=subprocess.DEVNULL)
+    except OSError as exc:
+        raise ValueError(f"{config.interpreter}: cannot start the engine's Python ({exc.strerror}); choose an "
+                         "existing python executable") from None
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"{config.interpreter}: the engine's Python did not answer within {timeout:.0f} s; "
+                         "check that it runs") from None
+    try:
+        return list(json.loads(done.stdout.strip().splitlines()[-1]))
+    except (IndexError, ValueError):
+        tail = " | ".join(done.stderr.strip().splitlines()[-3:])
+        raise ValueError(f"{config.interpreter}: could not ask the engine's Python which packages it has"
+                         + (f": {tail}" if tail else "") + "; choose a working python executable") from None
+
+
 class WorkerProcess:
     """One engine process; :meth:`poll` returns its protocol events as they arrive.
 
@@ -158,6 +200,7 @@ class WorkerProcess:
         self._queue: queue.Queue = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._stdout_done = threading.Event()
+        self._started_seen = threading.Event()
         self._terminal_seen = False
         self._reported_exit = False
         self._cancel_at: float | None = None
@@ -211,6 +254,8 @@ class WorkerProcess:
                          threading.Thread(target=self._read_stderr, name="ctnerf-stderr", daemon=True)]
         for t in self._threads:
             t.start()
+        if self.config.stop_at_exit:
+            _register_live(self)
         return self
 
     # ------------------------------------------------------------------------------ reading
@@ -226,6 +271,8 @@ class WorkerProcess:
                 except json.JSONDecodeError:
                     event = None
                 if isinstance(event, dict) and "event" in event:
+                    if event["event"] == "started":
+                        self._started_seen.set()
                     self._queue.put(event)
                 else:
                     self.log.append(line)
@@ -255,6 +302,7 @@ class WorkerProcess:
         if (not self._reported_exit and self._stdout_done.is_set() and self._queue.empty()
                 and self.process is not None and self.process.poll() is not None):
             self._reported_exit = True
+            _unregister_live(self)
             for t in self._threads:
                 t.join(timeout=1.0)
             if not self._terminal_seen:
@@ -288,7 +336,8 @@ class WorkerProcess:
     # ----------------------------------------------------------------------------- stopping
 
     def request_cancel(self):
-        """Ask the worker to stop (cancel file, or SIGTERM when there is no run folder); never blocks.
+        """Ask the worker to stop (cancel file; SIGTERM when there is no run folder or the worker has
+        not announced ``started`` yet, when it may still remove a stale cancel file); never blocks.
 
         Later :meth:`poll` calls escalate to SIGTERM and then a kill if it does not exit in time.
         """
@@ -297,16 +346,22 @@ class WorkerProcess:
         self._cancel_at = time.monotonic()
         if self.run_dir is not None and self.run_dir.is_dir():
             (self.run_dir / "cancel").touch()
-        else:
+        if self.run_dir is None:
             self._terminate()
+        elif not self._started_seen.is_set():
+            self._send_sigterm()  # a cancel as the engine reads it; the escalation below keeps its clock
 
-    def _terminate(self):
-        if self._terminated_at is None and self.process.poll() is None:
-            self._terminated_at = time.monotonic()
+    def _send_sigterm(self):
+        if self.process.poll() is None:
             try:
                 self.process.terminate()
             except ProcessLookupError:
                 pass
+
+    def _terminate(self):
+        if self._terminated_at is None and self.process.poll() is None:
+            self._terminated_at = time.monotonic()
+            self._send_sigterm()
 
     def _advance_cancel(self):
         if self._cancel_at is None or self.process is None or self.process.poll() is not None:
@@ -337,6 +392,8 @@ class WorkerProcess:
         self._kill_group()  # helpers a clean exit left behind
         for t in self._threads:
             t.join(timeout=2.0)
+        if code is not None:
+            _unregister_live(self)
         return code
 
     def descendants(self) -> list:
@@ -386,3 +443,45 @@ class WorkerProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+# ------------------------------------------------------------------------------ stop at exit
+
+_LIVE: set = set()
+_LIVE_LOCK = threading.Lock()
+_ATEXIT_REGISTERED = False
+
+
+def _register_live(worker: WorkerProcess):
+    global _ATEXIT_REGISTERED
+    with _LIVE_LOCK:
+        _LIVE.add(worker)
+        if not _ATEXIT_REGISTERED:
+            atexit.register(stop_all_workers)
+            _ATEXIT_REGISTERED = True
+
+
+def _unregister_live(worker: WorkerProcess):
+    with _LIVE_LOCK:
+        _LIVE.discard(worker)
+
+
+def live_workers() -> list[WorkerProcess]:
+    """Workers started here (with ``stop_at_exit``) whose process may still be running."""
+    with _LIVE_LOCK:
+        return [w for w in _LIVE if w.process is not None and w.process.poll() is None]
+
+
+def stop_all_workers():
+    """Stop every live worker (cancel, then SIGTERM, then kill, within each one's ``exit_timeout_s``).
+
+    Registered with ``atexit`` when the first worker starts, so closing Slicer (or the end of a
+    script) never leaves a reconstruction running; the cancelled run folders stay complete.
+    """
+    for worker in live_workers():
+        try:
+            worker.stop(timeout=worker.config.exit_timeout_s)
+        except Exception:  # noqa: BLE001 - at exit, stop the others whatever happens to one
+            worker.kill_tree()
+    with _LIVE_LOCK:
+        _LIVE.clear()
