@@ -1,9 +1,10 @@
 """Per-scan fitting of the deep-prior VM field to the measured line integrals.
 
 One iteration: the generator makes the planes and lines, the field is materialised on the
-training grid (dense, exact at voxel centres), a batch of rays is integrated through that grid
-(the fused kernel when built, else the PyTorch path), and the loss is the relative MSE to the
-measured line integrals plus a TV prior on the grid. The ray batch grows during training
+training grid (dense, exact at voxel centres), plus the detail grid in the refinement phase, a
+batch of rays is integrated through that grid (the fused kernel when built, else the PyTorch path;
+rays grouped by chord length, each group at its own sample count), and the loss is the relative
+MSE to the measured line integrals plus a TV prior on the grid. The ray batch grows during training
 (curriculum); an out-of-memory error halves it and the step is retried.
 """
 from __future__ import annotations
@@ -88,6 +89,9 @@ class NerfTrainer:
             self.factors = DirectFactors(cfg.channels, res, seed=ctx.seed).to(self.device)
             self.phase = "direct"
         self.detail: DetailGrid | None = None
+        """Dense detail added to the field in the direct (refinement) phase; see detail.py."""
+        if self.phase == "direct" and cfg.detail_grid:
+            self.detail = DetailGrid(self.grid, device=self.device)
         self._make_optimizer()
 
         # training and held-out views
