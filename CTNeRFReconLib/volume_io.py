@@ -30,20 +30,26 @@ def sitk_to_volume(img: sitk.Image, dtype=np.float32) -> Volume:
     return Volume(sitk.GetArrayFromImage(img).astype(dtype), grid)
 
 
+def unreadable_reason(path: Path, exc: RuntimeError, what: str = "volume") -> str:
+    """Why SimpleITK could not read `path` (it raised `exc`), in words for an error message: a header
+    that reads while the pixels do not is a truncated file (or a detached data file that is missing)."""
+    reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+    try:
+        info = sitk.ImageFileReader()
+        info.SetFileName(str(path))
+        info.ReadImageInformation()
+    except RuntimeError:
+        return f"cannot be read as {'an' if what[0] in 'aeiou' else 'a'} {what} ({reason})"
+    return (f"its header reads ({'x'.join(map(str, info.GetSize()))} voxels) but its pixel data "
+            "cannot: the file is truncated or its data file is missing")
+
+
 def _read_image(path: Path) -> tuple[sitk.Image | None, str]:
     """(image, "") or (None, what is wrong with the file)."""
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-        try:  # a header that reads while the pixels do not: a truncated file
-            info = sitk.ImageFileReader()
-            info.SetFileName(str(path))
-            info.ReadImageInformation()
-            return None, (f"its header reads ({'x'.join(map(str, info.GetSize()))} voxels) but its pixel data "
-                          "cannot: the file is truncated or its data file is missing")
-        except RuntimeError:
-            return None, f"cannot be read as a volume ({reason})"
+        return None, unreadable_reason(path, exc)
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         return None, (f"expected a 3D scalar volume, got {img.GetDimension()}D with "
                       f"{img.GetNumberOfComponentsPerPixel()} components per voxel")

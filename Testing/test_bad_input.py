@@ -14,6 +14,7 @@ from CTNeRFReconLib.formats import ScanFormatError, load_scan
 from CTNeRFReconLib.formats.r2gaussian import write_r2gaussian
 from CTNeRFReconLib.formats.rtk import geometry_to_rtk, write_rtk_geometry_xml
 from CTNeRFReconLib.geometry import circular_geometry
+from worker_case import write_with_bad_voxel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -332,12 +333,7 @@ def test_shipped_reference_must_be_readable_and_finite(tmp_path):
     from worker_case import write_small_case
 
     case = write_small_case(tmp_path / "case")
-    ref = sitk.ReadImage(str(case / "reference.nrrd"))
-    arr = sitk.GetArrayFromImage(ref)
-    arr[2, 3, 4] = np.nan
-    bad = sitk.GetImageFromArray(arr)
-    bad.CopyInformation(ref)
-    sitk.WriteImage(bad, str(case / "reference.nrrd"))
+    write_with_bad_voxel(case / "reference.nrrd", case / "reference.nrrd", (2, 3, 4), np.nan)
     err = refused(case, "reference")
     assert err.file.endswith("reference.nrrd") and "NaN" in str(err)
     (case / "reference.nrrd").write_bytes(b"NRRD0004\ntype: float\n")
@@ -397,13 +393,7 @@ def _moved_reference(case, root):
 
 
 def _nan_reference(case, root):
-    ref = sitk.ReadImage(str(case / "reference.nrrd"))
-    arr = sitk.GetArrayFromImage(ref)
-    arr[1, 2, 3] = np.inf
-    out = sitk.GetImageFromArray(arr)
-    out.CopyInformation(ref)
-    sitk.WriteImage(out, str(root / "nan_ref.nrrd"))
-    return root / "nan_ref.nrrd"
+    return write_with_bad_voxel(case / "reference.nrrd", root / "nan_ref.nrrd", (1, 2, 3), np.inf)
 
 
 def _pickle_file(root, data: bytes, name="scan.pickle"):

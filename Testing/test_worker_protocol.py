@@ -20,7 +20,7 @@ import SimpleITK as sitk
 from CTNeRFReconLib.events import ExitCode
 from CTNeRFReconLib.volume_io import read_volume
 
-from worker_case import parse_events, popen_cli, run_cli, write_small_case
+from worker_case import parse_events, popen_cli, run_cli, write_small_case, write_with_bad_voxel
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +104,7 @@ def test_bad_input_is_refused_before_any_work(case, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "geometry.xml").write_bytes((case / "geometry.xml").read_bytes())
-    proj = sitk.ReadImage(str(case / "projections.mha"))
-    arr = sitk.GetArrayFromImage(proj)
-    arr[3, 10, 10] = np.nan
-    nan_img = sitk.GetImageFromArray(arr)
-    nan_img.CopyInformation(proj)
-    sitk.WriteImage(nan_img, str(bad / "projections.mha"))
+    write_with_bad_voxel(case / "projections.mha", bad / "projections.mha", (3, 10, 10), np.nan)
     failed = _refused(run_cli("reconstruct", bad, "--out", tmp_path / "run_nan", "--method", "fdk"), tmp_path / "run_nan")
     assert "projections" in failed["message"]
     _refused(run_cli("reconstruct", tmp_path / "missing", "--out", tmp_path / "run_missing"), tmp_path / "run_missing")

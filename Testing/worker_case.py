@@ -44,3 +44,16 @@ def write_small_case(folder: Path) -> Path:
     from CTNeRFReconLib.demo import SMALL, write_demo_case
 
     return write_demo_case(folder, SMALL)
+
+
+def write_with_bad_voxel(source: Path, target: Path, index_zyx, value: float) -> Path:
+    """Copy an image file with one voxel (array index z, y, x) set to `value` (NaN, inf, ...)."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(source))
+    arr = sitk.GetArrayFromImage(img)
+    arr[tuple(index_zyx)] = value
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(img)
+    sitk.WriteImage(out, str(target))
+    return Path(target)

@@ -172,16 +172,8 @@ def read_stack(path: Path) -> sitk.Image:
     try:
         img = sitk.ReadImage(str(path), sitk.sitkFloat32)
     except RuntimeError as exc:
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
-        try:  # a header that reads while the pixels do not: a truncated file
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            msg = (f"its header reads ({' x '.join(map(str, reader.GetSize()))} pixels) but its pixel data "
-                   "cannot: the file is truncated or its data file is missing")
-        except RuntimeError:
-            msg = f"cannot be read as an image ({msg})"
-        raise ScanFormatError(path, "projections", msg,
+        from ..volume_io import unreadable_reason
+        raise ScanFormatError(path, "projections", unreadable_reason(path, exc, "image"),
                               "copy or write the stack again; it must be an image file (MHA, NRRD, NIfTI, TIFF)") from None
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise ScanFormatError(path, "projections", f"is {img.GetDimension()}D with "

@@ -189,15 +189,13 @@ def check_geometry(geometry: ConeBeamGeometry, file, grid: VolumeGrid | None = N
             v = int(np.argmin(sdd))
             raise ScanFormatError(file, field, f"view {v}: the source lies in the detector plane",
                                   "check the source and detector positions")
-    if grid is not None and not geometry.parallel:
+    v = None if grid is None else first_source_inside(geometry, grid)
+    if v is not None:
         lo, hi = grid.bounds()
-        inside = np.all((geometry.sources > lo) & (geometry.sources < hi), axis=1)
-        if inside.any():
-            v = int(np.flatnonzero(inside)[0])
-            raise ScanFormatError(
-                file, field, f"view {v}: the source {geometry.sources[v].round(2).tolist()} lies inside "
-                f"the volume box {lo.round(1).tolist()}..{hi.round(1).tolist()}",
-                "check the distance units (mm) and the volume size; the source must be outside the object")
+        raise ScanFormatError(
+            file, field, f"view {v}: the source {geometry.sources[v].round(2).tolist()} lies inside "
+            f"the volume box {lo.round(1).tolist()}..{hi.round(1).tolist()}",
+            "check the distance units (mm) and the volume size; the source must be outside the object")
 
 
 def check_exists(path, field: str, what: str = "file") -> Path:
@@ -211,6 +209,15 @@ def check_exists(path, field: str, what: str = "file") -> Path:
     return path
 
 
+def first_source_inside(geometry: ConeBeamGeometry, grid: VolumeGrid) -> int | None:
+    """The first view whose source lies inside the grid's box (None when none does, or for a parallel beam)."""
+    if geometry.parallel:
+        return None
+    lo, hi = grid.bounds()
+    inside = np.flatnonzero(np.all((geometry.sources > lo) & (geometry.sources < hi), axis=1))
+    return int(inside[0]) if inside.size else None
+
+
 def grid_problem(geometry: ConeBeamGeometry, grid: VolumeGrid) -> str | None:
     """What makes `grid` unusable as the output grid of a scan, in words, or None.
 
@@ -219,12 +226,10 @@ def grid_problem(geometry: ConeBeamGeometry, grid: VolumeGrid) -> str | None:
     units, e.g. a reference CT in patient coordinates: the volume would be empty, not merely poor).
     """
     lo, hi = grid.bounds()
-    if not geometry.parallel:
-        inside = np.all((geometry.sources > lo) & (geometry.sources < hi), axis=1)
-        if inside.any():
-            v = int(np.flatnonzero(inside)[0])
-            return (f"the source of view {v} at {geometry.sources[v].round(1).tolist()} mm lies inside the output "
-                    f"grid's box {lo.round(1).tolist()}..{hi.round(1).tolist()} mm")
+    v = first_source_inside(geometry, grid)
+    if v is not None:
+        return (f"the source of view {v} at {geometry.sources[v].round(1).tolist()} mm lies inside the output "
+                f"grid's box {lo.round(1).tolist()}..{hi.round(1).tolist()} mm")
     corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     normal = np.cross(geometry.det_u, geometry.det_v)                       # (V, 3)
     half_u = geometry.det_shape[1] * geometry.pixel_pitch[1] / 2.0
