@@ -55,6 +55,8 @@ def _add_reconstruct(sub):
     p.add_argument("--snapshot-every", type=int, metavar="N", help="iterations between snapshots (0: none)")
     p.add_argument("--progress-every", type=int, metavar="N", help="iterations between progress events")
     p.add_argument("--no-kernels", action="store_true", help="use the PyTorch renderer, not the fused kernels")
+    p.add_argument("--tv-weight", type=float, metavar="W", help="nerf's TV prior weight (default: from the "
+                   "projections' noise and rays per voxel; larger is smoother)")
     p.add_argument("--fdk-filter", metavar="WINDOW", help="FDK's ramp filter window: ram-lak, shepp-logan, cosine, "
                    "hamming or hann (default hann)")
     p.add_argument("--fdk-cutoff", type=float, metavar="F", help="FDK's filter cut-off, fraction of Nyquist in (0, 1] "
@@ -124,7 +126,7 @@ def _reconstruct(args) -> int:
         device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
         grid_spacing=args.grid_spacing, grid_size=None if args.grid_size is None else tuple(args.grid_size),
         iterations=args.iterations, snapshot_every=args.snapshot_every, progress_every=args.progress_every,
-        kernels=not args.no_kernels, fdk_filter=args.fdk_filter, fdk_cutoff=args.fdk_cutoff,
+        kernels=not args.no_kernels, tv_weight=args.tv_weight, fdk_filter=args.fdk_filter, fdk_cutoff=args.fdk_cutoff,
         quiet=args.quiet)
     return run_reconstruction(opts)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import signal
@@ -70,6 +71,8 @@ class ReconstructOptions:
     snapshot_every: int | None = None
     progress_every: int | None = None
     kernels: bool = True
+    tv_weight: float | None = None
+    """nerf's TV prior weight; None: derived from the data (nerf/prior_weight.py)."""
     quiet: bool = False
     fdk_filter: str | None = None
     """FDK's ramp filter window (fdk.FILTERS); None: FDK's default (hann)."""
@@ -93,6 +96,8 @@ def method_settings(opts: ReconstructOptions) -> dict:
         settings["eval_every"] = opts.progress_every
     if not opts.kernels:
         settings["use_kernels"] = False
+    if opts.tv_weight is not None:
+        settings["tv_weight"] = opts.tv_weight
     if opts.fdk_filter is not None:
         settings["filter"] = opts.fdk_filter
     if opts.fdk_cutoff is not None:
@@ -281,6 +286,12 @@ def prepare(opts: ReconstructOptions) -> Prepared:
         raise ValueError(f"--progress-every must be a positive number of iterations, got {opts.progress_every}")
     if opts.snapshot_every is not None and opts.snapshot_every < 0:
         raise ValueError(f"--snapshot-every must be 0 (no snapshots) or positive, got {opts.snapshot_every}")
+    if opts.tv_weight is not None:
+        if name != "nerf":
+            raise ValueError(f"--tv-weight applies to --method nerf only, not to '{name}'; leave it out")
+        if not (opts.tv_weight >= 0 and math.isfinite(opts.tv_weight)):
+            raise ValueError(f"--tv-weight must be a finite number >= 0 (0: no prior), got {opts.tv_weight}; "
+                             "leave it out for the weight derived from the data")
     if opts.fdk_filter is not None or opts.fdk_cutoff is not None:
         if name != "fdk":
             raise ValueError(f"--fdk-filter and --fdk-cutoff apply to --method fdk only, not to '{name}'; "

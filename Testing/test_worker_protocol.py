@@ -141,6 +141,28 @@ def test_fdk_filter_options(case, tmp_path):
     assert "hann" in failed["message"]
 
 
+def test_tv_weight_option(case, tmp_path):
+    """nerf's TV weight is derived from the data unless --tv-weight sets it; progress events say which
+    weight is in use; the option is refused before any work for another method or a negative value."""
+    runs = {}
+    for name, extra in (("auto", []), ("set", ["--tv-weight", "0.05"])):
+        res = run_cli("reconstruct", case, "--out", tmp_path / name, "--method", "nerf", "--iterations", "4",
+                      "--progress-every", "2", "--snapshot-every", "0", *extra)
+        assert res.returncode == 0, res.stderr
+        runs[name] = parse_events(res.stdout)
+    weights = {name: {e["tv_weight"] for e in events if e["event"] == "progress" and "tv_weight" in e}
+               for name, events in runs.items()}
+    assert weights["set"] == {0.05} and runs["set"][0]["settings"]["tv_weight"] == 0.05
+    (auto,) = weights["auto"]
+    assert auto > 0 and auto != 0.05 and "tv_weight" not in runs["auto"][0]["settings"]
+    failed = _refused(run_cli("reconstruct", case, "--out", tmp_path / "r1", "--method", "fdk", "--tv-weight",
+                              "0.1"), tmp_path / "r1")
+    assert "--method nerf" in failed["message"]
+    failed = _refused(run_cli("reconstruct", case, "--out", tmp_path / "r2", "--method", "nerf", "--tv-weight",
+                              "-1"), tmp_path / "r2")
+    assert ">= 0" in failed["message"]
+
+
 def test_cuda_request_without_gpu_is_a_missing_dependency(case, tmp_path):
     import torch
 

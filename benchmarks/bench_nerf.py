@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from CTNeRFReconLib.metrics import score_volumes  # noqa: E402
 from CTNeRFReconLib.volume_io import read_volume  # noqa: E402
-from rtk_reference import make_case, run_peer  # noqa: E402
+from rtk_reference import case_name, make_case, run_peer  # noqa: E402
 
 
 class PeakRSS:
@@ -173,6 +173,7 @@ def main(argv=None):
     ap.add_argument("--views", type=int, nargs="+", default=[25, 50])
     ap.add_argument("--det", type=int, default=240, help="detector pixels per side (the referee's 240)")
     ap.add_argument("--pitch", type=float, default=3.2, help="detector pixel pitch in mm (the referee's 3.2)")
+    ap.add_argument("--i0", type=float, default=1e5, help="photons per detector pixel (Poisson noise; the referee's 1e5)")
     ap.add_argument("--out", type=Path, default=here / "bench_results" / "nerf")
     ap.add_argument("--cases", type=Path, default=Path.home() / ".cache" / "ctnerf_bench",
                     help="where the RTK-made cases are kept between runs")
@@ -193,10 +194,8 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for views in a.views:
-        name = a.ct.name.split(".")[0]
-        tag = "" if (a.det, a.pitch) == (240, 3.2) else f"_p{a.pitch:g}"
-        case = make_case(a.ct, a.cases / f"{name.removesuffix('_ct')}_{views}v_det{a.det}{tag}", views=views,
-                         det=a.det, pitch=a.pitch)
+        case = make_case(a.ct, a.cases / case_name(a.ct, views, a.det, a.pitch, a.i0), views=views,
+                         det=a.det, pitch=a.pitch, i0=a.i0)
         out = a.out / f"{views}v"
         out.mkdir(parents=True, exist_ok=True)
         rows = []
@@ -225,7 +224,7 @@ def main(argv=None):
               + ", ".join(f"{m} after {t:.0f} s" if t is not None else f"{m} not within its run"
                           for m, t in row["seconds_to_peer_psnr"].items()))
     (a.out / "results.json").write_text(json.dumps(dict(cpu_count=os.cpu_count(), time_limit_s=a.time_limit,
-                                                        ct=a.ct.name, det=a.det, pitch=a.pitch,
+                                                        ct=a.ct.name, det=a.det, pitch=a.pitch, i0=a.i0,
                                                         time_to_peer=reach, results=results), indent=1))
     plot(results, a.out / "psnr_vs_time.png", a.ct.name.split(".")[0])
     print(f"\nwrote {a.out / 'results.json'} and {a.out / 'psnr_vs_time.png'}")

@@ -27,7 +27,7 @@ from CTNeRFReconLib.nerf.config import NerfConfig  # noqa: E402
 from CTNeRFReconLib.nerf.method import fdk_warm_start  # noqa: E402
 from CTNeRFReconLib.nerf.train import NerfTrainer, training_grid  # noqa: E402
 from CTNeRFReconLib.reference import load_reference  # noqa: E402
-from rtk_reference import make_case  # noqa: E402
+from rtk_reference import case_name, make_case  # noqa: E402
 
 
 def parse_settings(pairs: list[str]) -> dict:
@@ -46,14 +46,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ct", type=Path, default=here.parent / "shared" / "data" / "abdomen_ct.nii.gz")
     ap.add_argument("--views", type=int, default=25)
+    ap.add_argument("--det", type=int, default=240, help="detector pixels per side")
+    ap.add_argument("--pitch", type=float, default=3.2, help="detector pixel pitch in mm")
+    ap.add_argument("--i0", type=float, default=1e5, help="photons per detector pixel (Poisson noise; the referee's 1e5)")
+    ap.add_argument("--save", type=Path, help="write the final volume here (.nrrd) for a closer look")
     ap.add_argument("--cases", type=Path, default=Path.home() / ".cache" / "ctnerf_bench")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--score-every", type=int, default=250)
     ap.add_argument("--out", type=Path, default=here / "bench_results" / "nerf_settings.jsonl")
     a = ap.parse_args(argv)
     settings = parse_settings(a.set)
-    case = make_case(a.ct, a.cases / f"{a.ct.name.split('.')[0].removesuffix('_ct')}_{a.views}v_det240",
-                     views=a.views)
+    case = make_case(a.ct, a.cases / case_name(a.ct, a.views, a.det, a.pitch, a.i0), views=a.views, det=a.det,
+                     pitch=a.pitch, i0=a.i0)
     scan = load_scan(case)
     ref, _ = load_reference(case / "reference.nrrd", "mu", 0.02)
     cfg = NerfConfig.from_settings(settings)
@@ -71,8 +75,13 @@ def main(argv=None):
     fdk = fdk_warm_start(scan, training_grid(ref.grid, cfg), "cpu") if cfg.fdk_init_iterations > 0 else None
     trainer = NerfTrainer(scan, ref.grid, cfg, RunContext(device="cpu", settings=settings,
                                                           on_progress=on_progress), fdk_volume=fdk)
-    final = metrics.score_volumes(ref, trainer.run())
-    row = dict(views=a.views, settings=settings, psnr=round(final["psnr"], 3), ssim=round(final["ssim"], 4),
+    volume = trainer.run()
+    final = metrics.score_volumes(ref, volume)
+    if a.save:
+        from CTNeRFReconLib.volume_io import write_volume
+        write_volume(volume, a.save)
+    row = dict(case=case.name, views=a.views, settings=settings, tv_weight=round(trainer.tv_weight, 6),
+               noise_sigma=round(trainer.noise_variance ** 0.5, 5), psnr=round(final["psnr"], 3), ssim=round(final["ssim"], 4),
                seconds=round(time.perf_counter() - t0, 1), curve=curve)
     print(json.dumps({k: v for k, v in row.items() if k != "curve"}))
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,15 @@ def _rtk():
     return itk, rtk
 
 
+def case_name(ct_path, views: int, det: int = 240, pitch: float = 3.2, i0: float = 1e5) -> str:
+    """Cache folder name of a case: the CT's stem, the view count, the detector (pitch when not 3.2 mm),
+    the photons per pixel when not 1e5."""
+    stem = Path(ct_path).name.split(".")[0].removesuffix("_ct")
+    tag = "" if (det, pitch) == (240, 3.2) else f"_p{pitch:g}"
+    tag += "" if i0 == 1e5 else f"_i0{i0:g}"
+    return f"{stem}_{views}v_det{det}{tag}"
+
+
 def make_case(ct_path, out_dir, views: int, det: int = 240, pitch: float = 3.2, voxel: float = 3.0,
               i0: float = 1e5, sid: float = 1000.0, sdd: float = 1500.0, seed: int = 0,
               arc: float = 360.0) -> Path:

@@ -51,8 +51,16 @@ class NerfConfig:
     """Rays of a batch are split into this many groups by chord length, each sampled at about
     step_voxels (1: every ray gets the sample count of the 98th-percentile chord). On a cone-beam
     scan the mean chord is about half the longest, so this halves the renderer's work."""
-    tv_weight: float = 2e-2
-    """Weight of the total-variation prior on the attenuation grid (relative to the data term)."""
+    tv_weight: float | None = None
+    """Weight of the total-variation prior on the attenuation grid (relative to the data term).
+    None = from the data: the projections' noise variance and rays per voxel (nerf/prior_weight.py)."""
+    tv_strength: float = 12.9
+    """kappa of the data-derived TV weight (used when tv_weight is None): nerf/prior_weight.py."""
+    model_error: float = 0.0125
+    """epsilon of the data-derived TV weight: the relative error of the line integrals that no voxel
+    model fits (projector discretisation, detector pixel size, physics), on top of the photon noise.
+    kappa and epsilon were fitted to two cases (abdomen 25 views, 30-slice slab 40 views) and checked
+    on others: docs/nerf.md."""
     fdk_init_iterations: int = 0
     """Steps fitting the generator to a smoothed FDK volume before the projection loss (0 = off:
     on the abdomen benchmark the normalised generator reaches FDK's quality within ~50 steps)."""

@@ -26,6 +26,7 @@ from .config import NerfConfig
 from .detail import DetailGrid
 from .field import VMField
 from .generator import DirectFactors, FactorGenerator
+from .prior_weight import projection_noise_variance, tv_weight_from_data
 
 
 class _BatchTooLarge(RuntimeError):
@@ -101,13 +102,19 @@ class NerfTrainer:
             hold = np.round(np.linspace(0, scan.n_views, cfg.holdout_views, endpoint=False)
                             + scan.n_views / (2 * cfg.holdout_views)).astype(int) % scan.n_views
         train_views = np.setdiff1d(views, hold)
-        self.rays, self.targets = self._rays_for(scan, train_views)
+        self.rays, self.targets, hit = self._rays_for(scan, train_views)
         self.val = None
         if len(hold):
-            self.val = self._rays_for(scan, hold)
+            self.val = self._rays_for(scan, hold)[:2]
         elif scan.validation is not None:
-            self.val = self._rays_for(scan.validation, np.arange(scan.validation.n_views))
+            self.val = self._rays_for(scan.validation, np.arange(scan.validation.n_views))[:2]
         self.target_power = float((self.targets ** 2).mean()) + 1e-12
+        self.noise_variance = projection_noise_variance(proj if len(hold) == 0 else proj[train_views], hit)
+        self.tv_weight = cfg.tv_weight
+        """The TV weight in use: the configured one, else derived from the noise and the sampling."""
+        if self.tv_weight is None:
+            self.tv_weight = tv_weight_from_data(cfg.tv_strength, cfg.model_error, self.noise_variance,
+                                                 self.grid.n_voxels, len(self.targets), self.target_power)
         self.target_peak = float(proj.max())
         chords = (self.rays[3] - self.rays[2])
         dt = cfg.step_voxels * float(min(self.grid.spacing_xyz))
@@ -157,7 +164,8 @@ class NerfTrainer:
         return float(self.scan.projections.max()) / float(np.max(hi - lo)) * 2.0
 
     def _rays_for(self, scan: ScanData, views):
-        """All rays of the given views that cross the training box, with their measurements."""
+        """All rays of the given views that cross the training box, their measurements, and the
+        (len(views), rows, cols) mask of pixels whose ray crosses it."""
         v, r, c = all_pixel_indices(scan.geometry, views)
         # rays run between the outermost voxel centres, as in RTK's Joseph projector (the outer
         # half voxel of a trilinear grid is only a fade to zero)
@@ -167,7 +175,8 @@ class NerfTrainer:
         sel = torch.nonzero(hit).reshape(-1)
         packed = (rays.origins[sel].to(self.device), rays.directions[sel].to(self.device),
                   rays.t_near[sel].to(self.device), rays.t_far[sel].to(self.device))
-        return packed, meas[sel].to(self.device)
+        hit_mask = hit.numpy().reshape(len(views), *scan.geometry.det_shape)  # pixels come view-major
+        return packed, meas[sel].to(self.device), hit_mask
 
     # -- model evaluation -----------------------------------------------------------------------
     def volume_on(self, grid: VolumeGrid) -> torch.Tensor:
@@ -251,8 +260,8 @@ class NerfTrainer:
         pred = self.integrate(vol, o, d, tn, tf, jitter_seed=self.ctx.seed * 7_000_003 + it)
         data = ((pred - meas) ** 2).mean()
         loss = data / self.target_power
-        if cfg.tv_weight > 0:
-            loss = loss + cfg.tv_weight * _tv(vol) / self.field.mu_scale
+        if self.tv_weight > 0:
+            loss = loss + self.tv_weight * _tv(vol) / self.field.mu_scale
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -368,7 +377,8 @@ class NerfTrainer:
                                 projection_psnr=last_psnr if val is None else val,
                                 projection_psnr_kind="batch" if val is None else "held_out",
                                 rays_per_batch=n, lr=self.optimizer.param_groups[0]["lr"],
-                                elapsed_s=round(elapsed, 3), gpu_mem_mb=_gpu_mem_mb(self.device))
+                                elapsed_s=round(elapsed, 3), gpu_mem_mb=_gpu_mem_mb(self.device),
+                                tv_weight=self.tv_weight)
             if cfg.snapshot_every and it % cfg.snapshot_every == 0 and it < cfg.iterations:
                 ctx.on_snapshot(self.output_volume(), it)
             if cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
@@ -379,7 +389,8 @@ class NerfTrainer:
             ctx.on_progress(iteration=it, iterations=cfg.iterations, loss=last_loss,
                             projection_psnr=last_psnr, projection_psnr_kind="batch",
                             rays_per_batch=self.state.rays_per_batch, lr=self.optimizer.param_groups[0]["lr"],
-                            elapsed_s=round(self.state.elapsed_s, 3), gpu_mem_mb=_gpu_mem_mb(self.device))
+                            elapsed_s=round(self.state.elapsed_s, 3), gpu_mem_mb=_gpu_mem_mb(self.device),
+                            tv_weight=self.tv_weight)
         self.save_checkpoint()
         return self.output_volume()
 
