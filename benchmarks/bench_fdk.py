@@ -41,7 +41,7 @@ from CTNeRFReconLib.fdk import FILTERS, FDKConfig, fdk  # noqa: E402
 from CTNeRFReconLib.formats import load_scan  # noqa: E402
 from CTNeRFReconLib.metrics import score_volumes  # noqa: E402
 from CTNeRFReconLib.volume_io import read_volume  # noqa: E402
-from rtk_reference import make_case, run_peer  # noqa: E402
+from rtk_reference import case_name, make_case, run_peer  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def build_case(ct: Path, cases: Path, views: int, maker: Path | None) -> Path:
             subprocess.run([sys.executable, str(maker), str(ct), str(out), "--views", str(views), "--det", "240",
                             "--pitch", "3.2", "--i0", "1e5"], check=True, capture_output=True, text=True)
         return out
-    return make_case(ct, cases / f"abdomen_{views}v_det240", views=views)
+    return make_case(ct, cases / case_name(ct, views), views=views)
 
 
 def time_ours(scan, grid, config: FDKConfig, device: str, repeats: int):

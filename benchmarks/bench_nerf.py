@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from CTNeRFReconLib.metrics import score_volumes  # noqa: E402
 from CTNeRFReconLib.volume_io import read_volume  # noqa: E402
-from rtk_reference import case_name, make_case, run_peer  # noqa: E402
+from rtk_reference import add_case_options, case_for, run_peer  # noqa: E402
 
 
 class PeakRSS:
@@ -169,14 +169,9 @@ def time_to_peer(results: dict) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     here = Path(__file__).resolve().parents[1]
-    ap.add_argument("--ct", type=Path, default=here.parent / "shared" / "data" / "abdomen_ct.nii.gz")
+    add_case_options(ap)
     ap.add_argument("--views", type=int, nargs="+", default=[25, 50])
-    ap.add_argument("--det", type=int, default=240, help="detector pixels per side (the referee's 240)")
-    ap.add_argument("--pitch", type=float, default=3.2, help="detector pixel pitch in mm (the referee's 3.2)")
-    ap.add_argument("--i0", type=float, default=1e5, help="photons per detector pixel (Poisson noise; the referee's 1e5)")
     ap.add_argument("--out", type=Path, default=here / "bench_results" / "nerf")
-    ap.add_argument("--cases", type=Path, default=Path.home() / ".cache" / "ctnerf_bench",
-                    help="where the RTK-made cases are kept between runs")
     ap.add_argument("--methods", nargs="+", default=["fdk", "nerf", "rtk-os-sart", "rtk-admm-tv"],
                     help="ours: fdk, nerf, nerf-torch (kernels off); RTK: rtk-fdk, rtk-os-sart, rtk-admm-tv")
     ap.add_argument("--nerf-args", default="", help="extra CLI arguments for our nerf runs")
@@ -194,8 +189,7 @@ def main(argv=None):
     a.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for views in a.views:
-        case = make_case(a.ct, a.cases / case_name(a.ct, views, a.det, a.pitch, a.i0), views=views,
-                         det=a.det, pitch=a.pitch, i0=a.i0)
+        case = case_for(a, views)
         out = a.out / f"{views}v"
         out.mkdir(parents=True, exist_ok=True)
         rows = []

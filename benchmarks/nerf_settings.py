@@ -3,8 +3,8 @@
 
 For choosing defaults: any `NerfConfig` field can be overridden (`--set key=value`, values are
 Python literals), the volume is scored against the case's ground truth every `--score-every`
-iterations, and one JSON line per run is appended to `--out`. The case is the abdomen case of
-bench_nerf.py (RTK's Joseph projector; made on first use in --cases).
+iterations, and one JSON line per run is appended to `--out`. The case is chosen and made as in
+bench_nerf.py (the same --ct/--det/--pitch/--i0 options; RTK's Joseph projector; cached in --cases).
 
     python benchmarks/nerf_settings.py --views 25 --set refine_fraction=1.0 tv_weight=0.03
 """
@@ -27,7 +27,7 @@ from CTNeRFReconLib.nerf.config import NerfConfig  # noqa: E402
 from CTNeRFReconLib.nerf.method import fdk_warm_start  # noqa: E402
 from CTNeRFReconLib.nerf.train import NerfTrainer, training_grid  # noqa: E402
 from CTNeRFReconLib.reference import load_reference  # noqa: E402
-from rtk_reference import case_name, make_case  # noqa: E402
+from rtk_reference import add_case_options, case_for  # noqa: E402
 
 
 def parse_settings(pairs: list[str]) -> dict:
@@ -44,20 +44,15 @@ def parse_settings(pairs: list[str]) -> dict:
 def main(argv=None):
     here = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ct", type=Path, default=here.parent / "shared" / "data" / "abdomen_ct.nii.gz")
+    add_case_options(ap)
     ap.add_argument("--views", type=int, default=25)
-    ap.add_argument("--det", type=int, default=240, help="detector pixels per side")
-    ap.add_argument("--pitch", type=float, default=3.2, help="detector pixel pitch in mm")
-    ap.add_argument("--i0", type=float, default=1e5, help="photons per detector pixel (Poisson noise; the referee's 1e5)")
     ap.add_argument("--save", type=Path, help="write the final volume here (.nrrd) for a closer look")
-    ap.add_argument("--cases", type=Path, default=Path.home() / ".cache" / "ctnerf_bench")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument("--score-every", type=int, default=250)
     ap.add_argument("--out", type=Path, default=here / "bench_results" / "nerf_settings.jsonl")
     a = ap.parse_args(argv)
     settings = parse_settings(a.set)
-    case = make_case(a.ct, a.cases / case_name(a.ct, a.views, a.det, a.pitch, a.i0), views=a.views, det=a.det,
-                     pitch=a.pitch, i0=a.i0)
+    case = case_for(a, a.views)
     scan = load_scan(case)
     ref, _ = load_reference(case / "reference.nrrd", "mu", 0.02)
     cfg = NerfConfig.from_settings(settings)

@@ -27,6 +27,24 @@ def _rtk():
     return itk, rtk
 
 
+def add_case_options(parser) -> None:
+    """--ct, --det, --pitch, --i0, --cases: which RTK-made case a benchmark script runs on (see case_for)."""
+    parser.add_argument("--ct", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+                        / "abdomen_ct.nii.gz", help="the CT (HU) the case is projected from")
+    parser.add_argument("--det", type=int, default=240, help="detector pixels per side (the referee's 240)")
+    parser.add_argument("--pitch", type=float, default=3.2, help="detector pixel pitch in mm (the referee's 3.2)")
+    parser.add_argument("--i0", type=float, default=1e5,
+                        help="photons per detector pixel (Poisson noise; the referee's 1e5)")
+    parser.add_argument("--cases", type=Path, default=Path.home() / ".cache" / "ctnerf_bench",
+                        help="where the RTK-made cases are kept between runs")
+
+
+def case_for(args, views: int) -> Path:
+    """The case that add_case_options' arguments name, at `views` views: made on first use, then reused."""
+    return make_case(args.ct, args.cases / case_name(args.ct, views, args.det, args.pitch, args.i0), views=views,
+                     det=args.det, pitch=args.pitch, i0=args.i0)
+
+
 def case_name(ct_path, views: int, det: int = 240, pitch: float = 3.2, i0: float = 1e5) -> str:
     """Cache folder name of a case: the CT's stem, the view count, the detector (pitch when not 3.2 mm),
     the photons per pixel when not 1e5."""
