@@ -1,4 +1,5 @@
-"""The `ctnerf` / `python -m CTNeRFReconLib` command line: reconstruct, simulate, info, demo.
+"""The `ctnerf` / `python -m CTNeRFReconLib` command line: reconstruct, simulate, info, demo, and a run's
+field: export, surface, check (cli_field.py).
 
 `reconstruct` is also the worker the Slicer module starts; its stdout protocol is described in
 events.py and worker.py. Exit codes are events.ExitCode (0 also for a cancelled run).
@@ -57,6 +58,12 @@ def _add_reconstruct(sub):
     p.add_argument("--no-kernels", action="store_true", help="use the PyTorch renderer, not the fused kernels")
     p.add_argument("--tv-weight", type=float, metavar="W", help="nerf's TV prior weight (default: from the "
                    "projections' noise and rays per voxel; larger is smoother)")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="nerf: the best result within this wall-clock time; the iteration count is planned from "
+                        "the measured rate (with --iterations: at most that many)")
+    p.add_argument("--no-support", action="store_true",
+                   help="nerf: train on the whole grid box instead of the object's support carved from the "
+                        "projections (voxels some view shows in air)")
     p.add_argument("--fdk-filter", metavar="WINDOW", help="FDK's ramp filter window: ram-lak, shepp-logan, cosine, "
                    "hamming or hann (default hann)")
     p.add_argument("--fdk-cutoff", type=float, metavar="F", help="FDK's filter cut-off, fraction of Nyquist in (0, 1] "
@@ -95,7 +102,9 @@ def _add_demo(sub):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--method", default=None, help="nerf (default when available) or fdk")
     p.add_argument("--preset", choices=("preview", "standard", "high"), default="preview")
-    p.add_argument("--iterations", type=int, metavar="N")
+    p.add_argument("--iterations", type=int, metavar="N", help="a fixed iteration count instead of the time limit")
+    p.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="nerf's wall-clock budget (default 45 unless --iterations is given; 0: none)")
     p.add_argument("--small", action="store_true", help="a tiny case that runs in seconds (smoke test)")
     p.add_argument("--quiet", action="store_true")
 
@@ -107,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_info(sub)
     _add_demo(sub)
+    from .cli_field import add_parsers as _add_field_commands
+
+    _add_field_commands(sub)  # export, surface, check: a run's field (cli_field.py)
     return parser
 
 
@@ -127,7 +139,7 @@ def _reconstruct(args) -> int:
         grid_spacing=args.grid_spacing, grid_size=None if args.grid_size is None else tuple(args.grid_size),
         iterations=args.iterations, snapshot_every=args.snapshot_every, progress_every=args.progress_every,
         kernels=not args.no_kernels, tv_weight=args.tv_weight, fdk_filter=args.fdk_filter, fdk_cutoff=args.fdk_cutoff,
-        quiet=args.quiet)
+        quiet=args.quiet, time_limit=args.time_limit, support=not args.no_support)
     return run_reconstruction(opts)
 
 
@@ -148,11 +160,19 @@ def info_dict(scan) -> dict:
 
     out = scan.summary()
     out["voxel_at_isocentre_mm"] = pitch_at_isocentre(scan.geometry)
+    grid = None
     try:
-        out["default_grid"] = default_grid(scan.geometry).to_dict()
+        grid = default_grid(scan.geometry)
+        out["default_grid"] = grid.to_dict()
     except ValueError as exc:
         out["default_grid"] = None
         out["notes"] = list(out.get("notes", [])) + [str(exc)]
+    grid = scan.grid or (scan.reference.grid if scan.reference is not None else None) or grid
+    if grid is not None:
+        from .support import object_support
+
+        # what nerf would carve: voxels of that grid some view shows in air (support.py)
+        out["support"] = object_support(scan.projections, scan.geometry, grid).summary()
     shipped = scan.grid or (scan.reference.grid if scan.reference is not None else None)
     if shipped is not None:
         from .formats.validate import grid_problem
@@ -179,6 +199,15 @@ def _info(args) -> int:
     if scan.grid is None and grid is not None:
         print(f"default grid (field of view seen by every view): {grid['shape_xyz']} voxels (x, y, z) of "
               f"{grid['spacing_xyz'][0]:.4g} mm, origin {[round(v, 3) for v in grid['origin_xyz']]} mm")
+    support = details.get("support")
+    if support is not None:
+        if support["found"]:
+            print(f"object support (voxels no view shows in air): box {support['box_shape_xyz']} of "
+                  f"{support['grid_shape_xyz']} voxels, {support['box_lo_mm']} to {support['box_hi_mm']} mm "
+                  f"({100 * support['box_fraction']:.0f} % of the grid; support {100 * support['fraction']:.0f} %); "
+                  f"air level {support['air_level']:.4g}, carving below {support['threshold']:.4g}")
+        else:
+            print(f"object support: none carved ({support['reason']})")
     return ExitCode.OK
 
 
@@ -186,10 +215,13 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(args.out, device=args.device, method=args.method, preset=args.preset, small=args.small,
-                    iterations=args.iterations, quiet=args.quiet)
+                    iterations=args.iterations, quiet=args.quiet, time_limit=args.time_limit)
 
 
 COMMANDS = {"reconstruct": _reconstruct, "simulate": _simulate, "info": _info, "demo": _demo}
+from .cli_field import COMMANDS as _FIELD_COMMANDS  # noqa: E402
+
+COMMANDS.update(_FIELD_COMMANDS)
 
 
 def main(argv=None) -> int:

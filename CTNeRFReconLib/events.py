@@ -25,7 +25,7 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 
-EVENT_KINDS = ("started", "progress", "snapshot", "finished", "failed")
+EVENT_KINDS = ("started", "progress", "snapshot", "projection_check", "finished", "failed")
 
 
 class ExitCode(enum.IntEnum):
@@ -99,16 +99,38 @@ class EventWriter:
         """Also write to ``handle`` (a file opened for appending), emptied first when ``truncate``."""
         if truncate:
             handle.truncate(0)
+        else:  # a log torn by a crash (a last line without its newline) must not swallow the next event
+            try:
+                with open(handle.name, "rb") as fh:
+                    fh.seek(0, 2)
+                    if fh.tell() > 0:
+                        fh.seek(-1, 2)
+                        if fh.read(1) != b"\n":
+                            handle.write("\n")
+                            handle.flush()
+            except (OSError, TypeError):
+                pass
         self._log = handle
 
     def emit(self, event: str, **fields) -> dict:
         record = make_event(event, **fields)
         line = json.dumps(record, allow_nan=False, separators=(",", ":"))
         with self._lock:
-            for out in (self.stream, self._log):
-                if out is not None:
-                    out.write(line + "\n")
-                    out.flush()
+            if self.stream is not None:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            if self._log is not None:
+                try:
+                    self._log.write(line + "\n")
+                    self._log.flush()
+                except OSError as exc:  # disk full or a size limit: the stream still gets every event
+                    log, self._log = self._log, None
+                    try:
+                        log.close()
+                    except OSError:
+                        pass
+                    from .volume_io import write_failure
+                    raise write_failure(getattr(log, "name", "events.jsonl"), exc) from None
         return record
 
     def close(self):
@@ -126,14 +148,17 @@ def stdout_wants_events() -> bool:
 
 
 def read_events(path: Path) -> list[dict]:
-    """Events of a run folder's events.jsonl (a torn last line, if any, is ignored)."""
+    """Events of a run folder's events.jsonl: lines that are not a whole JSON object (a line torn by a
+    crash, bytes that are not UTF-8, another program's text) are ignored."""
     path = Path(path)
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):  # torn or foreign lines are skipped
             continue
+        if isinstance(record, dict):
+            out.append(record)
     return out

@@ -159,18 +159,47 @@ def build(plan: BuildPlan, verbose: bool = False) -> None:
 
     _ninja_on_path()
     plan.build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=plan.name,
-        sources=[str(s) for s in plan.sources],
-        extra_cflags=list(plan.cflags),
-        extra_cuda_cflags=list(plan.cuda_cflags),
-        extra_ldflags=list(plan.ldflags),
-        extra_include_paths=[str(plan.include_dir)],
-        build_directory=str(plan.build_dir),
-        verbose=verbose,
-        with_cuda=plan.variant == "cuda",
-        is_python_module=False,
-    )
+    # torch's own build lock is a plain file ('lock') that a builder killed mid-build never removes, and
+    # every later build then waits for it forever. An flock dies with its process: holding it, no other
+    # builder of ours is running, so a 'lock' file still there is stale and can go.
+    with _build_lock(plan.build_dir):
+        stale = plan.build_dir / "lock"
+        if stale.exists():
+            stale.unlink(missing_ok=True)
+        cpp_extension.load(
+            name=plan.name,
+            sources=[str(s) for s in plan.sources],
+            extra_cflags=list(plan.cflags),
+            extra_cuda_cflags=list(plan.cuda_cflags),
+            extra_ldflags=list(plan.ldflags),
+            extra_include_paths=[str(plan.include_dir)],
+            build_directory=str(plan.build_dir),
+            verbose=verbose,
+            with_cuda=plan.variant == "cuda",
+            is_python_module=False,
+        )
+
+
+class _build_lock:
+    """An exclusive flock on BUILD_DIR/.build.flock (a no-op where fcntl is missing)."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".build.flock"
+        self.handle = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # Windows: torch's own lock only
+            return self
+        self.handle = open(self.path, "a")
+        fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.close()  # closing releases the flock
+            self.handle = None
 
 
 _lock = threading.Lock()

@@ -33,6 +33,14 @@ class RunContext:
     """Called with an intermediate volume on the output grid; the worker writes it atomically."""
     should_stop: Callable[[], bool] = lambda: False
     """True once the user asked to stop (SIGTERM or a cancel file): save and return promptly."""
+    on_message: Callable[[str], None] = lambda text: None
+    """A short line for the person watching (what was found or decided); the worker prints it."""
+    clock_start: float | None = None
+    """time.perf_counter() when the run started (a time limit counts from it); None: when the
+    method starts."""
+    report: dict[str, Any] = field(default_factory=dict)
+    """What the method found and decided (the object's support, the time budget...): the worker
+    writes it into run.json as `method_report`."""
 
     @property
     def checkpoint_path(self) -> Path | None:

@@ -6,6 +6,8 @@ run (volume.nrrd and a `finished` event) is left alone unless the user says --ov
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +47,8 @@ class RunFolder:
         return self.volume.exists() and any(e.get("event") == "finished" for e in read_events(self.events))
 
     def last_snapshot_sequence(self) -> int:
-        seqs = [int(e.get("sequence", 0)) for e in read_events(self.events) if e.get("event") == "snapshot"]
-        return max(seqs, default=0)
+        seqs = [e.get("sequence") for e in read_events(self.events) if e.get("event") == "snapshot"]
+        return max((s for s in seqs if isinstance(s, int) and not isinstance(s, bool) and s >= 0), default=0)
 
     def running_pid(self) -> int | None:
         """The pid of a worker still running in this folder: its `started` has no end and it is alive."""
@@ -57,7 +59,26 @@ class RunFolder:
         if not starts or any(e.get("event") in ("finished", "failed") for e in events[starts[-1]:]):
             return None
         pid = events[starts[-1]].get("pid")
-        return pid if isinstance(pid, int) and psutil.pid_exists(pid) else None
+        if not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and psutil.pid_exists(pid)):
+            return None
+        if pid != os.getpid() and not self._log_is_locked():
+            return None  # a killed worker's pid now belongs to another process: its lock went with it
+        return pid
+
+    def _log_is_locked(self) -> bool:
+        """Whether a live worker holds events.jsonl's lock (True where locks are not available)."""
+        if fcntl is None:
+            return True
+        try:
+            with open(self.events, "rb") as fh:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    return True
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                return False
+        except OSError:
+            return False
 
     def check_usable(self, resume: bool, overwrite: bool):
         """Refuse (RunFolderError) what would touch a finished run or a non-folder; writes nothing."""
@@ -82,8 +103,18 @@ class RunFolder:
         The lock (POSIX flock; on other systems only the pid check of check_usable) keeps two
         workers out of one folder; opening changes nothing in the file.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.events, "a", encoding="utf-8")
+        handle = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            handle = open(self.events, "a", encoding="utf-8")
+            with tempfile.TemporaryFile(dir=self.root):  # every result is written beside it, then renamed
+                pass
+        except OSError as exc:
+            if handle is not None:
+                handle.close()
+            raise RunFolderError(f"{self.root}: the run folder cannot be written ({exc.strerror or exc}); "
+                                 "nothing was done. Fix: choose a writable --out folder (permissions, a "
+                                 "read-only disk or share), or make this one writable") from None
         if fcntl is not None:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -93,7 +124,40 @@ class RunFolder:
                                      "for it, stop it (create the file 'cancel' there), or choose another --out")
         return handle
 
-    def remove_stale_cancel(self):
-        """A cancel request left over from an earlier run must not stop the new one."""
-        if self.cancel_file.is_file():
+    def clock(self) -> float:
+        """The run folder's own "now": the modification time of a file just made in it (the clock
+        that stamps a cancel file too, the server's on a network share). The folder must exist."""
+        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".clock-") as probe:
+            return os.fstat(probe.fileno()).st_mtime
+
+    OUTPUT_NAMES = ("volume.nrrd", "snapshot.nrrd", "run.json", "metrics.json", "preview.png", "projections.png",
+                    "loss.png", "checkpoint.pt", "reference.nrrd")
+
+    def remove_stale_temporaries(self) -> list[str]:
+        """Remove what a killed worker left half-written: the hidden temporary files of atomic writes
+        (`.volume.<random>.nrrd`, ...). Call it only while holding the lock (no other writer)."""
+        removed = []
+        for name in self.OUTPUT_NAMES:
+            stem, dot, ext = name.partition(".")
+            for tmp in self.root.glob(f".{stem}.*.{ext}"):
+                removed.append(tmp.name)
+                tmp.unlink(missing_ok=True)
+        for tmp in self.root.glob(".clock-*"):
+            removed.append(tmp.name)
+            tmp.unlink(missing_ok=True)
+        return removed
+
+    def remove_stale_cancel(self, older_than: float | None = None):
+        """A cancel request left over from an earlier run must not stop the new one.
+
+        ``older_than`` (the folder's :meth:`clock` when this run began): only a cancel file made
+        before it is stale; one made since is this run's own cancel and stays. None: remove any.
+        """
+        try:
+            if not self.cancel_file.is_file():
+                return
+            if older_than is not None and self.cancel_file.stat().st_mtime >= older_than:
+                return
             self.cancel_file.unlink()
+        except FileNotFoundError:
+            pass

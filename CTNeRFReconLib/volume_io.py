@@ -5,7 +5,10 @@ geometry says (and Slicer, which reads ITK files as LPS, shows it mirrored into 
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -44,12 +47,254 @@ def unreadable_reason(path: Path, exc: RuntimeError, what: str = "volume") -> st
             "cannot: the file is truncated or its data file is missing")
 
 
-def _read_image(path: Path) -> tuple[sitk.Image | None, str]:
-    """(image, "") or (None, what is wrong with the file)."""
+DEFLATE_MAX_RATIO = 1100
+"""zlib/gzip cannot inflate more than about 1032:1, so compressed data that announce more than this
+many bytes per stored byte cannot be complete (a decompression bomb, or a truncated file)."""
+
+
+def _pixel_bytes(reader: sitk.ImageFileReader) -> int:
+    import re
+
+    name = sitk.GetPixelIDValueAsString(reader.GetPixelID())
+    bits = re.search(r"(\d+)-bit", name)
+    size = int(bits.group(1)) // 8 if bits else 8
+    if "complex" in name:
+        size *= 2
+    return max(1, size) * max(1, int(reader.GetNumberOfComponents()))
+
+
+_HEADER_BYTES = set(range(32, 127)) | {9, 10, 13}
+
+
+def _header_fields(path: Path) -> tuple[dict | None, int | None]:
+    """(key/value lines with lower-cased keys, header length in bytes) of a MetaImage (.mha/.mhd) or
+    NRRD (.nrrd/.nhdr) header; (None, None) when the header is not plain text or has no end."""
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    nrrd = head.startswith(b"NRRD")
+    if nrrd:
+        end = head.find(b"\n\n")
+        if end < 0:
+            end = head.find(b"\r\n\r\n")
+        text = head[:end] if end >= 0 else head
+        header_len = end + 2 if end >= 0 else None
+        if end < 0 and not path.name.lower().endswith(".nhdr") and len(head) == 65536:
+            return None, None
+    else:
+        lines = head.split(b"\n")
+        text, header_len = b"", None
+        pos = 0
+        for raw in lines:
+            pos += len(raw) + 1
+            if raw.strip().lower().startswith(b"elementdatafile"):
+                text, header_len = head[:pos], pos
+                break
+        if header_len is None:
+            return ({}, None) if path.name.lower().endswith(".mhd") else (None, None)
+    if not set(text) <= _HEADER_BYTES:
+        return None, None
+    out = {}
+    for raw in text.split(b"\n"):
+        line = raw.decode("ascii").strip()
+        for sep in (":=", "=", ":"):
+            if sep in line:
+                key, value = line.split(sep, 1)
+                out.setdefault(key.strip().lower(), value.strip())
+                break
+    return out, header_len
+
+
+def check_image_header(path, field: str, fix: str, what: str = "volume", headroom: int = 8):
+    """Refuse, before any pixel is allocated, an image whose header announces more data than the
+    file can hold (truncated, or a decompression bomb) or than this machine's memory can take.
+
+    `headroom` is the bytes per voxel the readers need on top of the file's own (a float32 cast and
+    the numpy copy). Files whose header SimpleITK cannot read are left to the reader's own message.
+    """
+    import psutil
+
+    from .formats.validate import ScanFormatError
+
+    path = Path(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        img = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        return None, unreadable_reason(path, exc)
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return
+    size = [int(s) for s in reader.GetSize()]
+    voxels = 1
+    for s in size:
+        voxels *= max(0, s)
+    data_bytes = voxels * _pixel_bytes(reader)
+    need = data_bytes + voxels * headroom
+    shape = " x ".join(map(str, size))
+    avail = psutil.virtual_memory().available
+    if need > avail:
+        raise ScanFormatError(path, field, f"its header announces a {shape} {what} ({data_bytes / 2**30:.3g} GiB of "
+                              f"data, about {need / 2**30:.3g} GiB to read) but {avail / 2**30:.1f} GiB of memory "
+                              "are available; it was refused before reading", fix)
+    name = path.name.lower()
+    stored = path.stat().st_size
+    if name.endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
+        try:
+            head, header_len = _header_fields(path)
+        except OSError:
+            return
+        if head is None:  # SimpleITK's MetaIO has crashed the process (heap corruption) on such headers
+            raise ScanFormatError(path, field, "its header is corrupt (bytes that are not text, or no end of "
+                                  "header where the data should begin); it was refused before reading", fix)
+        if name.endswith((".mha", ".nrrd")) and header_len is not None:
+            stored = max(0, stored - header_len)
+        if name.endswith((".mha", ".mhd")):
+            compressed = head.get("compresseddata", "false").lower() == "true"
+            datafile = head.get("elementdatafile", "LOCAL")
+            local = datafile.upper() == "LOCAL"
+            bomb_check = compressed
+        else:
+            encoding = head.get("encoding", "raw").lower()
+            compressed = encoding not in ("raw",)
+            datafile = head.get("data file", head.get("datafile", ""))
+            local = datafile == ""
+            bomb_check = encoding in ("gzip", "gz")
+        if not local:
+            if datafile.upper().startswith("LIST") or "%" in datafile or " " in datafile:
+                return  # a list or pattern of slice files: SimpleITK checks each
+            target = (path.parent / datafile) if not Path(datafile).is_absolute() else Path(datafile)
+            try:
+                st = target.stat()
+            except OSError:
+                raise ScanFormatError(path, field, f"its data file '{datafile[:80]}' is missing", fix) from None
+            import stat as stat_mod
+
+            if not stat_mod.S_ISREG(st.st_mode):
+                raise ScanFormatError(path, field, f"its data file '{datafile}' is not a regular file (a device, "
+                                      "pipe or folder); refused", fix)
+            stored = st.st_size
+        if compressed:
+            if bomb_check and data_bytes > DEFLATE_MAX_RATIO * stored + 65536:
+                raise ScanFormatError(path, field, f"its header announces a {shape} {what} ({data_bytes / 2**20:.4g} MiB) "
+                                      f"but its compressed data ({stored} bytes) cannot inflate to that much: the "
+                                      "file is truncated or a decompression bomb; it was refused before reading", fix)
+        elif data_bytes > stored:
+            raise ScanFormatError(path, field, f"its header announces a {shape} {what} ({data_bytes} bytes of data) "
+                                  f"but the file holds {stored} bytes: it is truncated (or its header is wrong)", fix)
+    elif name.endswith((".nii", ".hdr", ".img")) and data_bytes > stored + (path.with_suffix(".img").stat().st_size
+                                                                         if name.endswith(".hdr") and path.with_suffix(".img").exists() else 0):
+        raise ScanFormatError(path, field, f"its header announces a {shape} {what} ({data_bytes} bytes of data) "
+                              f"but the file holds {stored} bytes: it is truncated (or its header is wrong)", fix)
+    elif name.endswith(".nii.gz") and data_bytes > DEFLATE_MAX_RATIO * stored + 65536:
+        raise ScanFormatError(path, field, f"its header announces a {shape} {what} but its compressed data "
+                              f"({stored} bytes) cannot inflate to {data_bytes} bytes: truncated, or a "
+                              "decompression bomb; it was refused before reading", fix)
+
+
+IN_PROCESS_ENV = "CTNERF_READ_IN_PROCESS"
+"""Set to 1 to read input images in this process (no crash isolation; the fuzzer uses it to reach
+the native readers' crashes, which the product then refuses)."""
+
+_CHILD = r"""
+import json, sys
+import numpy as np
+import SimpleITK as sitk
+from CTNeRFReconLib.formats.validate import ScanFormatError
+from CTNeRFReconLib.volume_io import check_image_header, unreadable_reason
+path, field, fix, what, as_float = sys.argv[1:]
+try:
+    check_image_header(path, field, fix, what)
+    img = sitk.ReadImage(path, sitk.sitkFloat32) if as_float == "1" else sitk.ReadImage(path)
+except ScanFormatError as e:
+    print(json.dumps({"kind": "refused", "file": e.file, "field": e.field, "problem": e.problem, "fix": e.fix}))
+    sys.exit(0)
+except RuntimeError as e:
+    print(json.dumps({"kind": "unreadable", "problem": unreadable_reason(path, e, what)}))
+    sys.exit(0)
+arr = np.ascontiguousarray(sitk.GetArrayFromImage(img))
+print(json.dumps({"kind": "ok", "components": img.GetNumberOfComponentsPerPixel(), "spacing": img.GetSpacing(),
+                  "origin": img.GetOrigin(), "direction": img.GetDirection(), "dtype": arr.dtype.str,
+                  "shape": arr.shape}), flush=True)
+sys.stdout.buffer.write(memoryview(arr).cast("B"))
+sys.stdout.buffer.flush()
+"""
+
+
+def read_input_image(path, field: str, fix: str, what: str = "volume", as_float: bool = True) -> sitk.Image:
+    """An input image (data, reference, flat/dark fields): header checked, then read in a child
+    process, so that a native reader crash on a corrupt file (SimpleITK's MetaIO and TIFF readers
+    have corrupted their heap on fuzzed files) is a refusal naming the file, not a dead worker.
+    Raises ScanFormatError for a refused or unreadable file."""
+    import json
+    import signal as signal_mod
+    import subprocess
+
+    from .formats.validate import ScanFormatError
+
+    path = Path(path)
+    exe = Path(sys.executable or "").name.lower()
+    # inside an application that embeds Python (3D Slicer), sys.executable is the application, not a
+    # Python that runs `-c`: read in-process there (the worker that reconstructs is a real Python)
+    embedded = not exe.startswith("python") or "slicer" in sys.modules
+    if os.environ.get(IN_PROCESS_ENV) == "1" or embedded:
+        check_image_header(path, field, fix, what)
+        try:
+            return sitk.ReadImage(str(path), sitk.sitkFloat32) if as_float else sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            raise ScanFormatError(path, field, unreadable_reason(path, exc, what), fix) from None
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root] + [q for q in os.environ.get("PYTHONPATH", "")
+                                                                        .split(os.pathsep) if q]))
+    # the pixels come back through the pipe (no temporary file: a full disk must not stop reading)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), field, fix, what, "1" if as_float else "0"],
+                              capture_output=True, env=env, timeout=3600)
+    except subprocess.TimeoutExpired:
+        raise ScanFormatError(path, field, "reading it as an image took more than an hour; the file is corrupt "
+                              "or a device", fix) from None
+    head, _, pixels = proc.stdout.partition(b"\n")
+    stderr = proc.stderr.decode("utf-8", "replace")
+    if True:
+        lines = [head.decode("utf-8", "replace")] if head.startswith(b"{") else []
+        if proc.returncode != 0 or not lines:
+            if proc.returncode < 0:
+                try:
+                    why = f"killed by {signal_mod.Signals(-proc.returncode).name}"
+                except ValueError:
+                    why = f"killed by signal {-proc.returncode}"
+            else:
+                tail = " ".join(stderr.strip().splitlines()[-1:])[:160]
+                why = f"exit status {proc.returncode}" + (f": {tail}" if tail else "")
+            if "MemoryError" in stderr or "bad_alloc" in stderr:
+                why = "it needs more memory than is available"
+            raise ScanFormatError(path, field, f"the image reader crashed on it ({why}): the file is corrupt; it was "
+                                  "refused and this run is unharmed", fix)
+        result = json.loads(lines[-1])
+        if result["kind"] == "refused":
+            raise ScanFormatError(result["file"], result["field"], result["problem"], result["fix"])
+        if result["kind"] == "unreadable":
+            raise ScanFormatError(path, field, result["problem"], fix)
+        dtype, shape = np.dtype(result["dtype"]), tuple(result["shape"])
+        if len(pixels) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise ScanFormatError(path, field, "the image reader returned fewer pixels than the header announces", fix)
+        arr = np.frombuffer(pixels, dtype=dtype).reshape(shape)
+    img = sitk.GetImageFromArray(arr, isVector=result["components"] > 1)
+    img.SetSpacing(result["spacing"])
+    img.SetOrigin(result["origin"])
+    img.SetDirection(result["direction"])
+    return img
+
+
+def _read_image(path: Path, field: str = "volume", fix: str = "give a 3D NRRD, MHA or NIfTI volume",
+                isolated: bool = False) -> tuple[sitk.Image | None, str]:
+    """(image, "") or (None, what is wrong with the file). `isolated`: an input file, read with
+    read_input_image (refusals raise ScanFormatError)."""
+    if isolated:
+        img = read_input_image(path, field, fix, as_float=False)
+    else:
+        check_image_header(path, field, fix)
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            return None, unreadable_reason(path, exc)
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         return None, (f"expected a 3D scalar volume, got {img.GetDimension()}D with "
                       f"{img.GetNumberOfComponentsPerPixel()} components per voxel")
@@ -75,7 +320,7 @@ def read_input_volume(path, field: str, fix: str) -> Volume:
     path = Path(path)
     if not path.is_file():
         raise ScanFormatError(path, field, "not found" if not path.exists() else "is not a file", fix)
-    img, problem = _read_image(path)
+    img, problem = _read_image(path, field, fix, isolated=True)
     if img is None:
         raise ScanFormatError(path, field, problem, fix)
     volume = sitk_to_volume(sitk.Cast(img, sitk.sitkFloat32))
@@ -95,26 +340,91 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
-def atomic_write(path, write_fn) -> Path:
-    """Write through `write_fn(tmp_path)` to a temporary name in the same folder, then rename.
+class RunFolderWriteError(OSError):
+    """A result could not be written (disk full, a file size limit, a read-only folder, I/O error).
 
-    A reader polling `path` sees either the previous complete file or the new complete file.
-    The temporary name keeps the extension so that writers that pick a format by suffix work.
+    The file it was replacing is left as it was: the last complete snapshot, volume or checkpoint."""
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    """An OSError that says the disk (not the program) failed: no space, size limit, read-only, I/O."""
+    return isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
+
+
+def write_failure(path, exc: BaseException) -> RunFolderWriteError:
+    """The error to raise when writing `path` failed with `exc`, in words, with the fix."""
+    path = Path(path)
+    reason = " ".join((getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).split())
+    if len(reason) > 160:
+        reason = reason[:160] + "..."
+    try:
+        free = shutil.disk_usage(path.parent).free
+        room = f"; {free / 2**20:.1f} MiB free on that disk"
+    except OSError:
+        room = ""
+    err = RunFolderWriteError(getattr(exc, "errno", None) or errno.EIO,
+                              f"{path}: could not be written ({reason}{room}): the disk is full, a file size "
+                              "limit was reached or the folder is not writable. The previous complete file is "
+                              "kept. Fix: free disk space (or raise the limit) and run again with --resume, or "
+                              "choose another --out")
+    err.filename = str(path)
+    return err
+
+
+def _fsync_path(path, directory: bool = False):
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some systems cannot open a folder: its rename is then as durable as they allow
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, write_fn) -> Path:
+    """Write through `write_fn(tmp_path)` to a temporary name in the same folder, fsync, then rename.
+
+    A reader polling `path` sees either the previous complete file or the new complete file, and
+    a crash (SIGKILL, power loss) at any moment leaves one of the two: the data are on disk before
+    the rename, and the folder entry after it. The temporary name keeps the extension so that
+    writers that pick a format by suffix work; it starts with '.' and is removed on failure.
     The file ends with the usual permissions (mkstemp's private 0600 would hide it from other users).
+    A write that fails for lack of space or permission is a RunFolderWriteError naming the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix="".join(path.suffixes) or ".tmp",
-                               dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix="".join(path.suffixes) or ".tmp",
+                                   dir=path.parent)
+    except OSError as exc:
+        raise write_failure(path, exc) from None
     os.close(fd)
     try:
-        write_fn(tmp)
-        os.chmod(tmp, _FILE_MODE)
+        try:
+            write_fn(tmp)
+            _fsync_path(tmp)
+            os.chmod(tmp, _FILE_MODE)
+        except (OSError, RuntimeError) as exc:  # ITK and torch report a short write as RuntimeError
+            raise write_failure(path, exc) from None
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        try:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        except OSError:
+            pass
         raise
+    _fsync_path(path.parent, directory=True)
     return path
 
 

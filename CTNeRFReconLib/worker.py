@@ -78,6 +78,10 @@ class ReconstructOptions:
     """FDK's ramp filter window (fdk.FILTERS); None: FDK's default (hann)."""
     fdk_cutoff: float | None = None
     """FDK's filter cut-off as a fraction of Nyquist, in (0, 1]; None: 1."""
+    time_limit: float | None = None
+    """Wall-clock budget of the run in seconds (nerf): the schedule adapts so it ends in time."""
+    support: bool = True
+    """nerf: carve the object's support from the projections (support.py); False: train on the whole box."""
 
 
 def default_method() -> str:
@@ -102,6 +106,12 @@ def method_settings(opts: ReconstructOptions) -> dict:
         settings["filter"] = opts.fdk_filter
     if opts.fdk_cutoff is not None:
         settings["cutoff"] = opts.fdk_cutoff
+    if opts.time_limit is not None:
+        settings["time_limit_s"] = opts.time_limit
+        if opts.iterations is not None:  # with a time limit, --iterations is the most it may plan
+            settings["iterations_cap"] = opts.iterations
+    if not opts.support:
+        settings["support"] = False
     return settings
 
 
@@ -174,6 +184,9 @@ def classify(exc: BaseException) -> FailureKind:
         return FailureKind.MISSING_DEPENDENCY
     if isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         return FailureKind.BAD_INPUT
+    from .volume_io import RunFolderWriteError, is_disk_error
+    if isinstance(exc, RunFolderWriteError) or is_disk_error(exc):  # disk full, size limit, read-only: the
+        return FailureKind.BAD_INPUT  # run folder cannot take the results; the user frees space or moves --out
     return FailureKind.INTERNAL
 
 
@@ -219,6 +232,10 @@ class StopRequest:
 
     def restore(self):
         for sig, handler in self._saved.items():
+            if sig == signal.SIGTERM and self.event.is_set() and handler is signal.SIG_DFL:
+                # the run already ended on a stop request and its folder is complete: a late SIGTERM (a
+                # client repeating it) must not turn the clean exit into a kill during interpreter shutdown
+                handler = signal.SIG_IGN
             signal.signal(sig, handler)
         self._saved.clear()
 
@@ -286,6 +303,13 @@ def prepare(opts: ReconstructOptions) -> Prepared:
         raise ValueError(f"--progress-every must be a positive number of iterations, got {opts.progress_every}")
     if opts.snapshot_every is not None and opts.snapshot_every < 0:
         raise ValueError(f"--snapshot-every must be 0 (no snapshots) or positive, got {opts.snapshot_every}")
+    if opts.time_limit is not None:
+        if name != "nerf":
+            raise ValueError(f"--time-limit applies to --method nerf only, not to '{name}'; leave it out")
+        if not (opts.time_limit > 0 and math.isfinite(opts.time_limit)):
+            raise ValueError(f"--time-limit must be a positive number of seconds, got {opts.time_limit}")
+    if not opts.support and name != "nerf":
+        raise ValueError(f"--no-support applies to --method nerf only, not to '{name}'; leave it out")
     if opts.tv_weight is not None:
         if name != "nerf":
             raise ValueError(f"--tv-weight applies to --method nerf only, not to '{name}'; leave it out")
@@ -319,8 +343,15 @@ def prepare(opts: ReconstructOptions) -> Prepared:
     grid = adjust_grid(grid, opts.grid_spacing, opts.grid_size)
     check_output_grid(scan, grid, grid_source, opts)
     check_memory(grid)
-    return Prepared(scan, grid, grid_source, reference, reference_info, name, method, device,
-                    method_settings(opts))
+    settings = method_settings(opts)
+    method_memory = getattr(method, "check_memory", None)
+    if method_memory is not None:  # the method's own estimate (rays, training grid, batch) against RAM / GPU
+        method_memory(scan, grid, dict(settings), device)
+    check_resume = getattr(method, "check_resume", None)
+    if opts.resume and check_resume is not None:  # a checkpoint that cannot be resumed is refused here
+        check_resume(scan, grid, RunContext(device=device, seed=opts.seed, run_dir=RunFolder(opts.out).root,
+                                            resume=True, settings=dict(settings)))
+    return Prepared(scan, grid, grid_source, reference, reference_info, name, method, device, settings)
 
 
 def _write_json(path: Path, payload: dict):
@@ -357,6 +388,7 @@ def run_reconstruction(opts: ReconstructOptions, stream=None) -> ExitCode:
         try:
             folder.check_usable(opts.resume, opts.overwrite)
             log = folder.open_events_log()
+            began = folder.clock()  # a cancel file made from now on is this run's own
         except Exception as exc:  # noqa: BLE001 - the folder is not ours to write: report on the stream only
             return _fail(events, console, exc)
         try:
@@ -367,7 +399,8 @@ def run_reconstruction(opts: ReconstructOptions, stream=None) -> ExitCode:
             else:
                 events.attach_log(log, truncate=not opts.resume)
             return _fail(events, console, exc)
-        folder.remove_stale_cancel()
+        folder.remove_stale_cancel(older_than=began)
+        folder.remove_stale_temporaries()  # half-written files of a killed worker (we hold the lock)
         events.attach_log(log, truncate=not opts.resume)
         return _run(opts, prepared, folder, events, console, stop)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a `failed` event
@@ -387,7 +420,10 @@ def _fail(events: EventWriter, console: Console, exc: BaseException) -> ExitCode
     if kind is FailureKind.INTERNAL or os.environ.get("CTNERF_DEBUG"):
         traceback.print_exception(exc, file=sys.stderr)
     print(f"error ({kind.value}): {message}", file=sys.stderr, flush=True)
-    events.emit("failed", message=message, kind=kind.value)
+    try:
+        events.emit("failed", message=message, kind=kind.value)
+    except OSError:  # the log cannot take the line (disk full): the stream and stderr had it
+        pass
     return kind.exit_code
 
 
@@ -431,7 +467,7 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
 
     ctx = RunContext(device=p.device, seed=opts.seed, run_dir=folder.root, resume=opts.resume,
                      settings=dict(p.settings), on_progress=on_progress, on_snapshot=on_snapshot,
-                     should_stop=stop)
+                     should_stop=stop, on_message=console.say, clock_start=t0)
     volume = _on_grid(p.method.reconstruct(p.scan, p.grid, ctx), p.grid)
     console.close()
     if not np.all(np.isfinite(volume.array)):
@@ -458,9 +494,14 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
         paths["loss_preview"] = folder.loss_preview
     if sequence:
         paths["snapshot"] = folder.snapshot
+    check = None if cancelled else _projection_check(p, volume, folder, events, console)
+    if check is not None:
+        paths["projection_check"] = check["path"]
+        run_info["projection_check"] = {k: check[k] for k in ("view", "angle_deg", "median_rmse", "worst_view",
+                                                              "worst_ratio", "stride", "held_out")}
     elapsed = round(time.perf_counter() - t0, 3)
     run_info.update(status="cancelled" if cancelled else "finished", elapsed_s=elapsed, metrics=scores,
-                    iteration=last_iteration)
+                    iteration=last_iteration, method_report=ctx.report)
     _write_json(folder.run_json, run_info)
     events.emit("finished", paths=paths, metrics=scores, cancelled=cancelled, elapsed_s=elapsed,
                 iteration=last_iteration)
@@ -469,6 +510,25 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
         console.say(f"PSNR {scores['psnr']:.2f} dB, SSIM {scores.get('ssim', float('nan')):.3f} "
                     f"against the reference ({folder.metrics})")
     return ExitCode.OK
+
+
+def _projection_check(p: Prepared, volume: Volume, folder: RunFolder, events: EventWriter, console: Console):
+    """projection_check.png and the `projection_check` event (projection_check.py); never fails the run."""
+    try:
+        from .projection_check import projection_check
+
+        title = f"{p.method_name} ({p.scan.n_views} views): rendered through the output volume"
+        res = projection_check(volume, p.scan, folder.root / "projection_check.png", device=p.device, title=title)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic picture must not cost the run its results
+        console.say(f"projection check skipped: {' '.join(str(exc).split())[:200]}")
+        return None
+    events.emit("projection_check", view=res["view"], angle_deg=res["angle_deg"], rmse=res["rmse"],
+                angles_deg=res["angles_deg"], held_out=res["held_out"], median_rmse=res["median_rmse"],
+                worst_view=res["worst_view"], path=res["path"])
+    if res["worst_ratio"] > 3:
+        console.say(f"projection check: view {res['worst_view']} leaves {res['worst_ratio']:.1f} x the median "
+                    f"residual (a bad view or a geometry error?): {res['path']}")
+    return res
 
 
 def _on_grid(volume: Volume, grid: VolumeGrid) -> Volume:

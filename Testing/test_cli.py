@@ -49,6 +49,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert match, res.stdout
     psnr = float(match.group(1))
     assert psnr > 15, res.stdout
+    if "nerf" in res.stdout:  # the method's value: FDK's scores on the same scan beside it
+        assert re.search(r"vs FDK on the same scan: PSNR [\d.]+ dB\s+SSIM [\d.]+", res.stdout), res.stdout
+    assert "Warning" not in res.stderr, res.stderr  # nothing leaks to the terminal (numpy, torch...)
     volume_path = out / "run" / "volume.nrrd"
     assert str(volume_path) in res.stdout and str(out / "run" / "preview.png") in res.stdout
     assert read_volume(volume_path).grid.shape_xyz == read_volume(out / "data" / "reference.nrrd").grid.shape_xyz

@@ -147,3 +147,18 @@ def test_surface_distances_equal_full_volume_distance_transforms():
     da, db = surface_distances(full, empty, spacing)
     assert np.all(np.isinf(da)) and db.size == 0
     assert surface_dice(empty, empty, spacing, 1.0) == 1.0 and np.isnan(hd95(empty, empty, spacing))
+
+
+def test_hd95_of_a_structure_missing_from_one_volume_is_infinite_without_a_warning():
+    """The demo's short run has no voxel above the bone threshold: no numpy warning may leak (inf - inf
+    in np.percentile's interpolation); the distance is infinite (null in JSON)."""
+    import warnings
+
+    from CTNeRFReconLib.metrics import hd95
+
+    a = np.zeros((8, 8, 8), dtype=bool)
+    a[2:6, 2:6, 2:6] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hd95(a, np.zeros_like(a), (1.0, 1.0, 1.0)) == float("inf")
+        assert hd95(a, a, (1.0, 1.0, 1.0)) == 0.0

@@ -79,6 +79,7 @@ def test_every_ui_attribute_is_a_widget(tree, ui):
 
 SIGNALS = {
     "QPushButton": {"clicked(bool)", "clicked()", "toggled(bool)"},
+    "QToolButton": {"clicked(bool)", "clicked()"},
     "QCheckBox": {"toggled(bool)", "clicked(bool)", "stateChanged(int)"},
     "QComboBox": {"currentIndexChanged(int)", "currentTextChanged(QString)", "activated(int)"},
     "QSpinBox": {"valueChanged(int)"},
@@ -120,11 +121,15 @@ def test_bound_widgets_have_connectable_types(tree, ui):
     allowed = {"str": {"QComboBox", "QLineEdit"}, "int": {"QSpinBox", "QSlider"},
                "float": {"QDoubleSpinBox", "ctkSliderWidget"}, "bool": {"QCheckBox"},
                "pathlib.Path": {"ctkPathLineEdit"}, "vtkMRMLScalarVolumeNode": {"qMRMLNodeComboBox"}}
+    if "class _PathLineEditToStrConnector(GuiConnector)" in MODULE_FILE.read_text(encoding="utf-8"):
+        allowed["str"] = allowed["str"] | {"ctkPathLineEdit"}  # the module registers that connector
     for widget, param in _parameter_names(ui).items():
         annotation = fields[param]
         text = ast.unparse(annotation)
         base = ast.unparse(annotation.slice.elts[0]) if text.startswith("Annotated[") else text
         assert classes[widget] in allowed[base], f"{widget} ({classes[widget]}) cannot bind a {base} field"
+        if classes[widget] in ("QComboBox", "QSpinBox", "QCheckBox"):
+            assert not text.startswith("pathlib"), widget
         if classes[widget] == "QComboBox" and base == "str":
             assert "Choice(" in text, f"{param}: a str bound to a QComboBox needs Annotated[str, Choice([...])]"
 
@@ -189,3 +194,36 @@ def test_resources_exist():
         assert resource in cmake and (MODULE_DIR / resource.replace("${MODULE_NAME}", "CTNeRFRecon")).is_file()
     top = (MODULE_DIR.parent / "CMakeLists.txt").read_text()
     assert "add_subdirectory(CTNeRFRecon)" in top and "EXTENSION_DEPENDS" in top
+
+
+def _widget_class(tree) -> ast.ClassDef:
+    return _classes(tree)["CTNeRFReconWidget"]
+
+
+def test_no_slot_on_a_bound_widget(tree, ui):
+    """A slot connected to a widget that connectGui also binds runs before the connector has written the
+    parameter node (Qt calls slots in connection order), so it reads the previous value; and connectGui
+    refills a combo box each time the panel is entered, firing the slot. Bound widgets act through the
+    parameter node's ModifiedEvent instead."""
+    bound = set(_parameter_names(ui))
+    connected = [node.func.value.attr for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect"
+                 and isinstance(node.func.value, ast.Attribute) and isinstance(node.func.value.value, ast.Attribute)
+                 and node.func.value.value.attr == "ui"]
+    both = sorted(set(connected) & bound - {"volumeRenderingCheckBox"})
+    assert not both, f"slots connected to widgets that connectGui binds: {both}"
+
+
+def test_errors_are_shown_once(tree):
+    """slicer.util.tryWithErrorDisplay re-raises after its dialog (Base/Python/slicer/util.py), so the
+    widget's actions go through its own guard, which shows one dialog and stops the error there."""
+    text = ast.unparse(_widget_class(tree))
+    assert "tryWithErrorDisplay" not in text
+    assert "def _guarded" in text
+
+
+def test_widget_never_waits_on_a_process(tree):
+    """The GUI thread never blocks on the engine: no wait()/stop() with a long timeout, no processEvents loop."""
+    for node in ast.walk(_widget_class(tree)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            assert node.func.attr not in ("wait", "loadDemoData", "processEvents"), ast.unparse(node)

@@ -29,14 +29,16 @@ def case(tmp_path_factory):
 
 
 def check_order(events: list[dict]):
-    """protocol 1 on every event, started first, one terminal event last, only progress/snapshot between."""
+    """protocol 1 on every event, started first, one terminal event last, only progress/snapshot between
+    (and at most one projection_check, just before `finished`)."""
     assert events, "no events"
     for e in events:
         assert e["protocol"] == 1 and isinstance(e["time"], float) and "event" in e
     kinds = [e["event"] for e in events]
     assert kinds[0] == "started"
     assert kinds[-1] in ("finished", "failed")
-    assert set(kinds[1:-1]) <= {"progress", "snapshot"}, kinds
+    assert set(kinds[1:-1]) <= {"progress", "snapshot", "projection_check"}, kinds
+    assert kinds.count("projection_check") <= 1 and "projection_check" not in kinds[1:-2], kinds  # just before the end
 
 
 def test_fdk_run_writes_a_complete_run_folder(case, tmp_path):

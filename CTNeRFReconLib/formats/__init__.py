@@ -127,6 +127,28 @@ def load_scan(path, projections=None) -> ScanData:
     except OSError as exc:  # unreadable: permissions, a folder where a file belongs, I/O errors
         raise ScanFormatError(exc.filename or path, "file", f"cannot be read ({exc.strerror or exc})",
                               "check that the file exists and that you may read it (permissions)") from None
+    except ScanFormatError:
+        raise
+    except _UNEXPECTED as exc:  # a reader met content no check foresaw: still a refusal naming the file
+        raise _unforeseen(path, exc) from None
+
+
+_UNEXPECTED = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError,
+               ZeroDivisionError, MemoryError, RuntimeError, UnicodeError)
+"""What a reader may raise on content its checks did not foresee (the fuzz corpus in Testing/fuzz
+holds every case found so far, each also fixed where it arose)."""
+
+
+def _unforeseen(path: Path, exc: BaseException) -> ScanFormatError:
+    text = " ".join(str(exc).split())[:200] or "no detail"
+    if isinstance(exc, MemoryError):
+        problem = "needs more memory than is available to read"
+    elif isinstance(exc, RecursionError):
+        problem = "is nested too deeply to read"
+    else:
+        problem = f"holds content that cannot be interpreted ({type(exc).__name__}: {text})"
+    return ScanFormatError(path, "file", problem, "check the file against the schema in docs/formats.md, "
+                           "or write it again with the tool that made it")
 
 
 _FORMAT_WORDS = {

@@ -18,15 +18,17 @@ import numpy as np
 from ..data import ScanData, Volume
 from .tigre import tigre_geometry, tigre_grid
 from .validate import (ScanFormatError, as_float_array, check_exists, check_geometry, check_projections,
-                       require)
+                       load_npy, require)
 
 
 def _read_json(path: Path) -> dict:
     check_exists(path, "meta_data.json")
     try:
+        if path.stat().st_size > 64 << 20:
+            raise ValueError("the file is larger than 64 MiB")
         meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ScanFormatError(path, "json", f"is not valid JSON ({exc})",
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ScanFormatError(path, "json", f"is not valid JSON ({' '.join(str(exc).split())[:200]})",
                               "the file is truncated or corrupt; regenerate it") from None
     if not isinstance(meta, dict):
         raise ScanFormatError(path, "json", "top level is not an object", "store a JSON object")
@@ -54,11 +56,7 @@ def _load_split(folder: Path, meta: dict, key: str, file: Path, geo_kw):
         rel = require(e, "file_path", file, where=f"{key}[{i}].")
         ang = as_float_array(require(e, "angle", file, where=f"{key}[{i}]."), file, f"{key}[{i}].angle")
         p = check_exists(folder / rel, f"{key}[{i}].file_path", "projection file")
-        try:
-            img = np.load(p, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise ScanFormatError(p, f"{key}[{i}].file_path", f"cannot be read as .npy ({exc})",
-                                  "the file is truncated or not a numpy array; regenerate it") from None
+        img = load_npy(p, f"{key}[{i}].file_path", "the file is truncated or not a numpy array; regenerate it")
         if img.ndim != 2:
             raise ScanFormatError(p, f"{key}[{i}]", f"has shape {img.shape}, expected (rows, cols)",
                                   "store one 2D projection per file")
@@ -100,10 +98,7 @@ def load_r2gaussian(path) -> ScanData:
     vol_name = meta.get("vol", meta.get("ct"))
     vol_path = folder / (vol_name or "vol_gt.npy")
     if vol_path.exists():
-        try:
-            vol = np.load(vol_path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise ScanFormatError(vol_path, "vol", f"cannot be read as .npy ({exc})", "regenerate the file") from None
+        vol = load_npy(vol_path, "vol", "regenerate the file")
         if vol.shape != grid.shape_xyz:
             raise ScanFormatError(vol_path, "vol", f"has shape {vol.shape}, nVoxel says {list(grid.shape_xyz)} [x, y, z]",
                                   "store vol[x, y, z] of nVoxel's size")

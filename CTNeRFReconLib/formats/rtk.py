@@ -34,6 +34,8 @@ FIELDS = ("SourceToIsocenterDistance", "SourceToDetectorDistance", "GantryAngle"
           "CollimationVSup")
 _DEFAULT_ZERO = ("OutOfPlaneAngle", "InPlaneAngle", "SourceOffsetX", "SourceOffsetY", "ProjectionOffsetX",
                  "ProjectionOffsetY", "RadiusCylindricalDetector")
+MAX_XML_BYTES = 256 << 20
+"""A geometry file larger than this is refused unread (RTK writes about 1 KiB per view)."""
 IMAGE_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".nii", ".nii.gz", ".tif", ".tiff", ".hdr", ".vtk")
 
 
@@ -69,10 +71,19 @@ def is_rtk_xml(path) -> bool:
 def read_rtk_geometry_xml(path) -> dict:
     """Per-view RTK parameters as float arrays (angles in degrees, as in the file)."""
     path = check_exists(path, "geometry")
+    size = path.stat().st_size
+    if size > MAX_XML_BYTES:
+        raise ScanFormatError(path, "xml", f"is {size / 2**20:.0f} MiB, far more than a geometry of any real scan "
+                              f"(limit {MAX_XML_BYTES >> 20} MiB)", "give RTK's geometry file of the scan")
+    text = path.read_bytes()
+    if b"<!ENTITY" in text or b"<!entity" in text.lower():
+        raise ScanFormatError(path, "xml", "declares XML entities (<!ENTITY ...>), which RTK geometry files never "
+                              "use; refused unread (entity expansion and external entities are not allowed)",
+                              "give the geometry file RTK wrote (rtksimulatedgeometry or its XML writer)")
     try:
-        root = ET.parse(str(path)).getroot()
-    except ET.ParseError as exc:
-        raise ScanFormatError(path, "xml", f"is not well-formed XML ({exc})",
+        root = ET.fromstring(text)
+    except (ET.ParseError, RecursionError, ValueError) as exc:
+        raise ScanFormatError(path, "xml", f"is not well-formed XML ({' '.join(str(exc).split())[:160]})",
                               "the file is truncated or corrupt; write it again") from None
     if root.tag != ROOT_TAG:
         raise ScanFormatError(path, "root", f"root element is <{root.tag}>, expected <{ROOT_TAG}>",
@@ -81,7 +92,7 @@ def read_rtk_geometry_xml(path) -> dict:
         try:
             return float(elem.text)
         except (TypeError, ValueError):
-            raise ScanFormatError(path, where, f"value {elem.text!r} is not a number", "give a number") from None
+            raise ScanFormatError(path, where, f"value {elem.text!r:.60} is not a number", "give a number") from None
     glob = {}
     for child in root:
         if child.tag in FIELDS:
@@ -168,15 +179,13 @@ def find_stack(xml_path: Path, projections=None) -> Path:
                           "name the stack projections.mha, or give it explicitly (--projections / projections=)")
 
 
-def read_stack(path: Path) -> sitk.Image:
-    try:
-        img = sitk.ReadImage(str(path), sitk.sitkFloat32)
-    except RuntimeError as exc:
-        from ..volume_io import unreadable_reason
-        raise ScanFormatError(path, "projections", unreadable_reason(path, exc, "image"),
-                              "copy or write the stack again; it must be an image file (MHA, NRRD, NIfTI, TIFF)") from None
+def read_stack(path: Path, field: str = "projections") -> sitk.Image:
+    from ..volume_io import read_input_image
+
+    fix = "copy or write the stack again; it must be an image file (MHA, NRRD, NIfTI, TIFF)"
+    img = read_input_image(path, field, fix, what="projection stack")  # in a child process: a crash is a refusal
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise ScanFormatError(path, "projections", f"is {img.GetDimension()}D with "
+        raise ScanFormatError(path, field, f"is {img.GetDimension()}D with "
                               f"{img.GetNumberOfComponentsPerPixel()} components, expected a 3D scalar stack [u, v, view]",
                               "stack the projections along the third axis")
     return img

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,10 @@ _PLAIN_LEAVES = (bool, int, float, complex, str, bytes, type(None), np.generic, 
 class _RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: BUILD can be checked
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, fh, path):
+    def __init__(self, fh, path, limit: int = 1 << 62):
         super().__init__(fh)
         self._path = path
+        self._limit = limit  # no object can hold more bytes than the file
         self._dtypes: dict[int, tuple] = {}   # id -> plain state of every dtype this pickle made
         self._keep: list[np.dtype] = []       # keeps those ids from being reused
 
@@ -180,8 +182,34 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the Python implementation: BUI
 
     dispatch[pickle.BUILD[0]] = _load_build
 
+    # -- BYTEARRAY8 allocates the length it announces before reading: bound it by the file ---------
+    def _load_bytearray8(self):
+        raw = self.read(8)
+        if len(raw) != 8:
+            raise _Corrupt("the data end early")
+        (n,) = struct.unpack("<Q", raw)
+        if n > self._limit:
+            raise _Corrupt(f"a byte array of {n} bytes announced in a file of {self._limit} bytes")
+        b = bytearray(n)
+        if self.readinto(b) != n:
+            raise _Corrupt("the data end early")
+        self.append(b)
 
-def _check_plain(obj, path, where="data", depth=0):
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+
+
+MAX_NODES = 2_000_000
+"""Containers and leaves a pickle may hold, counted with repeats: a pickle can reference one list
+from many places (its memo), so a few bytes can stand for a structure too large to walk or convert."""
+
+
+def _check_plain(obj, path, where="data", depth=0, budget=None):
+    if budget is None:
+        budget = [MAX_NODES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ScanFormatError(path, where, f"holds more than {MAX_NODES} values and containers (counting shared "
+                              "references), far more than any scan's fields", "store the projections as numpy arrays")
     if depth > 50:
         raise ScanFormatError(path, where, "nesting is too deep", "store a flat dict of arrays")
     if isinstance(obj, np.ndarray):
@@ -189,11 +217,11 @@ def _check_plain(obj, path, where="data", depth=0):
             raise ScanFormatError(path, where, f"arrays of {obj.dtype} are not accepted", "store numeric arrays")
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            _check_plain(k, path, f"{where}.<key>", depth + 1)
-            _check_plain(v, path, f"{where}.{k}", depth + 1)
+            _check_plain(k, path, f"{where}.<key>", depth + 1, budget)
+            _check_plain(v, path, f"{where}.{str(k)[:40]}", depth + 1, budget)
     elif isinstance(obj, (list, tuple, set, frozenset)):
         for i, v in enumerate(obj):
-            _check_plain(v, path, f"{where}[{i}]", depth + 1)
+            _check_plain(v, path, f"{where}[{i}]", depth + 1, budget)
     elif not isinstance(obj, _PLAIN_LEAVES):
         raise ScanFormatError(path, where, f"holds a {type(obj).__name__!r}, not plain data",
                               "store numpy arrays, numbers, strings, lists and dicts only")
@@ -208,7 +236,7 @@ def safe_load(path) -> object:
         raise ScanFormatError(path, "file", f"cannot be read ({exc.strerror or exc})",
                               "check that the file exists and that you may read it") from None
     try:
-        obj = _RestrictedUnpickler(io.BytesIO(data), path).load()
+        obj = _RestrictedUnpickler(io.BytesIO(data), path, limit=len(data)).load()
     except ScanFormatError:
         raise
     except Exception as exc:  # noqa: BLE001 - nothing the file names ran: any other failure is a broken file

@@ -41,13 +41,12 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import yaml
 
 from ..data import ScanData
 from ..geometry import ConeBeamGeometry, VolumeGrid, circular_geometry
 from .rtk import IMAGE_SUFFIXES, read_stack
 from .validate import (ScanFormatError, as_float_array, check_circular_distances, check_exists, check_geometry,
-                       check_projections, intensities_to_line_integrals, require)
+                       check_projections, intensities_to_line_integrals, load_npy, require)
 
 TOP_FIELDS = {"projections", "kind", "i0", "flat", "dark", "geometry", "grid", "reference", "format",
               "version", "description"}
@@ -56,16 +55,69 @@ CIRCULAR_FIELDS = {"type", "sid", "sdd", "angles_deg", "pixel_pitch", "detector_
 VECTOR_FIELDS = {"type", "sources", "det_centers", "det_u", "det_v", "pixel_pitch", "detector_shape",
                  "angles_deg", "parallel", "frame"}
 GRID_FIELDS = {"shape_xyz", "spacing_xyz", "origin_xyz", "direction"}
+MAX_DESCRIPTION_BYTES = 64 << 20
+"""A description larger than this is refused unread (per-view vectors take ~200 bytes a view)."""
+
+
+MAX_YAML_VALUES = 10_000_000
+
+
+def _yaml_expanded_size(root) -> int:
+    """Values a composed YAML document stands for once its aliases are expanded (shared nodes counted
+    each time they are referenced), without expanding them."""
+    memo: dict[int, int] = {}
+    stack = [(root, False)] if root is not None else []
+    while stack:
+        node, done = stack.pop()
+        if id(node) in memo:
+            continue
+        children = []
+        if isinstance(node.value, list):
+            for item in node.value:
+                children.extend(item if isinstance(item, tuple) else (item,))
+        if done or not children:
+            memo[id(node)] = 1 + sum(memo.get(id(c), 1) for c in children)
+            if memo[id(node)] > MAX_YAML_VALUES:
+                return memo[id(node)]
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in memo)
+    return memo.get(id(root), 0)
 
 
 def read_description(path: Path) -> dict:
     """Parse a JSON or YAML file into a dict, refusing unreadable content."""
     check_exists(path, "description")
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    if is_yaml:
+        # imported here, not at the top: Slicer's own Python has no PyYAML, and it reads every other format
+        try:
+            import yaml
+        except ImportError:
+            raise ScanFormatError(path, "file", "is YAML, and PyYAML is not installed in this Python",
+                                  "install it (pip install pyyaml), or write the description as JSON") from None
+        parse_errors = (yaml.YAMLError,)
+    else:
+        parse_errors = ()
+    size = path.stat().st_size
+    if size > MAX_DESCRIPTION_BYTES:
+        raise ScanFormatError(path, "file", f"is {size / 2**20:.0f} MiB; a scan description is a few numbers per view "
+                              f"(limit {MAX_DESCRIPTION_BYTES >> 20} MiB)", "give the JSON/YAML description of the scan")
     try:
         text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix.lower() in (".yaml", ".yml") else json.loads(text)
-    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ScanFormatError(path, "file", f"cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})",
+        if is_yaml:
+            # aliases (*name) let a few bytes stand for a huge nested value: count the values they expand to
+            # first. Only the safe loader is used: tags such as !!python/object are refused by it.
+            if _yaml_expanded_size(yaml.compose(text, Loader=yaml.SafeLoader)) > MAX_YAML_VALUES:
+                raise ScanFormatError(path, "file", f"its YAML aliases (*name) expand to more than {MAX_YAML_VALUES} "
+                                      "values; refused (an alias bomb)", "write the values out without nested aliases")
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError, *parse_errors) as exc:
+        if isinstance(exc, ScanFormatError):
+            raise
+        raise ScanFormatError(path, "file", f"cannot be parsed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
                               "the file is truncated or not valid JSON/YAML; fix its syntax") from None
     if not isinstance(data, dict):
         raise ScanFormatError(path, "file", "top level is not a mapping", "write a JSON object / YAML mapping")
@@ -88,13 +140,9 @@ def _load_array(value, base: Path, file, field: str):
                               "give a path relative to this file")
     path = check_exists(base / value, field)
     if path.suffix.lower() == ".npy":
-        try:
-            return np.load(path, allow_pickle=False), None
-        except (ValueError, OSError, EOFError) as exc:
-            raise ScanFormatError(path, field, f"cannot be read as .npy ({exc})",
-                                  "the file is truncated or holds objects; save a plain numeric array") from None
+        return load_npy(path, field, "the file is truncated or holds objects; save a plain numeric array"), None
     if any(path.name.lower().endswith(s) for s in IMAGE_SUFFIXES):
-        img = read_stack(path) if field == "projections" else sitk.ReadImage(str(path), sitk.sitkFloat32)
+        img = read_stack(path, field)
         return sitk.GetArrayFromImage(img), img
     raise ScanFormatError(path, field, f"unsupported file type '{path.suffix}'",
                           "give .npy or an image file (.mha, .nrrd, .nii.gz, .tif)")

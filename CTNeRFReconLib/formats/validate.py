@@ -5,6 +5,7 @@ who fed a wrong file learns what to change instead of getting a bad reconstructi
 """
 from __future__ import annotations
 
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,55 @@ def grid_problem(geometry: ConeBeamGeometry, grid: VolumeGrid) -> str | None:
             return None
     return (f"no view sees any part of the output grid's box {lo.round(1).tolist()}..{hi.round(1).tolist()} mm: "
             "its projection misses the detector in every view")
+
+
+def load_npy(path, field: str, fix: str) -> np.ndarray:
+    """A .npy array of plain numbers, checked from its header before anything is allocated.
+
+    Refused as a ScanFormatError: object arrays and pickles inside .npy (never unpickled), record or
+    string dtypes, a header that announces more data than the file holds (truncated) or than this
+    machine's memory can take, and anything numpy cannot parse.
+    """
+    import psutil
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh, max_header_size=100000)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=100000)
+            else:
+                raise ValueError(f"unsupported .npy format version {version}")
+            offset = fh.tell()
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ScanFormatError(path, field, f"cannot be read ({exc.strerror or exc})", fix) from None
+    except (ValueError, SyntaxError, TypeError, EOFError, RecursionError, MemoryError, OverflowError,
+            tokenize.TokenError) as exc:  # numpy parses the header with ast.literal_eval
+        raise ScanFormatError(path, field, f"is not a valid .npy file ({' '.join(str(exc).split())[:160]})",
+                              fix) from None
+    if dtype.hasobject:
+        raise ScanFormatError(path, field, "holds Python objects (a pickle inside the .npy); refused without "
+                              "unpickling anything", "save a plain numeric array (np.save of a float array)")
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+        raise ScanFormatError(path, field, f"holds {dtype} values, not plain numbers", fix)
+    count = 1
+    for s in shape:
+        count *= int(s)
+    nbytes = count * dtype.itemsize
+    if nbytes > size - offset:
+        raise ScanFormatError(path, field, f"its header announces a {list(shape)} {dtype} array ({nbytes} bytes) "
+                              f"but the file holds {max(0, size - offset)} bytes of data: it is truncated", fix)
+    avail = psutil.virtual_memory().available
+    if nbytes * 3 > avail:
+        raise ScanFormatError(path, field, f"its {list(shape)} {dtype} array ({nbytes / 2**30:.3g} GiB) needs more "
+                              f"memory than is available ({avail / 2**30:.1f} GiB)", fix)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, MemoryError) as exc:
+        raise ScanFormatError(path, field, f"cannot be read as .npy ({' '.join(str(exc).split())[:160]})", fix) from None
+    if not isinstance(arr, np.ndarray):
+        raise ScanFormatError(path, field, "is not a single array", fix)
+    return arr

@@ -81,6 +81,17 @@ class NerfConfig:
     """Training voxel size in mm; 0 = the output grid's (or detector pitch at the isocentre)."""
     max_training_voxels: int = 6_000_000
     """Cap on the training grid (voxel size grows to respect it)."""
+    support: bool = True
+    """Carve the object's support from the projections (CTNeRFReconLib/support.py: a voxel that some
+    view shows in air is empty): the training grid shrinks to the support's bounding box and the field
+    is zero outside the support. Nothing is carved when the data show no clear air."""
+    support_margin_voxels: int = 2
+    """Dilation of the carved support, in training voxels (grazing rays, blur)."""
+    time_limit_s: float | None = None
+    """Wall-clock budget of the training in seconds (None: none): the first iterations' rate sets the
+    iteration count so the run ends in time, re-planned as it goes (train.py, TimeBudget)."""
+    iterations_cap: int = 0
+    """With a time limit: the most iterations it may plan (0: 4 x `iterations`)."""
 
     @classmethod
     def from_settings(cls, settings: dict) -> "NerfConfig":

@@ -33,3 +33,23 @@ class NerfMethod:
             fdk_volume = fdk_warm_start(scan, training_grid(grid, cfg), ctx.device)
         trainer = NerfTrainer(scan, grid, cfg, ctx, fdk_volume=fdk_volume)
         return trainer.run()
+
+    def check_memory(self, scan: ScanData, grid: VolumeGrid, settings: dict, device: str) -> None:
+        """Before any work: refuse (MemoryError with the figures and the fix) a run that cannot fit."""
+        from .memory import check_fits, estimate
+        check_fits(estimate(scan, grid, settings, device))
+
+    def check_resume(self, scan: ScanData, grid: VolumeGrid, ctx: RunContext) -> None:
+        """Before any work: refuse a checkpoint in ctx.run_dir that is unsafe, broken, of another
+        version, or made for other data, grid, model settings or seed (ScanFormatError)."""
+        path = ctx.checkpoint_path
+        if path is None or not path.exists():
+            return
+        from .checkpoint import check_trainer_checkpoint, read_checkpoint
+        cfg = NerfConfig.from_settings(ctx.settings)
+        ck = read_checkpoint(path, map_location="cpu")
+        import inspect
+        # the trainer's own training grid (with the object support carved from the scan, where it does that)
+        takes_scan = len(inspect.signature(training_grid).parameters) >= 3
+        tgrid = training_grid(grid, cfg, scan) if takes_scan else training_grid(grid, cfg)
+        check_trainer_checkpoint(ck, path, scan, tgrid, cfg, ctx.seed)

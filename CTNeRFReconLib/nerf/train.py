@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,9 +42,18 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def training_grid(out_grid: VolumeGrid, cfg: NerfConfig) -> VolumeGrid:
-    """Axis-aligned training grid over the output grid's box, isotropic, at most max_training_voxels."""
-    lo, hi = out_grid.bounds()
+def training_grid(out_grid: VolumeGrid, cfg: NerfConfig, scan: ScanData | None = None) -> VolumeGrid:
+    """Axis-aligned training grid over the output grid's box, isotropic, at most max_training_voxels.
+
+    With the scan (and `cfg.support`), the box is the object's carved support within that box
+    (`carve_support`): the same grid the trainer uses, so a resume check can compare it."""
+    if scan is not None:
+        return carve_support(scan, out_grid, cfg)[1]
+    return _grid_over(out_grid.bounds(), out_grid, cfg)
+
+
+def _grid_over(box, out_grid: VolumeGrid, cfg: NerfConfig) -> VolumeGrid:
+    lo, hi = (np.asarray(b, dtype=float) for b in box)
     ext = hi - lo
     voxel = cfg.voxel_size or float(min(out_grid.spacing_xyz))
     n = np.maximum(1, np.round(ext / voxel))
@@ -54,6 +63,42 @@ def training_grid(out_grid: VolumeGrid, cfg: NerfConfig) -> VolumeGrid:
     # keep the box; spacing follows from the rounded counts so the voxels tile it exactly
     spacing = ext / n
     return VolumeGrid.centered(tuple(int(k) for k in n), tuple(spacing), tuple((lo + hi) / 2))
+
+
+_SUPPORT_CACHE: list = []
+"""One (projections, geometry, output grid, settings, result) entry: the resume check and the trainer
+carve the same support once."""
+
+
+def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
+    """(Support or None, training grid): the object's support carved on the training grid over the
+    output grid's box (support.py), and the training grid over the support's bounding box.
+
+    The support is None when `cfg.support` is off; a Support without a mask (its `reason` says why)
+    when the data show no clear air, and then the grid is the full box."""
+    full = _grid_over(out_grid.bounds(), out_grid, cfg)
+    if not cfg.support:
+        return None, full
+    from ..support import SupportSettings, object_support
+
+    key = (out_grid.to_dict(), full.to_dict(), cfg.support_margin_voxels)
+    for proj, geo, k, result in _SUPPORT_CACHE:
+        if proj is scan.projections and geo is scan.geometry and k == key:
+            return result
+    t0 = time.perf_counter()
+    support = object_support(scan.projections, scan.geometry, full,
+                             SupportSettings(margin_voxels=cfg.support_margin_voxels))
+    support.extra["seconds"] = round(time.perf_counter() - t0, 3)
+    grid = full
+    if support.found:
+        # the block of the full training grid that holds the support: the same voxels (size, cap),
+        # fewer of them; the mask maps onto it voxel for voxel
+        i0, i1 = (np.asarray(b) for b in support.box_index)
+        origin = np.asarray(full.origin_xyz) + i0 * np.asarray(full.spacing_xyz)
+        grid = VolumeGrid(tuple(int(v) for v in i1 - i0 + 1), full.spacing_xyz, tuple(origin))
+    result = (support, grid)
+    _SUPPORT_CACHE[:] = [(scan.projections, scan.geometry, key, result)]
+    return result
 
 
 @dataclass
@@ -74,8 +119,17 @@ class NerfTrainer:
                  fdk_volume: Volume | None = None):
         self.scan, self.out_grid, self.cfg, self.ctx = scan, out_grid, cfg, ctx
         self.device = torch.device(ctx.device)
+        self._t_created = time.perf_counter()
         torch.manual_seed(ctx.seed)
-        self.grid = training_grid(out_grid, cfg)
+        self.support, self.grid = carve_support(scan, out_grid, cfg)
+        """The object's support (support.py; None when off) and the training grid over its box."""
+        self._support_mask = None
+        """(z, y, x) float mask of the support on the training grid, or None (no support)."""
+        self._mask_cache: dict = {}
+        if self.support is not None and self.support.found:
+            self._support_mask = torch.as_tensor(self.support.mask_on(self.grid), dtype=torch.float32,
+                                                 device=self.device)
+        self._report_support(out_grid)
         box_min, box_max = self.grid.bounds()
         self.box = (box_min, box_max)
         proj = scan.projections
@@ -124,6 +178,37 @@ class NerfTrainer:
         self.fdk_volume = fdk_volume
         self._kernel = _pick_integrator(self.device, cfg.use_kernels)
 
+    def _report_support(self, out_grid: VolumeGrid):
+        """Into ctx.report (run.json) and one line for the user: what carving found, or why nothing."""
+        if self.support is None:
+            self.ctx.report["support"] = {"found": False, "reason": "turned off (support=False)",
+                                          "training_grid_shape_xyz": list(self.grid.shape_xyz),
+                                          "training_voxels": self.grid.n_voxels}
+            return
+        info = dict(self.support.summary(), training_grid_shape_xyz=list(self.grid.shape_xyz),
+                    training_voxels=self.grid.n_voxels)
+        self.ctx.report["support"] = info
+        if self.support.found:
+            full = self.support.grid
+            self.ctx.on_message(
+                f"object support carved from the projections: box {self.grid.shape_xyz} of {full.shape_xyz} voxels "
+                f"({100 * self.grid.n_voxels / full.n_voxels:.0f} % of them), the support itself "
+                f"{100 * self.support.fraction:.0f} %; the volume is zero outside it")
+        else:
+            self.ctx.on_message(f"no object support carved: {self.support.reason}")
+
+    def support_mask_on(self, grid: VolumeGrid) -> torch.Tensor | None:
+        """The support as a float mask on any grid (cached), or None when there is none."""
+        if self._support_mask is None:
+            return None
+        if grid is self.grid or grid.to_dict() == self.grid.to_dict():
+            return self._support_mask
+        key = repr(grid.to_dict())
+        if key not in self._mask_cache:
+            self._mask_cache = {key: torch.as_tensor(self.support.mask_on(grid), dtype=torch.float32,
+                                                     device=self.device)}
+        return self._mask_cache[key]
+
     def _make_optimizer(self):
         lr = self.cfg.lr * (1 if self.phase == "generator" else 10)
         groups = [dict(params=self.factors.parameters(), lr=lr),
@@ -146,10 +231,15 @@ class NerfTrainer:
         self._make_optimizer()
 
     @property
+    def iterations(self) -> int:
+        """The planned iteration count: the configured one, or the time budget's current plan."""
+        return getattr(self, "_planned_iterations", None) or self.cfg.iterations
+
+    @property
     def refine_start(self) -> int:
         if not self.cfg.use_generator or self.cfg.refine_fraction <= 0:
-            return self.cfg.iterations + 1
-        return int(round(self.cfg.iterations * (1.0 - self.cfg.refine_fraction)))
+            return self.iterations + 1
+        return int(round(self.iterations * (1.0 - self.cfg.refine_fraction)))
 
     # -- setup helpers --------------------------------------------------------------------------
     def _attenuation_scale(self, fdk_volume: Volume | None) -> float:
@@ -192,6 +282,9 @@ class NerfTrainer:
             if self.detail is not None:
                 # attenuation is never negative: the sum is clipped where the detail undercuts it
                 vol = (vol + self.detail.on_grid(grid)).clamp_min(0.0)
+            mask = self.support_mask_on(grid)
+            if mask is not None:
+                vol = vol * mask
             return vol
 
     def output_volume(self) -> Volume:
@@ -204,6 +297,8 @@ class NerfTrainer:
         vol = self.field.materialize(planes.float(), lines.float(), self.grid)
         if self.detail is not None:
             vol = vol + self.detail()
+        if self._support_mask is not None:
+            vol = vol * self._support_mask  # zero outside the object's support: no gradient, no TV there
         return vol
 
     # -- phases ---------------------------------------------------------------------------------
@@ -230,7 +325,7 @@ class NerfTrainer:
             opt.step()
 
     def lr_factor(self, it: int) -> float:
-        total = max(1, self.cfg.iterations)
+        total = max(1, self.iterations)
         warm = max(1, int(self.cfg.warmup_fraction * total))
         if it < warm:
             return (it + 1) / warm
@@ -240,7 +335,7 @@ class NerfTrainer:
 
     def batch_size(self, it: int) -> int:
         cfg = self.cfg
-        p = min(1.0, it / max(1, cfg.curriculum_fraction * cfg.iterations))
+        p = min(1.0, it / max(1, cfg.curriculum_fraction * self.iterations))
         want = int(cfg.rays_start * (cfg.rays_end / cfg.rays_start) ** p)
         return max(64, min(want, self.state.rays_per_batch_cap, len(self.targets)))
 
@@ -308,35 +403,16 @@ class NerfTrainer:
         path = self.ctx.checkpoint_path
         if path is None:
             return
-        from ..volume_io import atomic_write
-        payload = dict(iteration=self.state.iteration, history=self.state.history,
-                       elapsed_s=self.state.elapsed_s, rays_cap=self.state.rays_per_batch_cap,
-                       phase=self.phase,
-                       factors=self.factors.state_dict(), field=self.field.state_dict(),
-                       detail=None if self.detail is None else self.detail.state_dict(),
-                       optimizer=self.optimizer.state_dict(), config=asdict(self.cfg),
-                       grid=self.grid.to_dict(), seed=self.ctx.seed)
-        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        from .checkpoint import save_trainer
+        save_trainer(self, path)
 
     def load_checkpoint(self) -> bool:
+        """Resume from the checkpoint (read tensors-only and checked against this run: checkpoint.py)."""
         path = self.ctx.checkpoint_path
         if path is None or not path.exists():
             return False
-        ck = torch.load(path, map_location=self.device, weights_only=False)
-        if ck["grid"] != self.grid.to_dict():
-            raise ValueError(f"{path}: the checkpoint was made for another training grid; "
-                             "resume with the same data, grid and settings, or start a new run folder")
-        if ck["phase"] == "direct" and self.phase != "direct":
-            self.switch_to_direct()
-        self.factors.load_state_dict(ck["factors"])
-        if ck.get("detail") is not None and self.detail is not None:
-            self.detail.load_state_dict(ck["detail"])
-        self.field.load_state_dict(ck["field"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.state.iteration = int(ck["iteration"])
-        self.state.history = list(ck["history"])
-        self.state.elapsed_s = float(ck["elapsed_s"])
-        self.state.rays_per_batch_cap = int(ck["rays_cap"])
+        from .checkpoint import restore_trainer
+        restore_trainer(self, path)
         return True
 
     # -- the loop -------------------------------------------------------------------------------
@@ -348,8 +424,16 @@ class NerfTrainer:
             self.fit_fdk()
         t0 = time.perf_counter() - self.state.elapsed_s
         it = self.state.iteration
+        budget = None
+        if cfg.time_limit_s:
+            start = ctx.clock_start if ctx.clock_start is not None else self._t_created
+            budget = TimeBudget(cfg.time_limit_s, start, it, cfg.iterations,
+                                cfg.iterations_cap or 4 * cfg.iterations)
+            self._planned_iterations = budget.planned
         last_loss, last_psnr = float("nan"), float("nan")
-        while it < cfg.iterations and not ctx.should_stop():
+        while it < self.iterations and not ctx.should_stop():
+            if budget is not None and budget.expired():
+                break
             if it >= self.refine_start:
                 self.switch_to_direct()
             n = self.batch_size(it)
@@ -370,29 +454,157 @@ class NerfTrainer:
             self.state.rays_per_batch = n
             elapsed = time.perf_counter() - t0
             self.state.elapsed_s = elapsed
-            if it % cfg.eval_every == 0 or it == cfg.iterations:
+            if budget is not None:
+                planned = budget.observe(it, self.output_volume)
+                if planned is not None:
+                    self._planned_iterations = planned
+                    if not budget.announced:
+                        budget.announced = True
+                        ctx.on_message(budget.message())
+            if it % cfg.eval_every == 0 or it == self.iterations:
                 val = self.validation_psnr()
                 self.state.history.append((it, last_loss, last_psnr, elapsed))
-                ctx.on_progress(iteration=it, iterations=cfg.iterations, loss=last_loss,
+                ctx.on_progress(iteration=it, iterations=self.iterations, loss=last_loss,
                                 projection_psnr=last_psnr if val is None else val,
                                 projection_psnr_kind="batch" if val is None else "held_out",
                                 rays_per_batch=n, lr=self.optimizer.param_groups[0]["lr"],
                                 elapsed_s=round(elapsed, 3), gpu_mem_mb=_gpu_mem_mb(self.device),
                                 tv_weight=self.tv_weight)
-            if cfg.snapshot_every and it % cfg.snapshot_every == 0 and it < cfg.iterations:
+            if cfg.snapshot_every and it % cfg.snapshot_every == 0 and it < self.iterations:
+                t_snap = time.perf_counter()
                 ctx.on_snapshot(self.output_volume(), it)
+                if budget is not None:
+                    budget.note_export(time.perf_counter() - t_snap)
             if cfg.checkpoint_every and it % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         if self.state.history and self.state.history[-1][0] != it:
             # a last report at the exact iteration where it stopped (cancel) or ended
             self.state.history.append((it, last_loss, last_psnr, self.state.elapsed_s))
-            ctx.on_progress(iteration=it, iterations=cfg.iterations, loss=last_loss,
+            ctx.on_progress(iteration=it, iterations=self.iterations, loss=last_loss,
                             projection_psnr=last_psnr, projection_psnr_kind="batch",
                             rays_per_batch=self.state.rays_per_batch, lr=self.optimizer.param_groups[0]["lr"],
                             elapsed_s=round(self.state.elapsed_s, 3), gpu_mem_mb=_gpu_mem_mb(self.device),
                             tv_weight=self.tv_weight)
+        if budget is not None:
+            ctx.report["time_budget"] = budget.summary(it, self.iterations, ctx.should_stop())
+            ctx.on_message(budget.final_message(it, self.iterations))
         self.save_checkpoint()
         return self.output_volume()
+
+
+class TimeBudget:
+    """Plans the iteration count so that a run ends within a wall-clock limit.
+
+    The rate is measured on the run itself: first after a few iterations, then again every few
+    per cent of the plan over the latest window (the cost per iteration changes as the ray batch
+    grows and when the refinement phase adds the detail grid), and the plan is set to what the rest of
+    the time allows. The learning-rate schedule, the ray curriculum and the refinement phase follow
+    the plan (they are fractions of it), so a shorter run is a complete, shorter schedule rather than
+    a long one cut off. A reserve is kept for the export, the final checkpoint and the worker's files
+    and scores; the loop also stops outright at the deadline, but never before `MIN_ITERATIONS`
+    (an untrained field is no result: a limit shorter than the set-up plus those few iterations is
+    overrun, and the report says so).
+    """
+
+    MIN_ITERATIONS = 25
+
+    def __init__(self, limit_s: float, start: float, iteration: int, iterations: int, cap: int):
+        self.limit_s = float(limit_s)
+        self.start = start
+        self.cap = max(1, int(cap))
+        self.initial = max(1, min(int(iterations), self.cap))
+        self.planned = self.initial
+        self.export_s: float | None = None
+        self._samples: list[tuple[int, float]] = []
+        self._first_iteration = iteration
+        self._next_plan = iteration + 3
+        self.rate: float | None = None
+        self.deadline_hit = False
+        self.announced = False
+        self.min_iterations = min(self.MIN_ITERATIONS, self.initial)
+        self._iteration = iteration
+        self.forced = False
+
+    @property
+    def reserve_s(self) -> float:
+        """Time kept for the end: export, last checkpoint, the worker's volume, previews and scores."""
+        export = self.export_s if self.export_s is not None else 0.0
+        return 1.0 + 0.03 * self.limit_s + 3.0 * export
+
+    def remaining(self, now: float | None = None) -> float:
+        now = time.perf_counter() if now is None else now
+        return self.start + self.limit_s - self.reserve_s - now
+
+    def expired(self) -> bool:
+        if self.deadline_hit:
+            return True
+        if self.remaining() > 0:
+            return False
+        if self._iteration - self._first_iteration < self.min_iterations:
+            self.forced = True  # past the deadline, but not yet a result: carry on
+            return False
+        self.deadline_hit = True
+        return True
+
+    def note_export(self, seconds: float):
+        self.export_s = seconds if self.export_s is None else max(0.5 * self.export_s, seconds)
+
+    def observe(self, it: int, export) -> int | None:
+        """After iteration `it`: a new plan when it is time to re-plan, else None."""
+        now = time.perf_counter()
+        self._iteration = it
+        self._samples.append((it, now))
+        if it < self._next_plan or it >= self.planned:
+            return None
+        if self.export_s is None:  # measured once: the export is the end's largest cost
+            t = time.perf_counter()
+            export()
+            self.note_export(time.perf_counter() - t)
+            now = time.perf_counter()
+        # the rate over the latest window (skip the first iteration: set-up and first-call costs)
+        window = max(3, self.planned // 40)
+        recent = [(i, t) for i, t in self._samples if i > self._first_iteration + 1][-window - 1:]
+        if len(recent) < 2:
+            self._next_plan = it + 1
+            return None
+        (i0, t0), (i1, t1) = recent[0], recent[-1]
+        seconds_per_it = max((t1 - t0) / max(1, i1 - i0), 1e-6)
+        self.rate = 1.0 / seconds_per_it
+        left = self.remaining(now)
+        planned = it + max(0, int(left / seconds_per_it))
+        planned = max(it + 1, self._first_iteration + self.min_iterations, min(planned, self.cap))
+        # re-plan every ~2.5 % of the plan (more often early), never in the last ~3 %
+        self._next_plan = it + max(5, planned // 40)
+        if planned - it < max(3, planned // 30):
+            self._next_plan = 1 << 60
+        self.planned = planned
+        return planned
+
+    def message(self) -> str:
+        rate = "" if self.rate is None else f" at {self.rate:.2f} it/s"
+        return (f"time limit {self.limit_s:g} s: planning {self.planned} iterations{rate} "
+                f"(the preset's count is {self.initial}; re-planned as the run goes)")
+
+    def summary(self, done: int, planned: int, cancelled: bool) -> dict:
+        return dict(limit_s=self.limit_s, iterations_done=int(done), iterations_planned=int(planned),
+                    preset_iterations=self.initial, iterations_cap=self.cap,
+                    rate_it_per_s=None if self.rate is None else round(self.rate, 3),
+                    reserve_s=round(self.reserve_s, 2), stopped_at_deadline=bool(self.deadline_hit),
+                    limit_too_short=bool(self.overrun),
+                    cancelled=bool(cancelled), training_s=round(time.perf_counter() - self.start, 2))
+
+    @property
+    def overrun(self) -> bool:
+        """The limit was too short for the set-up and the minimum iterations."""
+        return self.forced
+
+    def final_message(self, done: int, planned: int) -> str:
+        took = time.perf_counter() - self.start
+        if self.overrun:
+            return (f"time limit {self.limit_s:g} s: too short for this scan here (set-up and the minimum "
+                    f"{self.min_iterations} iterations took {took:.0f} s); {done} iterations made")
+        how = "stopped at the deadline" if self.deadline_hit else "schedule complete"
+        return f"time limit {self.limit_s:g} s: {done} of {planned} planned iterations, {how}, {took:.0f} s so far"
 
 
 def _tv(vol: torch.Tensor) -> torch.Tensor:

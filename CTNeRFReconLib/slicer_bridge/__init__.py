@@ -19,5 +19,7 @@ Modules (imported on demand; this file imports nothing heavy):
   one overlay opacity (flicking between them);
 * ``projections``: a projection stack as a volume node for scrolling through the views, and a one-line
   description of a scan (format, views, detector, angles, distances);
-* ``demo_data``: writes the demo phantom scan (run in the engine's interpreter).
+* ``demo_data``: writes the demo phantom scan (run in the engine's interpreter);
+* ``rendering``: volume rendering transfer functions for attenuation values (Slicer's presets are HU),
+  rebuilt when the slice window/level changes.
 """

@@ -23,10 +23,17 @@ reconstruction is made on the reference's own grid (and the engine scores it too
 
 Closing the scene stops the run: the session observes the scene's StartCloseEvent, stops the
 worker (its run folder keeps the last volume) and lets go of the nodes the close removes.
+
+Every event also becomes a line of :attr:`ReconstructionSession.log` (with the engine's own messages,
+its stderr), for the panel's log pane. With ``SessionOptions.keep_snapshots`` every volume that lands
+in the output node is also kept as an item of a Sequence node (index: the iteration), so the user can
+scrub back through the run in Slicer's sequence browser. :func:`open_run` loads an earlier run
+folder (the volume, the loss curve, the scores) as a finished session that can be resumed.
 """
 from __future__ import annotations
 
 import enum
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -99,6 +106,10 @@ class SessionOptions:
     """Reconstruct on the reference node's grid (the node is written into the run folder for the worker)."""
     close_timeout_s: float = 15.0
     """When the scene closes, how long the worker may take to write its last volume before it is killed."""
+    keep_snapshots: bool = False
+    """Also keep every streamed volume as an item of a Sequence node (index: iteration), to scrub through."""
+    log_lines: int = 2000
+    """Lines kept in the session's log (events and the engine's messages)."""
 
 
 @dataclass
@@ -200,6 +211,14 @@ class ReconstructionSession:
         self.volumes_applied = 0
         """How many volumes (snapshots and the final one) were copied into the output node."""
         self.events: list[dict] = []
+        self.log: list[str] = []
+        """Human-readable lines: one per event worth reading, and the engine's own messages."""
+        self.sequence_node = None
+        """With ``keep_snapshots``: the Sequence node holding every streamed volume."""
+        self.sequence_browser_node = None
+        self.projection_check: dict | None = None
+        """The run's ``projection_check`` event (picture path, residual per view), when it sent one."""
+        self._log_seen = 0
         self._created: list = []
         self._rate = _RateTracker()
         self._close_observer: int | None = None
@@ -261,6 +280,7 @@ class ReconstructionSession:
             return []
         events = self.worker.poll()
         self.events += events
+        self._collect_engine_log()
         last_snapshot = max((i for i, e in enumerate(events) if e.get("event") == "snapshot"), default=None)
         for i, event in enumerate(events):
             kind = event.get("event")
@@ -269,6 +289,7 @@ class ReconstructionSession:
             handler = getattr(self, f"_on_{kind}", None)
             if handler is not None:
                 handler(event)
+            self._log_event(event)
         if self.state.done:
             self._detach_scene()
         return events
@@ -281,6 +302,34 @@ class ReconstructionSession:
             if not self.state.done:
                 time.sleep(interval)
         return self.state
+
+    # --------------------------------------------------------------------------------- log
+
+    def _add_log(self, line: str):
+        self.log.append(f"{time.strftime('%H:%M:%S')}  {line}")
+        if len(self.log) > self.options.log_lines:
+            del self.log[: len(self.log) - self.options.log_lines]
+
+    def _collect_engine_log(self):
+        """The engine's messages (stderr and non-event stdout lines) that arrived since the last poll."""
+        self._log_seen, new = self.worker.log.since(self._log_seen)
+        for line in new:
+            self._add_log(f"engine: {line}")
+
+    def _log_event(self, event: dict):
+        kind = event.get("event")
+        if kind == "started":
+            self._add_log(f"started: {self.message}")
+        elif kind == "progress":
+            every = max(1, int((self.progress.iterations or 100) / 20))
+            if self.progress.iteration is not None and self.progress.iteration % every == 0:
+                self._add_log(self.progress.summary())
+        elif kind == "snapshot":
+            self._add_log(f"snapshot {event.get('sequence')} at iteration {event.get('iteration')}")
+        elif kind == "projection_check":
+            self._add_log(f"projection check: view {event.get('view')} in {event.get('path')}")
+        elif kind in ("finished", "failed"):
+            self._add_log(f"{kind}: {self.message}")
 
     @property
     def created_nodes(self) -> list:
@@ -307,6 +356,10 @@ class ReconstructionSession:
                 self._track(series)
                 self._track(self.chart_node)
             tables.append_loss_row(self.loss_table_node, event)
+
+    def _on_projection_check(self, event: dict):
+        """The engine's measured-vs-rendered check at the end of a run (its picture and per-view residuals)."""
+        self.projection_check = event
 
     def _on_snapshot(self, event: dict):
         self._apply_volume(event.get("path"), event.get("iteration"))
@@ -381,6 +434,25 @@ class ReconstructionSession:
     def _on_scene_close(self, caller=None, event=None):
         self.close()
 
+    def abort(self, message: str, timeout: float = 10.0):
+        """End the run after an error on this side (an event that could not be applied): the worker is
+        stopped, or killed when stopping fails, and the state is FAILED whatever goes wrong on the way,
+        so a client's timer never keeps polling a run stuck in CANCELLING."""
+        try:
+            if self.worker is not None:
+                self.worker.stop(timeout=timeout)
+        except Exception:  # noqa: BLE001 - the run must end even when stopping it fails
+            try:
+                self.worker.kill_tree()
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            self.state = SessionState.FAILED
+            self.failure_kind = "internal"
+            self.message = message
+            self._add_log(f"stopped after an error: {message}")
+            self._detach_scene()
+
     def _detach_scene(self):
         if self._close_observer is not None:
             self.scene.RemoveObserver(self._close_observer)
@@ -409,6 +481,23 @@ class ReconstructionSession:
                 vn.set_window(self.output_node, self.options.window)
         self.output_node.SetAttribute("CTNeRFRecon.RunFolder", str(self.run_dir))
         self.volumes_applied += 1
+        if self.options.keep_snapshots:
+            self._keep_in_sequence(iteration)
+
+    def _keep_in_sequence(self, iteration):
+        """Copy the output node, as it is now, into the Sequence node at index ``iteration``."""
+        if self.sequence_node is None or self.sequence_node.GetScene() is not self.scene:
+            self.sequence_node = self._track(self.scene.AddNewNodeByClass(
+                "vtkMRMLSequenceNode", self.scene.GenerateUniqueName(f"{self.options.name} snapshots")))
+            self.sequence_node.SetIndexName("iteration")
+            self.sequence_node.SetIndexUnit("")
+            self.sequence_node.SetIndexType(self.sequence_node.NumericIndex)
+            if self.scene.IsNodeClassRegistered("vtkMRMLSequenceBrowserNode"):
+                self.sequence_browser_node = self._track(self.scene.AddNewNodeByClass(
+                    "vtkMRMLSequenceBrowserNode", self.scene.GenerateUniqueName(f"{self.options.name} snapshots browser")))
+                self.sequence_browser_node.SetAndObserveMasterSequenceNodeID(self.sequence_node.GetID())
+        index = str(int(iteration or 0))
+        self.sequence_node.SetDataNodeAtValue(self.output_node, index)
 
     def compare(self):
         """Compare the output node with the reference node (difference volume + metrics rows)."""
@@ -425,3 +514,99 @@ class ReconstructionSession:
             self.scene, list(rows.items()), self.metrics_table_node, f"{self.options.name} metrics"))
         self.metrics = {**(self.metrics or {}), "comparison": comparison.metrics}
         return comparison
+
+    # ------------------------------------------------------------------------------ resume
+
+    @property
+    def resumable(self) -> bool:
+        """The run folder holds a checkpoint to continue from (iterative methods only)."""
+        return self.state.done and (self.run_dir / "checkpoint.pt").is_file()
+
+    def resume_request(self) -> ReconstructRequest:
+        """The request that continues this run in its own folder, with the settings it was started with."""
+        if not (self.run_dir / "checkpoint.pt").is_file():
+            raise ValueError(f"{self.run_dir}: this run has no checkpoint.pt to continue from (FDK runs and runs "
+                             "stopped before their first checkpoint cannot be resumed); press Start for a new run")
+        return replace(self.request, resume=True, overwrite=False)
+
+
+def _run_json_error(path: Path, field: str, problem: str) -> ValueError:
+    return ValueError(f"{path}: field '{field}': {problem}. Fix: choose a run folder written by CTNeRFRecon "
+                      "(it holds run.json, events.jsonl and volume.nrrd or snapshot.nrrd)")
+
+
+def request_from_run_info(run_dir: Path, run_info: dict) -> ReconstructRequest:
+    """The ReconstructRequest a run folder's run.json records (its `options`), pointed at that folder."""
+    path = Path(run_dir) / "run.json"
+    options = run_info.get("options")
+    if not isinstance(options, dict) or not isinstance(options.get("data"), str):
+        raise _run_json_error(path, "options.data", "missing (the run's data path is not recorded)")
+
+    def optional_path(key):
+        value = options.get(key)
+        return Path(value) if isinstance(value, str) and value else None
+
+    size = options.get("grid_size")
+    method = run_info.get("method") if isinstance(run_info.get("method"), str) else options.get("method")
+    try:
+        return ReconstructRequest(
+            data=Path(options["data"]), out=Path(run_dir), projections=optional_path("projections"),
+            reference=optional_path("reference"), reference_units=options.get("reference_units"),
+            method=method, preset=str(options.get("preset") or "standard"), device=str(options.get("device") or "auto"),
+            seed=int(options.get("seed") or 0), grid_spacing=options.get("grid_spacing"),
+            grid_size=tuple(int(n) for n in size) if size else None, iterations=options.get("iterations"),
+            snapshot_every=options.get("snapshot_every"))
+    except (TypeError, ValueError) as exc:
+        raise _run_json_error(path, "options", f"not readable ({exc})") from None
+
+
+def open_run(scene, run_dir, config: WorkerConfig | None = None, options: SessionOptions | None = None,
+             reference_node=None) -> ReconstructionSession:
+    """Load an earlier run folder into ``scene`` as a finished (or stopped) session.
+
+    The volume (volume.nrrd, else the last complete snapshot.nrrd) goes into a new output node, the
+    progress events into the loss table and chart, the engine's scores into the metrics table. The
+    session's :meth:`~ReconstructionSession.resume_request` continues the run after a restart of
+    Slicer. Raises ValueError naming the file and the fix for a folder that is not a run folder.
+    """
+    from ..events import read_events
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir}: not a folder; choose the folder of an earlier run (it holds run.json)")
+    info_path = run_dir / "run.json"
+    try:
+        run_info = json.loads(info_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{info_path}: not found, so {run_dir} is not a CTNeRFRecon run folder; choose the "
+                         "folder of an earlier run (it holds run.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _run_json_error(info_path, "(file)", f"unreadable ({exc})") from None
+    if not isinstance(run_info, dict):
+        raise _run_json_error(info_path, "(file)", "not a JSON object")
+    request = request_from_run_info(run_dir, run_info)
+    volume_path = next((p for p in (run_dir / "volume.nrrd", run_dir / "snapshot.nrrd") if p.is_file()), None)
+    if volume_path is None:
+        raise ValueError(f"{run_dir}: this run holds no volume yet (neither volume.nrrd nor snapshot.nrrd); "
+                         "resume it from the command line, or choose another run folder")
+    options = options or SessionOptions()
+    session = ReconstructionSession(scene, request, config, options, reference_node=reference_node)
+    events = read_events(run_dir / "events.jsonl")
+    session.events = list(events)
+    for event in events:
+        if event.get("event") == "progress":
+            session._on_progress(event)
+    last = next((e for e in reversed(events) if e.get("event") in ("started", "finished", "failed")), {})
+    iteration = last.get("iteration") if last.get("event") == "finished" else session.progress.iteration
+    session._apply_volume(volume_path, iteration)
+    if last.get("event") == "finished" and volume_path.name == "volume.nrrd":
+        session._on_finished({**last, "paths": {**(last.get("paths") or {}), "volume": str(volume_path)}})
+        session.volumes_applied = 1
+    else:
+        session.state = SessionState.FAILED if last.get("event") == "failed" else SessionState.CANCELLED
+        session.failure_kind = last.get("kind") if last.get("event") == "failed" else None
+        session.message = (f"opened an unfinished run (its last complete volume, {volume_path.name})"
+                           if session.state is SessionState.CANCELLED else
+                           f"opened a failed run: {last.get('message') or 'no message'}")
+    session._add_log(f"opened {run_dir}: {session.message}")
+    return session

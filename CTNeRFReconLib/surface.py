@@ -1,0 +1,279 @@
+"""Closed iso-surface models of a reconstruction, in the scanner frame (mm).
+
+The surface is extracted from the attenuation sampled on a grid (the run's field evaluated at any
+voxel size by field_export, so finer than the output grid when asked, or any volume), by VTK:
+
+1. the volume is padded with one voxel below the threshold on every side, so the surface closes
+   where the object touches the box (a closed, watertight surface has an enclosed volume);
+2. `vtkFlyingEdges3D` (Schroeder, Maynard & Geveci, "Flying edges: a high-performance scalable
+   isocontouring algorithm", IEEE LDAV 2015; marching cubes' output, faster) extracts the
+   iso-surface with linear interpolation along voxel edges: sub-voxel placement;
+3. `vtkWindowedSincPolyDataFilter` (Taubin, Zhang & Golub, "Optimal surface smoothing as filter
+   design", ECCV 1996) removes the voxel staircase without shrinking the surface (a low-pass
+   filter, not Laplacian smoothing);
+4. `vtkQuadricDecimation` (Garland & Heckbert, SIGGRAPH 1997) removes redundant triangles, with
+   volume preservation;
+5. `vtkPolyDataNormals` orients the triangles consistently, outward.
+
+Thresholds (`parse_threshold`): a number is attenuation in 1/mm; a number with ``HU`` (``300HU``)
+is converted with the water calibration mu = mu_water (1 + HU / 1000), mu_water = 0.02 /mm (as
+everywhere in CTNeRFRecon); ``bone`` is +300 HU (0.026 /mm, the bone class of metrics.py's
+structure scores) and ``skin`` -500 HU (0.01 /mm: halfway between air and soft tissue, the
+air-skin boundary). ``auto`` is Otsu's threshold (N. Otsu, "A threshold selection method from
+gray-level histograms", IEEE SMC 9(1), 1979: the level that maximises the between-class variance
+of the histogram) of the attenuation values inside the object's support (the voxels the nerf
+method carved as possibly non-empty, support.py; all voxels when there is no support), which for a
+body in air is its outer surface.
+
+VTK is imported inside the functions (the engine never imports it at module import): a missing VTK
+is an ImportError that says what to install.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .data import Volume
+from .phantom import MU_WATER
+
+NAMED_HU = {"bone": 300.0, "skin": -500.0}
+"""Named thresholds in Hounsfield units."""
+SURFACE_SUFFIXES = (".vtp", ".stl", ".obj")
+
+
+def _vtk():
+    try:
+        from vtkmodules.util import numpy_support
+        import vtkmodules.vtkCommonCore as core
+        import vtkmodules.vtkCommonDataModel as dm
+        import vtkmodules.vtkFiltersCore as fc
+        import vtkmodules.vtkFiltersGeneral as fg
+    except ImportError as exc:
+        raise ImportError(f"surface models need VTK ({exc}); install it with `pip install vtk` (3D Slicer "
+                          "ships it)") from None
+    return numpy_support, core, dm, fc, fg
+
+
+def parse_threshold(text, mu_water: float = MU_WATER) -> float | str:
+    """'auto', or the threshold in 1/mm from '0.03', '300HU', 'bone', 'skin' (see the module docstring)."""
+    from .formats.validate import ScanFormatError
+
+    fix = "give auto, bone, skin, an attenuation in 1/mm (0.026) or Hounsfield units (300HU)"
+    s = str(text).strip().lower()
+    if s == "auto":
+        return "auto"
+    if s in NAMED_HU:
+        return mu_water * (1.0 + NAMED_HU[s] / 1000.0)
+    try:
+        if s.endswith("hu"):
+            return mu_water * (1.0 + float(s[:-2]) / 1000.0)
+        value = float(s)
+    except ValueError:
+        raise ScanFormatError("--threshold", "--threshold", f"'{text}' is not a threshold", fix) from None
+    if not np.isfinite(value):
+        raise ScanFormatError("--threshold", "--threshold", f"'{text}' is not finite", fix)
+    if value > 5.0:
+        raise ScanFormatError("--threshold", "--threshold", f"{value} /mm is no attenuation (water is {mu_water} /mm): "
+                              "a Hounsfield value needs its unit", f"write it as {text}HU, or {fix}")
+    return value
+
+
+def otsu_threshold(volume: Volume, mask: np.ndarray | None = None) -> float:
+    """Otsu's threshold of the volume's values inside `mask` (all voxels without one)."""
+    from skimage.filters import threshold_otsu
+
+    values = volume.array if mask is None else volume.array[np.asarray(mask, dtype=bool)]
+    values = values[np.isfinite(values)]
+    if values.size < 2 or not values.max() > values.min():
+        raise ValueError("the volume is constant inside its support: no threshold separates anything; "
+                         "give --threshold explicitly")
+    return float(threshold_otsu(values, nbins=512))
+
+
+def extract_surface(volume: Volume, threshold: float, smooth_iterations: int = 20, passband: float = 0.05,
+                    decimate: float = 0.5):
+    """A closed vtkPolyData iso-surface of `volume` at `threshold`, in the scanner frame (mm).
+
+    smooth_iterations 0: no smoothing; decimate: fraction of the triangles to remove (0: none)."""
+    numpy_support, core, dm, fc, fg = _vtk()
+    arr = np.asarray(volume.array, dtype=np.float32)
+    if not (np.nanmax(arr) > threshold):
+        raise ValueError(f"no voxel is above the threshold {threshold:.4g} /mm (the volume's maximum is "
+                         f"{float(np.nanmax(arr)):.4g}): give a lower --threshold")
+    fill = float(min(np.nanmin(arr), threshold)) - max(abs(threshold), 1e-3)
+    padded = np.pad(np.nan_to_num(arr, nan=fill), 1, mode="constant", constant_values=fill)
+    grid = volume.grid
+    image = dm.vtkImageData()
+    nz, ny, nx = padded.shape
+    image.SetDimensions(nx, ny, nz)
+    aligned = np.allclose(grid.direction, np.eye(3))
+    if aligned:
+        image.SetSpacing(*grid.spacing_xyz)
+        image.SetOrigin(*(np.asarray(grid.origin_xyz) - np.asarray(grid.spacing_xyz)))
+    else:
+        image.SetOrigin(-1.0, -1.0, -1.0)  # index space; mapped to the world below
+    scalars = numpy_support.numpy_to_vtk(padded.reshape(-1), deep=True, array_type=core.VTK_FLOAT)
+    scalars.SetName("mu")
+    image.GetPointData().SetScalars(scalars)
+    contour = fc.vtkFlyingEdges3D()
+    contour.SetInputData(image)
+    contour.SetValue(0, float(threshold))
+    contour.ComputeNormalsOff()
+    contour.ComputeGradientsOff()
+    contour.ComputeScalarsOff()
+    contour.Update()
+    poly = contour.GetOutput()
+    if not aligned:
+        from vtkmodules.vtkCommonTransforms import vtkTransform
+
+        m = grid.index_to_world_matrix()
+        tr = vtkTransform()
+        tr.SetMatrix([float(v) for v in m.reshape(-1)])
+        tf = fg.vtkTransformPolyDataFilter()
+        tf.SetTransform(tr)
+        tf.SetInputData(poly)
+        tf.Update()
+        poly = tf.GetOutput()
+    if poly.GetNumberOfPolys() == 0:
+        raise ValueError(f"the iso-surface at {threshold:.4g} /mm is empty; give another --threshold")
+    if smooth_iterations > 0:
+        smooth = fc.vtkWindowedSincPolyDataFilter()
+        smooth.SetInputData(poly)
+        smooth.SetNumberOfIterations(int(smooth_iterations))
+        smooth.SetPassBand(float(passband))
+        smooth.BoundarySmoothingOff()
+        smooth.FeatureEdgeSmoothingOff()
+        smooth.NonManifoldSmoothingOn()
+        smooth.NormalizeCoordinatesOn()
+        smooth.Update()
+        poly = smooth.GetOutput()
+    if decimate > 0:
+        dec = fc.vtkQuadricDecimation()
+        dec.SetInputData(poly)
+        dec.SetTargetReduction(float(decimate))
+        dec.VolumePreservationOn()
+        dec.Update()
+        poly = dec.GetOutput()
+    normals = fc.vtkPolyDataNormals()
+    normals.SetInputData(poly)
+    normals.ConsistencyOn()
+    normals.AutoOrientNormalsOn()
+    normals.SplittingOff()
+    normals.Update()
+    out = dm.vtkPolyData()
+    out.DeepCopy(normals.GetOutput())
+    return out
+
+
+def surface_stats(poly) -> dict:
+    """Area (mm^2), enclosed volume (mm^3), triangles and points of a closed surface."""
+    _vtk()
+    from vtkmodules.vtkFiltersCore import vtkMassProperties, vtkTriangleFilter
+
+    tri = vtkTriangleFilter()
+    tri.SetInputData(poly)
+    tri.Update()
+    mp = vtkMassProperties()
+    mp.SetInputData(tri.GetOutput())
+    mp.Update()
+    return dict(area_mm2=float(mp.GetSurfaceArea()), volume_mm3=float(mp.GetVolume()),
+                triangles=int(poly.GetNumberOfPolys()), points=int(poly.GetNumberOfPoints()))
+
+
+def write_surface(poly, path) -> Path:
+    """Write .vtp (VTK XML), .stl (binary) or .obj atomically; coordinates in the scanner frame (mm)."""
+    _vtk()
+    from .volume_io import atomic_write
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".vtp":
+        from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter as Writer
+    elif suffix == ".stl":
+        from vtkmodules.vtkIOGeometry import vtkSTLWriter as Writer
+    elif suffix == ".obj":
+        from vtkmodules.vtkIOGeometry import vtkOBJWriter as Writer
+    else:
+        raise ValueError(f"{path}: a surface file ends in {', '.join(SURFACE_SUFFIXES)}")
+
+    def write(tmp):
+        w = Writer()
+        w.SetFileName(str(tmp))
+        w.SetInputData(poly)
+        if suffix == ".stl":
+            w.SetFileTypeToBinary()
+        if not w.Write():
+            raise OSError(f"VTK could not write {tmp}")
+
+    return atomic_write(path, write)
+
+
+def read_surface(path):
+    """A .vtp, .stl or .obj file as vtkPolyData (coordinates as stored)."""
+    _vtk()
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".vtp":
+        from vtkmodules.vtkIOXML import vtkXMLPolyDataReader as Reader
+    elif suffix == ".stl":
+        from vtkmodules.vtkIOGeometry import vtkSTLReader as Reader
+    elif suffix == ".obj":
+        from vtkmodules.vtkIOGeometry import vtkOBJReader as Reader
+    else:
+        raise ValueError(f"{path}: a surface file ends in {', '.join(SURFACE_SUFFIXES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: surface file not found; check the path")
+    r = Reader()
+    r.SetFileName(str(path))
+    r.Update()
+    return r.GetOutput()
+
+
+def run_surface(run_dir, out, threshold="auto", spacing=None, centre_xyz=None, size_xyz=None,
+                overwrite: bool = False, device: str = "cpu", smooth_iterations: int = 20, decimate: float = 0.5,
+                mu_water: float = MU_WATER, on_message=lambda text: None) -> dict:
+    """`surface RUN_DIR`: the run's field on a grid (the output box and spacing unless told), its
+    iso-surface at the threshold, written to `out` (.vtp/.stl/.obj). Checked before any work."""
+    import time
+
+    from .field_export import (check_out_path, check_overlap, check_run_dir, load_run_field, output_grid_of,
+                               read_run_json, roi_grid, _refuse)
+
+    t0 = time.perf_counter()
+    run_dir = check_run_dir(run_dir)
+    out = check_out_path(out, overwrite, SURFACE_SUFFIXES, "surface")
+    level = parse_threshold(threshold, mu_water)
+    if spacing is not None and not (np.isfinite(spacing) and spacing > 0):
+        raise _refuse("--spacing", "--spacing", f"is {spacing!r}, not a positive voxel size", "give the voxel size in mm, > 0")
+    if (centre_xyz is None) != (size_xyz is None):
+        raise _refuse("--roi", "--roi", "needs both the centre and the size", "give CX CY CZ SX SY SZ")
+    run_grid = output_grid_of(run_dir, read_run_json(run_dir))
+    if centre_xyz is not None:
+        probe = roi_grid(centre_xyz, size_xyz, spacing or (min(run_grid.spacing_xyz) if run_grid else 1.0))
+        if run_grid is not None:
+            check_overlap(probe, run_grid.bounds())
+    _vtk()  # a missing VTK is said before the field is loaded
+    rf = load_run_field(run_dir, device=device)
+    on_message(f"evaluating {rf.note}")
+    base = rf.output_grid
+    sp = spacing or float(min(base.spacing_xyz))
+    if centre_xyz is None:
+        lo, hi = base.bounds()
+        centre_xyz, size_xyz = (lo + hi) / 2.0, hi - lo
+    grid = roi_grid(centre_xyz, size_xyz, sp)
+    check_overlap(grid, base.bounds())
+    vol = rf.on_grid(grid)
+    how = "given"
+    if level == "auto":
+        mask = rf.support_mask_on(grid)
+        level = otsu_threshold(vol, mask)
+        how = "Otsu inside the support" if mask is not None else "Otsu over the whole box"
+    t1 = time.perf_counter()
+    poly = extract_surface(vol, float(level), smooth_iterations=smooth_iterations, decimate=decimate)
+    stats = surface_stats(poly)
+    write_surface(poly, out)
+    return dict(path=str(Path(out).absolute()), threshold=float(level), threshold_from=how,
+                hu=1000.0 * (float(level) - mu_water) / mu_water, source=rf.source, note=rf.note,
+                grid=grid.to_dict(), seconds=dict(field=round(t1 - t0, 3), surface=round(time.perf_counter() - t1, 3)),
+                **stats)

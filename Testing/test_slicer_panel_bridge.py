@@ -1,0 +1,228 @@
+"""What the panel adds on top of the bridge, on slicer-core's real scene and a real engine process.
+
+The module file needs the Slicer application (Qt, CTK), so its widget is checked statically in
+test_module_static.py; everything it does to the scene goes through these bridge functions, tested
+here: the layouts (slices + 3D + chart, side by side), the log, the snapshots kept as a Sequence,
+opening an earlier run folder and resuming it, ending a run after an error on this side, and the
+library's import without PyYAML (Slicer's own Python has none).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="the slicer-core package (a real vtkMRMLScene) is not installed")
+
+from CTNeRFReconLib.slicer_bridge import layouts  # noqa: E402
+from CTNeRFReconLib.slicer_bridge import volume_nodes as vn  # noqa: E402
+from CTNeRFReconLib.slicer_bridge.session import (  # noqa: E402
+    ReconstructionSession, SessionOptions, SessionState, open_run)
+from CTNeRFReconLib.slicer_bridge.worker import ReconstructRequest, WorkerConfig  # noqa: E402
+
+from test_slicer_bridge import case, run_session  # noqa: E402,F401  (the tiny RTK case fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    s.RegisterNodeClass(slicer.vtkMRMLSequenceBrowserNode())  # Slicer's Sequences module registers it
+    default_slice = slicer.vtkMRMLSliceNode()  # as the application does: slice nodes know Axial, Sagittal...
+    slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(s)
+    s.AddDefaultNode(default_slice)
+    return s
+
+
+def _slice_view(scene, layout_name: str):
+    """A slice node and its composite node, as Slicer's layout manager makes them for a view."""
+    node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    node.SetLayoutName(layout_name)
+    node.SetOrientation("Axial")
+    composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+    composite.SetLayoutName(layout_name)
+    return composite
+
+
+def test_the_module_layouts_are_registered_and_hold_3d_chart_and_slices(scene):
+    layouts.select_layout(scene, layouts.MONITOR_LAYOUT_ID)
+    layout_node = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+    assert layout_node.GetViewArrangement() == layouts.MONITOR_LAYOUT_ID
+    xml = layout_node.GetLayoutDescription(layouts.MONITOR_LAYOUT_ID)
+    # Slicer's ShowChartInLayout picks Four-Up Plot, which has no 3D view: this one has all five views
+    for view in ('class="vtkMRMLViewNode"', 'class="vtkMRMLPlotViewNode"', 'singletontag="Red"',
+                 'singletontag="Yellow"', 'singletontag="Green"'):
+        assert view in xml
+    side = layout_node.GetLayoutDescription(layouts.SIDE_BY_SIDE_LAYOUT_ID)
+    assert all(f'singletontag="{name}"' in side for name in layouts.SIDE_BY_SIDE_VIEWS)
+    # the layout logic parses both descriptions into view nodes, as the application does
+    logic = slicer.vtkMRMLLayoutLogic()
+    logic.SetMRMLScene(scene)
+    layout_node.SetViewArrangement(layouts.SIDE_BY_SIDE_LAYOUT_ID)
+    names = {scene.GetNthNodeByClass(i, "vtkMRMLSliceNode").GetLayoutName()
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode"))}
+    assert set(layouts.SIDE_BY_SIDE_VIEWS) <= names, names
+    layout_node.SetViewArrangement(layouts.MONITOR_LAYOUT_ID)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotViewNode") >= 1
+    assert scene.GetNumberOfNodesByClass("vtkMRMLViewNode") >= 1
+
+
+def test_side_by_side_puts_each_volume_in_its_own_linked_view(scene):
+    volumes = []
+    for name, value in (("recon", 1.0), ("reference", 2.0), ("difference", -1.0)):
+        from CTNeRFReconLib.data import Volume
+        from CTNeRFReconLib.geometry import VolumeGrid
+
+        grid = VolumeGrid((8, 8, 8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+        volumes.append(vn.create_volume_node(scene, Volume(np.full((8, 8, 8), value, np.float32), grid), name))
+    red = _slice_view(scene, "Red")
+    composites = [_slice_view(scene, name) for name in layouts.SIDE_BY_SIDE_VIEWS]
+    assert layouts.show_side_by_side(scene, *volumes) == 3
+    for composite, volume in zip(composites, volumes):
+        assert composite.GetBackgroundVolumeID() == volume.GetID()
+        assert composite.GetForegroundVolumeID() is None and composite.GetLinkedControl()
+    assert red.GetBackgroundVolumeID() is None, "the standard views are left as they were"
+    with pytest.raises(ValueError, match="reference"):
+        layouts.show_side_by_side(scene, volumes[0], None)
+
+
+def test_a_run_logs_its_events_and_keeps_its_snapshots_as_a_sequence(scene, case, tmp_path):
+    options = SessionOptions(name="recon", keep_snapshots=True)
+    session = run_session(scene, case, tmp_path / "run", "nerf", options=options, iterations=6, snapshot_every=2,
+                          extra_args=["--progress-every", "1"])
+    assert session.state is SessionState.FINISHED, session.message
+    text = "\n".join(session.log)
+    assert "started:" in text and "snapshot 1" in text and "finished:" in text
+    assert "engine:" in text, "the engine's own messages (stderr) reach the log"
+    sequence = session.sequence_node
+    assert sequence is not None and sequence.GetNumberOfDataNodes() == session.volumes_applied >= 3
+    iterations = [int(sequence.GetNthIndexValue(i)) for i in range(sequence.GetNumberOfDataNodes())]
+    assert iterations == sorted(iterations) and iterations[-1] == 6
+    first = vn.array_from_node(sequence.GetNthDataNode(0))
+    last = vn.array_from_node(sequence.GetNthDataNode(sequence.GetNumberOfDataNodes() - 1))
+    np.testing.assert_array_equal(last, vn.array_from_node(session.output_node))
+    assert not np.array_equal(first, last), "the sequence holds the volume as it was at each snapshot"
+    assert session.sequence_browser_node.GetMasterSequenceNode() is sequence
+    assert session.resumable and session.resume_request().resume
+
+
+def test_an_earlier_run_folder_opens_with_its_volume_curve_and_scores_and_resumes(scene, case, tmp_path):
+    run = tmp_path / "run"
+    first = run_session(slicer.vtkMRMLScene(), case, run, "nerf", iterations=4, snapshot_every=2,
+                        extra_args=["--progress-every", "1"])
+    assert first.state is SessionState.FINISHED, first.message
+    opened = open_run(scene, run, WorkerConfig(), SessionOptions(name="opened"))
+    assert opened.state is SessionState.FINISHED
+    np.testing.assert_array_equal(vn.array_from_node(opened.output_node),
+                                  vn.load_volume_file(run / "volume.nrrd").array)
+    assert opened.loss_table_node.GetTable().GetNumberOfRows() == 4
+    assert opened.metrics_table_node is not None
+    request = opened.resume_request()
+    assert request.resume and request.out == run and request.data == case and request.method == "nerf"
+    # continue it, after a "restart": a new session in the same folder, streaming into the opened node
+    resumed = ReconstructionSession(scene, ReconstructRequest(**{**request.__dict__, "iterations": 8}),
+                                    WorkerConfig(), SessionOptions(name="opened"), output_node=opened.output_node)
+    resumed.start()
+    assert resumed.wait(240) is SessionState.FINISHED, resumed.message
+    started = next(e for e in resumed.events if e["event"] == "started")
+    assert started["resumed"] is True
+    assert resumed.output_node is opened.output_node
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_an_interrupted_run_opens_from_its_last_snapshot(scene, case, tmp_path):
+    run = tmp_path / "run"
+    first = run_session(slicer.vtkMRMLScene(), case, run, "nerf", iterations=4, snapshot_every=2)
+    assert first.state is SessionState.FINISHED
+    (run / "volume.nrrd").unlink()  # as after a kill before the final volume
+    opened = open_run(scene, run, WorkerConfig(), SessionOptions(name="opened"))
+    assert opened.state is SessionState.CANCELLED and "snapshot.nrrd" in opened.message
+    assert opened.output_node.GetImageData() is not None
+
+
+def test_a_folder_that_is_not_a_run_is_refused_with_the_file_and_the_fix(scene, tmp_path):
+    with pytest.raises(ValueError, match=r"run\.json: not found.*choose the folder of an earlier run"):
+        open_run(scene, tmp_path)
+    (tmp_path / "run.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"run\.json: field '\(file\)': unreadable"):
+        open_run(scene, tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"options": {}}))
+    with pytest.raises(ValueError, match=r"field 'options\.data'"):
+        open_run(scene, tmp_path)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+
+def test_an_error_on_this_side_ends_the_run_and_its_process(scene, case, tmp_path):
+    request = ReconstructRequest(data=case, out=tmp_path / "run", method="nerf", device="cpu", preset="preview",
+                                 iterations=100000, snapshot_every=50)
+    session = ReconstructionSession(scene, request, WorkerConfig(cancel_grace_s=2, terminate_grace_s=2),
+                                    SessionOptions(name="recon")).start()
+    deadline = __import__("time").monotonic() + 120
+    while session.started_info is None and __import__("time").monotonic() < deadline:
+        session.poll()
+    assert session.started_info is not None
+    session.cancel()  # the state a failing poll used to leave behind: CANCELLING, with the timer still running
+    session.abort("the snapshot could not be read")
+    assert session.state is SessionState.FAILED and session.state.done
+    assert session.worker.exit_code is not None and not session.worker.descendants()
+
+
+def test_the_library_reads_scans_without_pyyaml(case):
+    """Slicer's own Python ships numpy, scipy and SimpleITK but not PyYAML: the panel's scan summary and
+    projections must still work there for every format but a YAML description."""
+    code = f"""
+import sys
+sys.modules['yaml'] = None  # import yaml now fails, as in Slicer's Python
+from CTNeRFReconLib.slicer_bridge.projections import describe_scan, load_scan_file
+print(describe_scan(load_scan_file({str(case)!r})))
+from pathlib import Path
+Path({str(case)!r} + '/../desc.yaml').resolve().write_text('type: circular')
+from CTNeRFReconLib.formats import ScanFormatError
+from CTNeRFReconLib.formats.stack import read_description
+try:
+    read_description(Path({str(case)!r} + '/../desc.yaml').resolve())
+except ScanFormatError as exc:
+    print('refused:', exc)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "16 views" in done.stdout or "16" in done.stdout.splitlines()[0]
+    assert "refused:" in done.stdout and "PyYAML" in done.stdout and "pip install pyyaml" in done.stdout
+
+
+def test_the_panels_field_tools_run_in_the_engine_and_land_in_the_scene(scene, case, tmp_path):
+    """Make surface, Export region and Projection check as the panel runs them: engine commands in a
+    subprocess, their results as a model node (in RAS), a volume node and a picture node."""
+    from CTNeRFReconLib.slicer_bridge import commands, field_tools
+
+    run = tmp_path / "run"
+    done = run_session(slicer.vtkMRMLScene(), case, run, "fdk")
+    assert done.state is SessionState.FINISHED, done.message
+
+    result = commands.EngineCommand(commands.surface_args(run, tmp_path / "body.vtp", "0.01")).start().wait(180)
+    model = field_tools.model_node_from_file(scene, commands.result_path(result))
+    bounds = [0.0] * 6
+    model.GetRASBounds(bounds)
+    # the body ellipsoid: semi-axes 50, 50, 40 mm about the origin; RAS flips x and y, not z
+    np.testing.assert_allclose(bounds, [-50, 50, -50, 50, -40, 40], atol=6.0)
+
+    roi = field_tools.roi_node_from_box(scene, (22.0, -14.0, 10.0), (32.0, 32.0, 32.0))
+    centre, size = field_tools.box_from_roi_node(roi)
+    np.testing.assert_allclose(centre, (22.0, -14.0, 10.0), atol=1e-9)
+    result = commands.EngineCommand(commands.export_args(run, tmp_path / "zoom.nrrd", centre, size, 2.0)).start()
+    exported = vn.load_volume_file(commands.result_path(result.wait(180)))
+    assert exported.grid.shape_xyz == (16, 16, 16) and abs(exported.grid.spacing_xyz[0] - 2.0) < 1e-9
+    assert exported.array.max() > 0.03, "the bright feature (mu 0.04 + body 0.02) is in the exported box"
+
+    result = commands.EngineCommand(commands.check_args(run, tmp_path / "check.png", view=3)).start().wait(180)
+    picture = field_tools.projection_check_node(scene, commands.result_path(result))
+    assert picture.GetImageData() is not None and result["view"] == 3
+
+    with pytest.raises(ValueError, match="failed: .*field"):
+        commands.EngineCommand(commands.export_args(run, tmp_path / "far.nrrd", (5000, 0, 0), (10, 10, 10), 1.0)
+                               ).start().wait(180)
