@@ -117,8 +117,13 @@ class EventWriter:
         line = json.dumps(record, allow_nan=False, separators=(",", ":"))
         with self._lock:
             if self.stream is not None:
-                self.stream.write(line + "\n")
-                self.stream.flush()
+                try:
+                    self.stream.write(line + "\n")
+                    self.stream.flush()
+                except (BrokenPipeError, ValueError):
+                    # the reader went away (a relaying launcher that died, a closed pipe): the run goes on,
+                    # and events.jsonl keeps every event for a client that comes back
+                    self.stream = None
             if self._log is not None:
                 try:
                     self._log.write(line + "\n")

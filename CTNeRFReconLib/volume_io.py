@@ -193,6 +193,9 @@ IN_PROCESS_ENV = "CTNERF_READ_IN_PROCESS"
 """Set to 1 to read input images in this process (no crash isolation; the fuzzer uses it to reach
 the native readers' crashes, which the product then refuses)."""
 
+READ_TIMEOUT_ENV = "CTNERF_READ_TIMEOUT"
+"""Seconds an input image may take to read (default 10 s + 1 s per 2 MB of file)."""
+
 _CHILD = r"""
 import json, sys
 import numpy as np
@@ -243,13 +246,20 @@ def read_input_image(path, field: str, fix: str, what: str = "volume", as_float:
     package_root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root] + [q for q in os.environ.get("PYTHONPATH", "")
                                                                         .split(os.pathsep) if q]))
-    # the pixels come back through the pipe (no temporary file: a full disk must not stop reading)
+    # the pixels come back through the pipe (no temporary file: a full disk must not stop reading); a
+    # reader stuck in native code (SimpleITK's TIFF reader loops on some corrupt files) is stopped
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    limit = float(os.environ.get(READ_TIMEOUT_ENV, 0) or 10.0 + size / 2e6)  # 10 s + 2 MB/s
     try:
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), field, fix, what, "1" if as_float else "0"],
-                              capture_output=True, env=env, timeout=3600)
+                              capture_output=True, env=env, timeout=limit)
     except subprocess.TimeoutExpired:
-        raise ScanFormatError(path, field, "reading it as an image took more than an hour; the file is corrupt "
-                              "or a device", fix) from None
+        raise ScanFormatError(path, field, f"reading it as an image did not end within {limit:.0f} s (the reader is "
+                              f"stuck on it): the file is corrupt; it was refused", fix + f"; if the file is fine but "
+                              f"the disk is slow, set {READ_TIMEOUT_ENV} to more seconds") from None
     head, _, pixels = proc.stdout.partition(b"\n")
     stderr = proc.stderr.decode("utf-8", "replace")
     if True:

@@ -265,3 +265,23 @@ def test_cancel_file_stops_and_resume_continues(case, tmp_path):
     assert first_progress["iteration"] > stopped_at
     log = (run / "events.jsonl").read_text().splitlines()
     assert [json.loads(line)["event"] for line in log].count("started") == 2  # resume appends
+
+
+def test_events_go_on_to_the_log_when_the_stream_breaks(tmp_path):
+    """A client that stops reading (a relaying launcher that died) must not fail the run: events.jsonl
+    keeps every event."""
+    import os
+
+    from CTNeRFReconLib.events import EventWriter, read_events
+
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    os.close(read_end)  # the reader is gone: writing raises BrokenPipeError
+    writer = EventWriter(stream)
+    log = open(tmp_path / "events.jsonl", "a", encoding="utf-8")
+    writer.attach_log(log, truncate=True)
+    writer.emit("started", views=1)
+    writer.emit("finished", cancelled=False)
+    writer.close()
+    assert [e["event"] for e in read_events(tmp_path / "events.jsonl")] == ["started", "finished"]
+    assert writer.stream is None
