@@ -59,7 +59,8 @@ class RunFolder:
         if not starts or any(e.get("event") in ("finished", "failed") for e in events[starts[-1]:]):
             return None
         pid = events[starts[-1]].get("pid")
-        if not (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and psutil.pid_exists(pid)):
+        # a pid is a positive C int: a larger number in a tampered log names no process (and would overflow)
+        if not (isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31 and psutil.pid_exists(pid)):
             return None
         if pid != os.getpid() and not self._log_is_locked():
             return None  # a killed worker's pid now belongs to another process: its lock went with it

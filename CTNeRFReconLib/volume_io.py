@@ -236,7 +236,8 @@ def read_input_image(path, field: str, fix: str, what: str = "volume", as_float:
     exe = Path(sys.executable or "").name.lower()
     # inside an application that embeds Python (3D Slicer), sys.executable is the application, not a
     # Python that runs `-c`: read in-process there (the worker that reconstructs is a real Python)
-    embedded = not exe.startswith("python") or "slicer" in sys.modules
+    # (the slicer-core package is importable in a plain Python too: only the application has slicer.app)
+    embedded = not exe.startswith("python") or getattr(sys.modules.get("slicer"), "app", None) is not None
     if os.environ.get(IN_PROCESS_ENV) == "1" or embedded:
         check_image_header(path, field, fix, what)
         try:

@@ -597,12 +597,11 @@ def open_run(scene, run_dir, config: WorkerConfig | None = None, options: Sessio
         if event.get("event") == "progress":
             session._on_progress(event)
     last = next((e for e in reversed(events) if e.get("event") in ("started", "finished", "failed")), {})
-    iteration = last.get("iteration") if last.get("event") == "finished" else session.progress.iteration
-    session._apply_volume(volume_path, iteration)
     if last.get("event") == "finished" and volume_path.name == "volume.nrrd":
+        # the folder may have moved since: its own volume.nrrd, not the path the event recorded
         session._on_finished({**last, "paths": {**(last.get("paths") or {}), "volume": str(volume_path)}})
-        session.volumes_applied = 1
     else:
+        session._apply_volume(volume_path, session.progress.iteration)
         session.state = SessionState.FAILED if last.get("event") == "failed" else SessionState.CANCELLED
         session.failure_kind = last.get("kind") if last.get("event") == "failed" else None
         session.message = (f"opened an unfinished run (its last complete volume, {volume_path.name})"
