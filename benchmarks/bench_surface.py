@@ -1,0 +1,82 @@
+"""Surface of a run against the ground truth's surface at the same threshold (issue 14's figure).
+
+    python benchmarks/bench_surface.py RUN_DIR REFERENCE.nrrd [--threshold bone] [--out DIR]
+
+Runs the command a user runs (`python -m CTNeRFReconLib surface RUN_DIR --threshold T`), timed from a
+fresh interpreter, extracts the reference's surface at the same threshold with the same code, and
+reports the symmetric 95th-percentile and mean distances between them (each surface's vertices to the
+other surface, sampled at its vertices and four points per triangle), areas and volumes, as a table
+and JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+
+def _points(poly) -> np.ndarray:
+    from vtkmodules.util import numpy_support
+
+    return numpy_support.vtk_to_numpy(poly.GetPoints().GetData()).astype(np.float64)
+
+
+def _surface_samples(poly) -> np.ndarray:
+    from vtkmodules.util import numpy_support
+
+    p = _points(poly)
+    cells = numpy_support.vtk_to_numpy(poly.GetPolys().GetConnectivityArray()).reshape(-1, 3)
+    a, b, c = p[cells[:, 0]], p[cells[:, 1]], p[cells[:, 2]]
+    return np.concatenate([p] + [a + u * (b - a) + v * (c - a)
+                                 for u, v in ((1 / 3, 1 / 3), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5))])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("reference", type=Path)
+    parser.add_argument("--threshold", default="bone")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/surface"))
+    args = parser.parse_args(argv)
+    from CTNeRFReconLib.reference import load_reference
+    from CTNeRFReconLib.surface import extract_surface, parse_threshold, read_surface, surface_stats
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    surface_file = args.out / "surface.vtp"
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "CTNeRFReconLib", "surface", str(args.run_dir),
+                           f"--threshold={args.threshold}", "--out", str(surface_file), "--overwrite", "--json"],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        print(done.stderr, file=sys.stderr)
+        return done.returncode
+    engine = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = read_surface(surface_file)
+    reference, units = load_reference(args.reference)
+    threshold = float(engine["threshold"]) if args.threshold == "auto" else parse_threshold(args.threshold)
+    truth = extract_surface(reference, threshold)
+    d = np.concatenate([cKDTree(_surface_samples(truth)).query(_points(ours))[0],
+                        cKDTree(_surface_samples(ours)).query(_points(truth))[0]])
+    result = {"run_dir": str(args.run_dir), "reference": str(args.reference), "threshold": args.threshold,
+              "threshold_mu": threshold, "reference_units": units, "surface_command_s": round(seconds, 2),
+              "hd95_mm": float(np.percentile(d, 95)), "mean_distance_mm": float(d.mean()),
+              "voxel_mm": float(min(reference.grid.spacing_xyz)), "ours": surface_stats(ours),
+              "truth": surface_stats(truth), "engine_note": engine.get("note")}
+    print("| threshold | seconds | HD95 mm | mean mm | voxel mm | area ours / truth mm^2 | volume ours / truth mm^3 |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {args.threshold} ({threshold:.4g}/mm) | {seconds:.1f} | {result['hd95_mm']:.2f} | "
+          f"{result['mean_distance_mm']:.2f} | {result['voxel_mm']:.3g} | {result['ours']['area_mm2']:.0f} / "
+          f"{result['truth']['area_mm2']:.0f} | {result['ours']['volume_mm3']:.0f} / {result['truth']['volume_mm3']:.0f} |")
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
