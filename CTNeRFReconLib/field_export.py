@@ -256,6 +256,34 @@ def check_out_path(out, overwrite: bool, suffixes=VOLUME_SUFFIXES, what: str = "
     return out
 
 
+def check_box_request(run_dir: Path, centre_xyz, size_xyz, spacing) -> None:
+    """Refuse, before the field is loaded, a voxel size that is not positive, half a box, or a box
+    (centre and size, mm, scanner frame) that misses the run's output grid (export and surface)."""
+    if spacing is not None and not (isinstance(spacing, (int, float)) and math.isfinite(spacing) and spacing > 0):
+        raise _refuse("--spacing", "--spacing", f"is {spacing!r}, not a positive voxel size", "give the voxel size in mm, > 0")
+    if (centre_xyz is None) != (size_xyz is None):
+        raise _refuse("--roi", "--roi", "needs both the centre and the size", "give CX CY CZ SX SY SZ")
+    run_grid = output_grid_of(run_dir, read_run_json(run_dir))
+    if centre_xyz is not None:
+        probe_sp = spacing or (float(min(run_grid.spacing_xyz)) if run_grid is not None else 1.0)
+        probe = roi_grid(centre_xyz, size_xyz, probe_sp)  # the numbers are checked before loading
+        if run_grid is not None:
+            check_overlap(probe, run_grid.bounds())
+
+
+def box_grid(rf, centre_xyz, size_xyz, spacing) -> VolumeGrid:
+    """The grid to evaluate a loaded run field on: the box given, else the run's output box, at the
+    voxel size given, else the output grid's smallest."""
+    base = rf.output_grid
+    sp = spacing or float(min(base.spacing_xyz))
+    if centre_xyz is None:
+        lo, hi = base.bounds()
+        centre_xyz, size_xyz = (lo + hi) / 2.0, hi - lo
+    grid = roi_grid(centre_xyz, size_xyz, sp)
+    check_overlap(grid, base.bounds())
+    return grid
+
+
 def export_region(run_dir, out, centre_xyz=None, size_xyz=None, spacing=None, overwrite: bool = False,
                   device: str = "cpu", on_message=lambda text: None) -> dict:
     """Evaluate the run's field (or its volume) in a box at a voxel size and write it atomically.
@@ -269,26 +297,10 @@ def export_region(run_dir, out, centre_xyz=None, size_xyz=None, spacing=None, ov
     t0 = time.perf_counter()
     run_dir = check_run_dir(run_dir)
     out = check_out_path(out, overwrite)
-    if spacing is not None and not (isinstance(spacing, (int, float)) and math.isfinite(spacing) and spacing > 0):
-        raise _refuse("--spacing", "--spacing", f"is {spacing!r}, not a positive voxel size", "give the voxel size in mm, > 0")
-    if (centre_xyz is None) != (size_xyz is None):
-        raise _refuse("--roi", "--roi", "needs both the centre and the size", "give CX CY CZ SX SY SZ")
-    info = read_run_json(run_dir)
-    run_grid = output_grid_of(run_dir, info)
-    if centre_xyz is not None:
-        probe_sp = spacing or (float(min(run_grid.spacing_xyz)) if run_grid is not None else 1.0)
-        probe = roi_grid(centre_xyz, size_xyz, probe_sp)  # the numbers are checked before loading
-        if run_grid is not None:
-            check_overlap(probe, run_grid.bounds())
+    check_box_request(run_dir, centre_xyz, size_xyz, spacing)
     rf = load_run_field(run_dir, device=device)
     on_message(f"evaluating {rf.note}")
-    base = rf.output_grid
-    sp = spacing or float(min(base.spacing_xyz))
-    if centre_xyz is None:
-        lo, hi = base.bounds()
-        centre_xyz, size_xyz = (lo + hi) / 2.0, hi - lo
-    grid = roi_grid(centre_xyz, size_xyz, sp)
-    check_overlap(grid, base.bounds())
+    grid = box_grid(rf, centre_xyz, size_xyz, spacing)
     t1 = time.perf_counter()
     vol = rf.on_grid(grid)
     t2 = time.perf_counter()

@@ -237,32 +237,17 @@ def run_surface(run_dir, out, threshold="auto", spacing=None, centre_xyz=None, s
     iso-surface at the threshold, written to `out` (.vtp/.stl/.obj). Checked before any work."""
     import time
 
-    from .field_export import (check_out_path, check_overlap, check_run_dir, load_run_field, output_grid_of,
-                               read_run_json, roi_grid, _refuse)
+    from .field_export import box_grid, check_box_request, check_out_path, check_run_dir, load_run_field
 
     t0 = time.perf_counter()
     run_dir = check_run_dir(run_dir)
     out = check_out_path(out, overwrite, SURFACE_SUFFIXES, "surface")
     level = parse_threshold(threshold, mu_water)
-    if spacing is not None and not (np.isfinite(spacing) and spacing > 0):
-        raise _refuse("--spacing", "--spacing", f"is {spacing!r}, not a positive voxel size", "give the voxel size in mm, > 0")
-    if (centre_xyz is None) != (size_xyz is None):
-        raise _refuse("--roi", "--roi", "needs both the centre and the size", "give CX CY CZ SX SY SZ")
-    run_grid = output_grid_of(run_dir, read_run_json(run_dir))
-    if centre_xyz is not None:
-        probe = roi_grid(centre_xyz, size_xyz, spacing or (min(run_grid.spacing_xyz) if run_grid else 1.0))
-        if run_grid is not None:
-            check_overlap(probe, run_grid.bounds())
+    check_box_request(run_dir, centre_xyz, size_xyz, spacing)
     _vtk()  # a missing VTK is said before the field is loaded
     rf = load_run_field(run_dir, device=device)
     on_message(f"evaluating {rf.note}")
-    base = rf.output_grid
-    sp = spacing or float(min(base.spacing_xyz))
-    if centre_xyz is None:
-        lo, hi = base.bounds()
-        centre_xyz, size_xyz = (lo + hi) / 2.0, hi - lo
-    grid = roi_grid(centre_xyz, size_xyz, sp)
-    check_overlap(grid, base.bounds())
+    grid = box_grid(rf, centre_xyz, size_xyz, spacing)
     vol = rf.on_grid(grid)
     how = "given"
     if level == "auto":

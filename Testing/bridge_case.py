@@ -1,8 +1,8 @@
 """The small RTK case of the Slicer tests: an ellipsoid body with one bright off-centre ellipsoid.
 
 16 views of 32 x 32 pixels of exact line integrals on a 300/450 mm circular orbit (RTK frame, rotation
-axis y), written with its voxelised phantom as reference.nrrd. The same case as test_slicer_bridge.py
-builds for itself, importable for other tests (test_slicer_views_rendered.py).
+axis y), written with its voxelised phantom as reference.nrrd: the one case of test_slicer_bridge.py,
+test_slicer_panel_bridge.py and test_slicer_views_rendered.py.
 """
 from __future__ import annotations
 

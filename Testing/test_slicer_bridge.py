@@ -21,13 +21,11 @@ import pytest
 
 slicer = pytest.importorskip("slicer", reason="the slicer-core package (a real vtkMRMLScene) is not installed")
 
-from CTNeRFReconLib.data import ScanData, Volume  # noqa: E402
+from CTNeRFReconLib.data import Volume  # noqa: E402
 from CTNeRFReconLib.events import ExitCode  # noqa: E402
-from CTNeRFReconLib.fov import default_grid  # noqa: E402
-from CTNeRFReconLib.geometry import VolumeGrid, circular_geometry  # noqa: E402
+from CTNeRFReconLib.geometry import VolumeGrid  # noqa: E402
 from CTNeRFReconLib.methods import method_names  # noqa: E402
-from CTNeRFReconLib.phantom import Ellipsoid, phantom_line_integrals, voxelize  # noqa: E402
-from CTNeRFReconLib.rays import all_pixel_indices, view_rays  # noqa: E402
+from CTNeRFReconLib.phantom import voxelize  # noqa: E402
 from CTNeRFReconLib.slicer_bridge import tables, views  # noqa: E402
 from CTNeRFReconLib.slicer_bridge import volume_nodes as vn  # noqa: E402
 from CTNeRFReconLib.slicer_bridge.compare import compare_nodes  # noqa: E402
@@ -36,9 +34,7 @@ from CTNeRFReconLib.slicer_bridge.session import (  # noqa: E402
     REFERENCE_FILE, ReconstructionSession, SessionOptions, SessionState, grid_request_fields)
 from CTNeRFReconLib.slicer_bridge.worker import ReconstructRequest, WorkerConfig  # noqa: E402
 
-FEATURE_WORLD = np.array([22.0, -14.0, 10.0])
-"""Centre of the bright ellipsoid in the scanner (RTK) frame, mm."""
-BODY_MU, FEATURE_MU = 0.02, 0.04
+from bridge_case import BODY_MU, FEATURE_MU, FEATURE_WORLD, phantom, write_case  # noqa: E402  (one case for all)
 
 
 def _methods() -> list[str]:
@@ -52,27 +48,10 @@ def _have(method: str) -> bool:
     return method in _methods()
 
 
-def phantom():
-    return [Ellipsoid((0.0, 0.0, 0.0), (50.0, 50.0, 40.0), BODY_MU),
-            Ellipsoid(tuple(FEATURE_WORLD), (9.0, 11.0, 8.0), FEATURE_MU)]
-
-
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> Path:
     """An RTK case (geometry.xml, projections.mha, reference.nrrd) of the phantom: 16 views, 32 x 32."""
-    from CTNeRFReconLib.formats.rtk import write_rtk_case
-
-    folder = tmp_path_factory.mktemp("bridge_case")
-    views, det = 16, 32
-    geometry = circular_geometry(300.0, 450.0, np.radians(np.arange(views) * 360.0 / views), (det, det),
-                                 (6.75, 6.75), axis="y")
-    v, r, c = all_pixel_indices(geometry)
-    rays = view_rays(geometry, v, r, c, np.full(3, -1000.0), np.full(3, 1000.0))
-    p = phantom_line_integrals(phantom(), rays.origins.double().numpy(), rays.directions.double().numpy())
-    scan = ScanData(p.reshape(views, det, det).astype(np.float32), geometry, "synthetic", "<bridge test phantom>")
-    grid = default_grid(geometry)
-    write_rtk_case(scan, folder, reference=Volume(voxelize(phantom(), grid, supersample=2), grid))
-    return folder
+    return write_case(tmp_path_factory.mktemp("bridge_case"))
 
 
 @pytest.fixture
