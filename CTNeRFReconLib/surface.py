@@ -181,6 +181,22 @@ def surface_stats(poly) -> dict:
                 triangles=int(poly.GetNumberOfPolys()), points=int(poly.GetNumberOfPoints()))
 
 
+_SURFACE_IO = {".vtp": ("vtkIOXML", "vtkXMLPolyData"), ".stl": ("vtkIOGeometry", "vtkSTL"),
+               ".obj": ("vtkIOGeometry", "vtkOBJ")}
+"""Suffix -> (VTK module, class prefix) of the reader and writer of each surface format."""
+
+
+def _surface_io_class(path: Path, role: str):
+    """VTK's Reader or Writer class for a surface file, by its suffix."""
+    import importlib
+
+    entry = _SURFACE_IO.get(path.suffix.lower())
+    if entry is None:
+        raise ValueError(f"{path}: a surface file ends in {', '.join(SURFACE_SUFFIXES)}")
+    module, prefix = entry
+    return getattr(importlib.import_module(f"vtkmodules.{module}"), prefix + role)
+
+
 def write_surface(poly, path) -> Path:
     """Write .vtp (VTK XML), .stl (binary) or .obj atomically; coordinates in the scanner frame (mm)."""
     _vtk()
@@ -188,14 +204,7 @@ def write_surface(poly, path) -> Path:
 
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix == ".vtp":
-        from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter as Writer
-    elif suffix == ".stl":
-        from vtkmodules.vtkIOGeometry import vtkSTLWriter as Writer
-    elif suffix == ".obj":
-        from vtkmodules.vtkIOGeometry import vtkOBJWriter as Writer
-    else:
-        raise ValueError(f"{path}: a surface file ends in {', '.join(SURFACE_SUFFIXES)}")
+    Writer = _surface_io_class(path, "Writer")
 
     def write(tmp):
         w = Writer()
@@ -213,15 +222,7 @@ def read_surface(path):
     """A .vtp, .stl or .obj file as vtkPolyData (coordinates as stored)."""
     _vtk()
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".vtp":
-        from vtkmodules.vtkIOXML import vtkXMLPolyDataReader as Reader
-    elif suffix == ".stl":
-        from vtkmodules.vtkIOGeometry import vtkSTLReader as Reader
-    elif suffix == ".obj":
-        from vtkmodules.vtkIOGeometry import vtkOBJReader as Reader
-    else:
-        raise ValueError(f"{path}: a surface file ends in {', '.join(SURFACE_SUFFIXES)}")
+    Reader = _surface_io_class(path, "Reader")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: surface file not found; check the path")
     r = Reader()
