@@ -77,3 +77,22 @@ def write_launcher(folder: Path, name: str = "PythonFake", relay: bool = False) 
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def find_engine_child(launcher_pid: int, timeout: float = 60.0, interval: float = 0.01):
+    """The launcher's child that runs the engine (`-m CTNeRFReconLib ...`), as psutil.Process, or None
+    when none appears within ``timeout`` s (for the tests and benchmarks/bench_cancel.py)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for child in psutil.Process(launcher_pid).children():
+                if "CTNeRFReconLib" in child.cmdline():
+                    return child
+        except psutil.Error:
+            pass
+        time.sleep(interval)
+    return None

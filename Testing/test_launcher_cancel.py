@@ -27,7 +27,7 @@ psutil = pytest.importorskip("psutil")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fake_launcher import write_launcher  # noqa: E402
+from fake_launcher import find_engine_child, write_launcher  # noqa: E402
 
 from CTNeRFReconLib.methods import method_names  # noqa: E402
 from CTNeRFReconLib.rundir import RunFolder  # noqa: E402
@@ -108,16 +108,10 @@ def gone_within(proc, seconds: float, since: float) -> float | None:
 
 def engine_child(worker: WorkerProcess, timeout: float = 60.0):
     """The launcher's child that runs the engine (before ``started``)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            for child in psutil.Process(worker.pid).children():
-                if "CTNeRFReconLib" in child.cmdline():
-                    return child
-        except psutil.Error:
-            pass
-        time.sleep(0.01)
-    raise AssertionError("the launcher started no engine process")
+    child = find_engine_child(worker.pid, timeout, interval=0.01)
+    if child is None:
+        raise AssertionError("the launcher started no engine process")
+    return child
 
 
 def started_pid(events: list[dict]) -> int | None:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO / "Testing"))
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
-from fake_launcher import write_launcher  # noqa: E402
+from fake_launcher import find_engine_child, write_launcher  # noqa: E402
 
 from CTNeRFReconLib.slicer_bridge.session import ReconstructionSession, SessionOptions  # noqa: E402
 from CTNeRFReconLib.slicer_bridge.worker import ReconstructRequest, WorkerConfig, WorkerProcess  # noqa: E402
@@ -85,16 +85,7 @@ def complete_volume(run: Path) -> bool:
 
 
 def engine_child(worker: WorkerProcess, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            for child in psutil.Process(worker.pid).children():
-                if "CTNeRFReconLib" in child.cmdline():
-                    return child
-        except psutil.Error:
-            pass
-        time.sleep(0.005)
-    return None
+    return find_engine_child(worker.pid, timeout, interval=0.005)
 
 
 def trial(scenario: str, case: Path, root: Path, launcher: Path, rng: random.Random, cancel_grace: float) -> dict:
