@@ -64,6 +64,13 @@ def _add_reconstruct(sub):
     p.add_argument("--no-support", action="store_true",
                    help="nerf: train on the whole grid box instead of the object's support carved from the "
                         "projections (voxels some view shows in air)")
+    p.add_argument("--no-coarse-to-fine", action="store_true",
+                   help="nerf: train on the full training grid from the start instead of a coarser grid first")
+    p.add_argument("--no-prior", action="store_true",
+                   help="nerf: no deep image prior; the VM factors are free parameters from the start (TensoRF)")
+    p.add_argument("--setting", action="append", default=[], metavar="NAME=VALUE",
+                   help="nerf: set one field of its configuration (CTNeRFReconLib/nerf/config.py), e.g. "
+                        "refine_fraction=0.3 or coarse_levels=[4,2]; repeatable; for experiments")
     p.add_argument("--fdk-filter", metavar="WINDOW", help="FDK's ramp filter window: ram-lak, shepp-logan, cosine, "
                    "hamming or hann (default hann)")
     p.add_argument("--fdk-cutoff", type=float, metavar="F", help="FDK's filter cut-off, fraction of Nyquist in (0, 1] "
@@ -122,14 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _reconstruct(args) -> int:
-    if args.method == "fdk" and "torch" not in sys.modules:
-        # FDK is a few hundred short parallel loops: OpenMP threads that spin between them (the
-        # default) steal the CPU from each other as soon as anything else runs on the machine
-        # (Slicer beside the worker); sleeping threads keep it fast there and cost nothing when idle
-        # (25-view abdomen FDK on 2 busy cores: 2.4 s spinning, 0.25 s passive). Read by OpenMP
-        # when torch loads it, so only here, before that; a value the user set is kept.
+def _passive_openmp_threads():
+    """OpenMP threads that sleep between parallel regions instead of spinning (a user's value is kept).
+
+    Why: FDK and every nerf iteration are hundreds of short parallel loops. Spinning threads (the
+    default) steal the CPU from each other as soon as anything else runs on the machine (Slicer beside
+    the worker, a second job), and a loop then waits for a descheduled thread: on 2 busy cores the
+    25-view abdomen FDK took 2.4 s spinning and 0.25 s passive, and a nerf iteration on its default
+    grid 0.77-1.35 s spinning against 0.19-0.44 s passive (benchmarks/README.md). Idle, it costs
+    nothing measurable. OpenMP reads it when torch loads it, so it is set before that."""
+    if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _reconstruct(args) -> int:
+    _passive_openmp_threads()
     from .worker import ReconstructOptions, run_reconstruction
 
     opts = ReconstructOptions(
@@ -139,7 +153,9 @@ def _reconstruct(args) -> int:
         grid_spacing=args.grid_spacing, grid_size=None if args.grid_size is None else tuple(args.grid_size),
         iterations=args.iterations, snapshot_every=args.snapshot_every, progress_every=args.progress_every,
         kernels=not args.no_kernels, tv_weight=args.tv_weight, fdk_filter=args.fdk_filter, fdk_cutoff=args.fdk_cutoff,
-        quiet=args.quiet, time_limit=args.time_limit, support=not args.no_support)
+        quiet=args.quiet, time_limit=args.time_limit, support=not args.no_support,
+        coarse_to_fine=not args.no_coarse_to_fine, use_prior=not args.no_prior,
+        setting_overrides=tuple(args.setting))
     return run_reconstruction(opts)
 
 
@@ -212,6 +228,7 @@ def _info(args) -> int:
 
 
 def _demo(args) -> int:
+    _passive_openmp_threads()
     from .demo import run_demo
 
     return run_demo(args.out, device=args.device, method=args.method, preset=args.preset, small=args.small,

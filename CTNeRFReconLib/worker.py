@@ -82,6 +82,13 @@ class ReconstructOptions:
     """Wall-clock budget of the run in seconds (nerf): the schedule adapts so it ends in time."""
     support: bool = True
     """nerf: carve the object's support from the projections (support.py); False: train on the whole box."""
+    coarse_to_fine: bool = True
+    """nerf: train the first iterations on a coarser grid (nerf/levels.py); False: the full grid throughout."""
+    use_prior: bool = True
+    """nerf: the deep image prior (the generator phase); False: free VM factors from the start (TensoRF)."""
+    setting_overrides: tuple[str, ...] = ()
+    """nerf: NAME=VALUE pairs setting any NerfConfig field (experiments, ablations); VALUE is JSON
+    (0.3, [4, 2], false) or else a plain string. Applied last, checked like every setting."""
 
 
 def default_method() -> str:
@@ -112,7 +119,28 @@ def method_settings(opts: ReconstructOptions) -> dict:
             settings["iterations_cap"] = opts.iterations
     if not opts.support:
         settings["support"] = False
+    if not opts.coarse_to_fine:
+        settings["coarse_levels"] = ()
+    if not opts.use_prior:
+        settings["use_generator"] = False
+    settings.update(parse_setting_overrides(opts.setting_overrides))
     return settings
+
+
+def parse_setting_overrides(pairs) -> dict:
+    """{name: value} from NAME=VALUE strings (VALUE read as JSON when it is JSON, else as text)."""
+    out = {}
+    for pair in pairs:
+        name, sep, text = str(pair).partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise ValueError(f"--setting '{pair}': write NAME=VALUE with NAME a nerf setting (nerf/config.py), "
+                             "e.g. --setting refine_fraction=0.3")
+        try:
+            out[name] = json.loads(text)
+        except ValueError:
+            out[name] = text
+    return out
 
 
 def resolve_device(name: str) -> str:
@@ -203,7 +231,8 @@ def versions() -> dict:
 
     return {"ctnerfrecon": __version__, "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "torch_cuda": torch.version.cuda, "numpy": np.__version__,
-            "SimpleITK": SimpleITK.Version_VersionString()}
+            "SimpleITK": SimpleITK.Version_VersionString(), "cpu_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 class StopRequest:
@@ -310,6 +339,13 @@ def prepare(opts: ReconstructOptions) -> Prepared:
             raise ValueError(f"--time-limit must be a positive number of seconds, got {opts.time_limit}")
     if not opts.support and name != "nerf":
         raise ValueError(f"--no-support applies to --method nerf only, not to '{name}'; leave it out")
+    for flag, used in (("--no-coarse-to-fine", not opts.coarse_to_fine), ("--no-prior", not opts.use_prior),
+                       ("--setting", bool(opts.setting_overrides))):
+        if used and name != "nerf":
+            raise ValueError(f"{flag} applies to --method nerf only, not to '{name}'; leave it out")
+    if opts.setting_overrides:
+        from .nerf.config import NerfConfig
+        NerfConfig.from_settings(method_settings(opts))  # unknown names and bad values refused here
     if opts.tv_weight is not None:
         if name != "nerf":
             raise ValueError(f"--tv-weight applies to --method nerf only, not to '{name}'; leave it out")

@@ -73,3 +73,23 @@ def test_simulate_then_info(tmp_path):
     info = json.loads(run_cli("info", out, "--json").stdout)
     assert info["format"] == "rtk" and info["views"] == 8 and info["detector_rows_cols"] == [64, 64]
     assert info["angles_deg"] == pytest.approx([0.0, 315.0])
+
+
+def test_nerf_settings_from_the_command_line_are_checked_before_any_work(case, tmp_path):
+    """--setting NAME=VALUE, --no-prior and --no-coarse-to-fine reach the nerf configuration; a bad one
+    is refused (exit 2) with the flag and the fix, and no run folder is written."""
+    for args, words in ((["--setting", "refine_fraction"], ("NAME=VALUE",)),
+                        (["--setting", "no_such_field=1"], ("unknown nerf setting", "no_such_field")),
+                        (["--method", "fdk", "--no-prior"], ("--no-prior", "nerf only")),
+                        (["--method", "fdk", "--setting", "iterations=3"], ("--setting", "nerf only"))):
+        out = tmp_path / "refused"
+        res = run_cli("reconstruct", case, "--out", out, *args)
+        assert res.returncode == ExitCode.BAD_INPUT, (args, res.stderr)
+        assert all(w in res.stderr for w in words), (args, res.stderr)
+        assert not (out / "volume.nrrd").exists()
+    out = tmp_path / "ran"
+    res = run_cli("reconstruct", case, "--out", out, "--no-prior", "--no-coarse-to-fine", "--setting",
+                  "iterations=12", "--setting", "eval_every=4", "--snapshot-every", "0", "--quiet", timeout=240)
+    assert res.returncode == 0, res.stderr
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert settings["use_generator"] is False and settings["coarse_levels"] == [] and settings["iterations"] == 12

@@ -169,8 +169,9 @@ def test_cancel_returns_a_complete_volume(case):
 
 def test_out_of_memory_backoff_halves_the_batch(case):
     scan, ref = case
+    # one grid throughout (a coarse level's rays take half the samples: the budget would admit twice as many)
     cfg = NerfConfig.from_settings({**FAST, "iterations": 12, "fdk_init_iterations": 0, "rays_start": 4096,
-                                    "rays_end": 4096, "eval_every": 1})
+                                    "rays_end": 4096, "eval_every": 1, "coarse_levels": ()})
     events = []
     trainer = NerfTrainer(scan, ref.grid, cfg, RunContext(on_progress=lambda **f: events.append(f)))
     # a budget that admits ~1000 rays forces repeated halving from 4096

@@ -9,6 +9,7 @@ no traceback, nothing written but events.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -63,6 +64,8 @@ def test_fdk_run_writes_a_complete_run_folder(case, tmp_path):
         assert (run / finished["paths"][key]).stat().st_size > 0
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "finished" and info["method"] == "fdk" and info["versions"]["torch"]
+    # OpenMP threads sleep between loops unless the user chose otherwise (cli._passive_openmp_threads)
+    assert info["versions"]["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def test_finished_run_is_kept_without_overwrite(case, tmp_path):

@@ -14,7 +14,8 @@ support's fraction.
         --out bench_results/default_grid
 
 Variants: `no-support` (the whole default box: before), `support` (the default: after),
-`support-tN` (support and --time-limit N seconds), `no-support-tN`. `--nerf-args` adds CLI arguments
+`support-tN` (support and --time-limit N seconds), `no-support-tN`, and `-flat` after the support
+part for no coarse-to-fine (`support-flat-t180`). `--nerf-args` adds CLI arguments
 to every run (e.g. "--preset preview" for a quick look).
 """
 from __future__ import annotations
@@ -39,13 +40,15 @@ from rtk_reference import add_case_options, case_for  # noqa: E402
 
 
 def variant_args(name: str) -> list[str]:
-    """CLI arguments of a variant name: [no-]support[-tSECONDS]."""
-    m = re.fullmatch(r"(no-support|support)(?:-t(\d+(?:\.\d*)?))?", name)
+    """CLI arguments of a variant name: [no-]support[-flat][-tSECONDS] (flat: no coarse-to-fine)."""
+    m = re.fullmatch(r"(no-support|support)(-flat)?(?:-t(\d+(?:\.\d*)?))?", name)
     if not m:
-        raise SystemExit(f"variant '{name}': write support, no-support, support-t300, no-support-t300")
+        raise SystemExit(f"variant '{name}': write support, no-support, support-flat, support-t300, no-support-t300")
     args = ["--no-support"] if m.group(1) == "no-support" else []
     if m.group(2):
-        args += ["--time-limit", m.group(2)]
+        args += ["--no-coarse-to-fine"]
+    if m.group(3):
+        args += ["--time-limit", m.group(3)]
     return args
 
 

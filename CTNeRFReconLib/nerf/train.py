@@ -1,7 +1,8 @@
 """Per-scan fitting of the deep-prior VM field to the measured line integrals.
 
 One iteration: the generator makes the planes and lines, the field is materialised on the
-training grid (dense, exact at voxel centres), plus the detail grid in the refinement phase, a
+training grid (dense, exact at voxel centres; a coarser grid over the same box in the early
+iterations, levels.py), plus the detail grid in the refinement phase, a
 batch of rays is integrated through that grid (the fused kernel when built, else the PyTorch path;
 rays grouped by chord length, each group at its own sample count), and the loss is the relative
 MSE to the measured line integrals plus a TV prior on the grid. The ray batch grows during training
@@ -26,6 +27,7 @@ from .config import NerfConfig
 from .detail import DetailGrid
 from .field import VMField
 from .generator import DirectFactors, FactorGenerator
+from .levels import INTEGRATION_SHARE, LevelSchedule
 from .prior_weight import projection_noise_variance, tv_weight_from_data
 
 
@@ -50,6 +52,15 @@ def training_grid(out_grid: VolumeGrid, cfg: NerfConfig, scan: ScanData | None =
     if scan is not None:
         return carve_support(scan, out_grid, cfg)[1]
     return _grid_over(out_grid.bounds(), out_grid, cfg)
+
+
+def coarser_grid(grid: VolumeGrid, factor: float) -> VolumeGrid:
+    """The same box as `grid` tiled by voxels about `factor` times larger (a coarse training level)."""
+    if factor <= 1.0:
+        return grid
+    lo, hi = (np.asarray(b, dtype=float) for b in grid.bounds())
+    n = np.maximum(1, np.round(np.asarray(grid.shape_xyz) / factor))
+    return VolumeGrid.centered(tuple(int(k) for k in n), tuple((hi - lo) / n), tuple((lo + hi) / 2))
 
 
 def _grid_over(box, out_grid: VolumeGrid, cfg: NerfConfig) -> VolumeGrid:
@@ -171,9 +182,14 @@ class NerfTrainer:
                                                  self.grid.n_voxels, len(self.targets), self.target_power)
         self.target_peak = float(proj.max())
         chords = (self.rays[3] - self.rays[2])
-        dt = cfg.step_voxels * float(min(self.grid.spacing_xyz))
-        self.sample_step = dt
-        self.n_samples = int(max(8, math.ceil(float(torch.quantile(chords[::max(1, len(chords) // 100000)], 0.98)) / dt)))
+        self._chord_98 = float(torch.quantile(chords[::max(1, len(chords) // 100000)], 0.98))
+        self.levels = LevelSchedule(tuple(cfg.coarse_levels) if cfg.use_generator else (), cfg.coarse_fraction,
+                                    end_limit=1.0 - cfg.refine_fraction if cfg.use_generator else 0.0)
+        """The coarse-to-fine schedule (levels.py); only in the generator phase."""
+        self.level = -1
+        self.level_grid = self.grid
+        """The grid the field is trained on now: `self.grid` or a coarser one over its box."""
+        self._set_level(self.levels.level_at(0, self.iterations))
         self.state = TrainState(rays_per_batch=min(cfg.rays_start, len(self.targets)))
         self.fdk_volume = fdk_volume
         self._kernel = _pick_integrator(self.device, cfg.use_kernels)
@@ -197,17 +213,51 @@ class NerfTrainer:
         else:
             self.ctx.on_message(f"no object support carved: {self.support.reason}")
 
-    def support_mask_on(self, grid: VolumeGrid) -> torch.Tensor | None:
-        """The support as a float mask on any grid (cached), or None when there is none."""
+    def support_mask_on(self, grid: VolumeGrid, dilate: int = 0) -> torch.Tensor | None:
+        """The support as a float mask on any grid (cached), or None when there is none; `dilate`
+        grows it by that many of the grid's voxels (a coarse level's voxel must not cut the object)."""
         if self._support_mask is None:
             return None
-        if grid is self.grid or grid.to_dict() == self.grid.to_dict():
+        if not dilate and (grid is self.grid or grid.to_dict() == self.grid.to_dict()):
             return self._support_mask
-        key = repr(grid.to_dict())
+        key = repr((grid.to_dict(), dilate))
         if key not in self._mask_cache:
-            self._mask_cache = {key: torch.as_tensor(self.support.mask_on(grid), dtype=torch.float32,
-                                                     device=self.device)}
+            mask = self.support.mask_on(grid)
+            if dilate:
+                from scipy.ndimage import binary_dilation
+                mask = binary_dilation(mask, iterations=int(dilate))
+            self._mask_cache[key] = torch.as_tensor(mask, dtype=torch.float32, device=self.device)
         return self._mask_cache[key]
+
+    # -- coarse-to-fine -------------------------------------------------------------------------
+    def _set_level(self, level: int):
+        """Train on the grid of `level` (levels.py) from now on; the sample spacing follows its voxel."""
+        if level == self.level:
+            return
+        self.level = level
+        self.level_grid = coarser_grid(self.grid, self.levels.factor(level))
+        dt = self.cfg.step_voxels * float(min(self.level_grid.spacing_xyz))
+        self.sample_step = dt
+        self.n_samples = int(max(8, math.ceil(self._chord_98 / dt)))
+
+    def _update_level(self, it: int):
+        """The level of iteration `it` under the current plan; never back to a coarser one (a longer
+        plan moves the boundaries later, but a field once trained finer stays finer)."""
+        self._set_level(max(self.level, self.levels.level_at(it, self.iterations)))
+
+    def iteration_cost(self, iterations: np.ndarray, planned: int) -> np.ndarray:
+        """Relative cost of iterations under a plan of `planned` (1 = a full-grid iteration at the
+        largest batch): the level's grid and the ray batch (TimeBudget plans with it)."""
+        it = np.asarray(iterations, dtype=float)
+        cfg = self.cfg
+        p = np.minimum(1.0, it / max(1.0, cfg.curriculum_fraction * planned))
+        batch = np.clip(cfg.rays_start * (cfg.rays_end / cfg.rays_start) ** p, 64,
+                        min(self.state.rays_per_batch_cap, len(self.targets)))
+        rays = batch / max(1.0, float(min(cfg.rays_end, len(self.targets))))
+        factor = np.ones_like(it)
+        for k, end in reversed(list(enumerate(self.levels.boundaries(planned)))):
+            factor[it < end] = self.levels.factor(k)
+        return INTEGRATION_SHARE * rays / factor + (1.0 - INTEGRATION_SHARE) / factor ** 3
 
     def _make_optimizer(self):
         lr = self.cfg.lr * (1 if self.phase == "generator" else 10)
@@ -219,9 +269,10 @@ class NerfTrainer:
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
 
     def switch_to_direct(self):
-        """Refinement phase: the generated planes/lines become free parameters."""
+        """Refinement phase: the generated planes/lines become free parameters (on the full grid)."""
         if self.phase == "direct":
             return
+        self._set_level(len(self.levels.factors))
         with torch.no_grad():
             planes, lines = self.factors()
         self.factors = DirectFactors.from_tensors(planes.float(), lines.float()).to(self.device)
@@ -291,14 +342,19 @@ class NerfTrainer:
         return Volume(self.volume_on(self.out_grid).cpu().numpy().astype(np.float32), self.out_grid)
 
     def _training_volume(self) -> torch.Tensor:
+        """The field on the current level's grid (differentiable), zero outside the support."""
         use_amp = self.cfg.amp and self.device.type == "cuda"
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             planes, lines = self.factors()
-        vol = self.field.materialize(planes.float(), lines.float(), self.grid)
+        grid = self.level_grid
+        vol = self.field.materialize(planes.float(), lines.float(), grid)
         if self.detail is not None:
+            if grid is not self.grid:
+                raise RuntimeError("the detail grid lives on the full training grid only")
             vol = vol + self.detail()
-        if self._support_mask is not None:
-            vol = vol * self._support_mask  # zero outside the object's support: no gradient, no TV there
+        mask = self.support_mask_on(grid, dilate=0 if grid is self.grid else 1)
+        if mask is not None:
+            vol = vol * mask  # zero outside the object's support: no gradient, no TV there
         return vol
 
     # -- phases ---------------------------------------------------------------------------------
@@ -309,7 +365,7 @@ class NerfTrainer:
         from scipy.ndimage import gaussian_filter
 
         from ..volume_io import resample_to_grid
-        target = resample_to_grid(self.fdk_volume, self.grid).array
+        target = resample_to_grid(self.fdk_volume, self.level_grid).array  # the grid it trains on now
         target = np.clip(gaussian_filter(target, 1.0), 0, None)
         target_t = torch.as_tensor(target, device=self.device)
         power = float((target_t ** 2).mean()) + 1e-12
@@ -381,7 +437,7 @@ class NerfTrainer:
         return out.index_put((sel,), torch.cat([p[1] for p in parts]))
 
     def _integrate(self, vol, o, d, tn, tf, n_samples: int, jitter_seed: int):
-        g = self.grid
+        g = self.level_grid
         if self._kernel is not None:
             return self._kernel(vol, g.origin_xyz, g.spacing_xyz, o, d, tn, tf, n_samples, jitter_seed)
         return fused.grid_line_integrals_reference(vol, g.origin_xyz, g.spacing_xyz, o, d, tn, tf,
@@ -428,7 +484,7 @@ class NerfTrainer:
         if cfg.time_limit_s:
             start = ctx.clock_start if ctx.clock_start is not None else self._t_created
             budget = TimeBudget(cfg.time_limit_s, start, it, cfg.iterations,
-                                cfg.iterations_cap or 4 * cfg.iterations)
+                                cfg.iterations_cap or 4 * cfg.iterations, cost=self.iteration_cost)
             self._planned_iterations = budget.planned
         last_loss, last_psnr = float("nan"), float("nan")
         while it < self.iterations and not ctx.should_stop():
@@ -436,6 +492,7 @@ class NerfTrainer:
                 break
             if it >= self.refine_start:
                 self.switch_to_direct()
+            self._update_level(it)
             n = self.batch_size(it)
             try:
                 last_loss, last_psnr = self.step(it, n)
@@ -503,13 +560,17 @@ class TimeBudget:
     a long one cut off. A reserve is kept for the export, the final checkpoint and the worker's files
     and scores; the loop also stops outright at the deadline, but never before `MIN_ITERATIONS`
     (an untrained field is no result: a limit shorter than the set-up plus those few iterations is
-    overrun, and the report says so).
+    overrun, and the report says so). Iterations do not all cost the same (a coarse level, a
+    smaller ray batch): with `cost` (relative cost of iterations under a plan) the rate is measured
+    in cost units and the plan is the longest one whose remaining cost fits the time left.
     """
 
     MIN_ITERATIONS = 25
 
-    def __init__(self, limit_s: float, start: float, iteration: int, iterations: int, cap: int):
+    def __init__(self, limit_s: float, start: float, iteration: int, iterations: int, cap: int, cost=None):
         self.limit_s = float(limit_s)
+        self.cost = cost
+        """callable(iterations: ndarray, planned: int) -> ndarray of relative costs, or None (all equal)."""
         self.start = start
         self.cap = max(1, int(cap))
         self.initial = max(1, min(int(iterations), self.cap))
@@ -568,10 +629,9 @@ class TimeBudget:
             self._next_plan = it + 1
             return None
         (i0, t0), (i1, t1) = recent[0], recent[-1]
-        seconds_per_it = max((t1 - t0) / max(1, i1 - i0), 1e-6)
-        self.rate = 1.0 / seconds_per_it
-        left = self.remaining(now)
-        planned = it + max(0, int(left / seconds_per_it))
+        self.rate = max(1, i1 - i0) / max(t1 - t0, 1e-6)
+        seconds_per_unit = max((t1 - t0) / max(self._units(i0, i1, self.planned), 1e-9), 1e-9)
+        planned = self._longest_plan(it, self.remaining(now), seconds_per_unit)
         planned = max(it + 1, self._first_iteration + self.min_iterations, min(planned, self.cap))
         # re-plan every ~2.5 % of the plan (more often early), never in the last ~3 %
         self._next_plan = it + max(5, planned // 40)
@@ -579,6 +639,29 @@ class TimeBudget:
             self._next_plan = 1 << 60
         self.planned = planned
         return planned
+
+    def _units(self, start: int, stop: int, planned: int) -> float:
+        """Cost units of iterations start..stop-1 under a plan (one per iteration without `cost`)."""
+        if stop <= start:
+            return 0.0
+        if self.cost is None:
+            return float(stop - start)
+        return float(np.sum(self.cost(np.arange(start, stop), planned)))
+
+    def _longest_plan(self, it: int, left_s: float, seconds_per_unit: float) -> int:
+        """The largest plan (at most the cap) whose iterations from `it` on fit in `left_s`."""
+        if left_s <= 0:
+            return it
+        if self.cost is None:
+            return it + int(left_s / seconds_per_unit)
+        fits = lambda n: self._units(it, n, n) * seconds_per_unit <= left_s  # noqa: E731
+        if fits(self.cap):
+            return self.cap
+        lo, hi = it, self.cap  # fits(lo), not fits(hi); cost grows with the plan's length
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
 
     def message(self) -> str:
         rate = "" if self.rate is None else f" at {self.rate:.2f} it/s"
