@@ -172,6 +172,14 @@ class SliceView:
         normal = self.xy_to_ras()[:3, 2]
         return float(xy[0]), float(height - 1 - xy[1]), float(xy[2] * np.linalg.norm(normal))
 
+    def pixel_box_of_ras_box(self, ras_lo, ras_hi) -> tuple[float, float, float, float]:
+        """(first column, first row, last column, last row) of the pixels a RAS box covers in this
+        view, fractional: the in-plane box around its eight corners through :meth:`pixel_of_ras`
+        (pixel index = pixel centre, as :func:`changed_box` counts)."""
+        pixels = np.array([self.pixel_of_ras(corner)[:2] for corner in box_corners(ras_lo, ras_hi)])
+        (c0, r0), (c1, r1) = pixels.min(axis=0), pixels.max(axis=0)
+        return float(c0), float(r0), float(c1), float(r1)
+
     def render(self) -> np.ndarray:
         # the logic replaces its output connection when its layers change (Slicer's slice controller
         # re-plugs the view on imageDataConnectionChanged); plug in the current one
@@ -208,6 +216,57 @@ class ThreeDView:
         self.renderer.ResetCameraClippingRange()
         self.node.SetBoxVisible(box)
         self.node.SetAxisLabelsVisible(labels)
+
+    @property
+    def camera_node(self):
+        """The vtkMRMLCameraNode the camera displayable manager made for this view (its camera is the
+        renderer's active camera)."""
+        cameras = self.node.GetScene().GetNodesByClass("vtkMRMLCameraNode")
+        for i in range(cameras.GetNumberOfItems()):
+            camera = cameras.GetItemAsObject(i)
+            if camera.GetLayoutName() == self.node.GetLayoutName():
+                return camera
+        raise LookupError(f"no camera node for 3D view {self.node.GetLayoutName()!r}")
+
+    def look_from(self, towards_camera, view_up, focal=(0.0, 0.0, 0.0), parallel_scale: float | None = None,
+                  distance: float = 500.0):
+        """A known camera, set on the view's camera node as Slicer's view controllers do: looking at
+        ``focal`` (RAS) from ``focal + distance * towards_camera``, ``view_up`` up the screen. With
+        ``parallel_scale`` (mm, half the view's height) the view node's render mode is Orthographic
+        (parallel projection), else Perspective. Returns the camera node."""
+        import slicer
+
+        direction = np.asarray(towards_camera, dtype=float)
+        direction = direction / np.linalg.norm(direction)
+        focal = np.asarray(focal, dtype=float)
+        self.node.SetRenderMode(slicer.vtkMRMLViewNode.Orthographic if parallel_scale is not None
+                                else slicer.vtkMRMLViewNode.Perspective)
+        camera_node = self.camera_node
+        camera_node.SetFocalPoint(*focal)
+        camera_node.SetPosition(*(focal + distance * direction))
+        camera_node.SetViewUp(*[float(v) for v in view_up])
+        if parallel_scale is not None:
+            camera_node.GetCamera().ParallelProjectionOn()
+            camera_node.GetCamera().SetParallelScale(float(parallel_scale))
+        self.window.Render()  # let the displayable managers apply the render mode
+        self.renderer.ResetCameraClippingRange()
+        return camera_node
+
+    def display_point(self, ras) -> tuple[float, float]:
+        """(column, row) of a RAS point in this view's render through the renderer's camera
+        (vtkRenderer.WorldToDisplay), row 0 at the top, pixel index = pixel centre."""
+        self.renderer.SetWorldPoint(*[float(v) for v in ras], 1.0)
+        self.renderer.WorldToDisplay()
+        x, y, _ = self.renderer.GetDisplayPoint()
+        return float(x - 0.5), float(self.window.GetSize()[1] - y - 0.5)
+
+    def pixel_box_of_ras_box(self, ras_lo, ras_hi) -> tuple[float, float, float, float]:
+        """(first column, first row, last column, last row), fractional, of the RAS box's eight
+        corners through the camera: where a model with those RAS bounds appears (exactly so for a
+        parallel projection along an axis)."""
+        pixels = np.array([self.display_point(corner) for corner in box_corners(ras_lo, ras_hi)])
+        (c0, r0), (c1, r1) = pixels.min(axis=0), pixels.max(axis=0)
+        return float(c0), float(r0), float(c1), float(r1)
 
 
 class SlicerViews:
@@ -347,6 +406,24 @@ class SlicerViews:
             view.window.Finalize()
             view.interactor.TerminateApp()
         self.slices.clear()
+
+
+def box_corners(lo, hi) -> np.ndarray:
+    """The eight corners (8, 3) of the axis-aligned box lo..hi."""
+    lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+    return np.array([[(lo, hi)[a][0], (lo, hi)[b][1], (lo, hi)[c][2]]
+                     for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+
+
+def changed_box(image: np.ndarray, base: np.ndarray, threshold: float = 6.0):
+    """(first column, first row, last column, last row) of the pixels where ``image`` differs from
+    ``base`` (sum over R, G, B of the absolute differences above ``threshold``), and how many;
+    (None, 0) when none do. ``base`` may be a scalar: 0 finds what is not black."""
+    difference = np.abs(np.asarray(image, dtype=np.int64) - np.asarray(base, dtype=np.int64))
+    rows, cols = np.nonzero(difference.reshape(*np.shape(image)[:2], -1).sum(axis=-1) > threshold)
+    if len(rows) == 0:
+        return None, 0
+    return (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())), len(rows)
 
 
 def save_png(rgb: np.ndarray, path) -> Path:

@@ -123,7 +123,8 @@ def projection_check_node(scene, png_path, name: str = "CTNeRFRecon projection c
     """The projection-check picture (projection_check.png) as an RGB vector volume node, one slice.
 
     Shown in a slice view (Red, axial) it reads as on disk: the image's top row at the top (+A in
-    RAS is up in the axial view), one pixel per mm, centred on the origin."""
+    RAS is up in the axial view) and its first column on the left (+R is on the left of Slicer's
+    axial view, the radiological convention), one pixel per mm, centred on the origin."""
     from PIL import Image
     from vtkmodules.util import numpy_support
     from vtkmodules.vtkCommonCore import VTK_UNSIGNED_CHAR
@@ -142,10 +143,10 @@ def projection_check_node(scene, png_path, name: str = "CTNeRFRecon projection c
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = rgb.reshape(-1, 3)
     if node is None:
         node = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", scene.GenerateUniqueName(name))
-    m = vtkMatrix4x4()  # i -> R (left to right), j (row 0 at the top) -> -A, centred
-    m.SetElement(0, 0, 1.0)
+    m = vtkMatrix4x4()  # i (column 0 at the left) -> -R, j (row 0 at the top) -> -A, centred
+    m.SetElement(0, 0, -1.0)
     m.SetElement(1, 1, -1.0)
-    m.SetElement(0, 3, -(w - 1) / 2.0)
+    m.SetElement(0, 3, (w - 1) / 2.0)
     m.SetElement(1, 3, (h - 1) / 2.0)
     node.SetIJKToRASMatrix(m)
     node.SetAndObserveImageData(image)
