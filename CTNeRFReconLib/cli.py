@@ -136,8 +136,8 @@ def _passive_openmp_threads():
     default) steal the CPU from each other as soon as anything else runs on the machine (Slicer beside
     the worker, a second job), and a loop then waits for a descheduled thread: on 2 busy cores the
     25-view abdomen FDK took 2.4 s spinning and 0.25 s passive, and a nerf iteration on its default
-    grid 0.77-1.35 s spinning against 0.19-0.44 s passive (benchmarks/README.md). Idle, it costs
-    nothing measurable. OpenMP reads it when torch loads it, so it is set before that."""
+    grid 0.77-1.35 s spinning against 0.19-0.44 s passive (README, "reconstruct"). On an idle machine
+    FDK measured no difference. OpenMP reads it when torch loads it, so it is set before that."""
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

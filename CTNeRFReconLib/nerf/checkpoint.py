@@ -314,3 +314,4 @@ def restore_trainer(trainer, path) -> None:
     trainer.state.history = [tuple(r) for r in ck["history"]]
     trainer.state.elapsed_s = float(ck["elapsed_s"])
     trainer.state.rays_per_batch_cap = int(ck["rays_cap"])
+    trainer._update_level(trainer.state.iteration)  # the coarse-to-fine level of that iteration (levels.py)
