@@ -65,43 +65,269 @@ def _pixel_bytes(reader: sitk.ImageFileReader) -> int:
 
 _HEADER_BYTES = set(range(32, 127)) | {9, 10, 13}
 
+HEADER_DIMS = (2, 3, 4)
+"""The number of axes a MetaImage (NDims) or NRRD (dimension) header may give: a 2D image, a 3D
+stack or volume, a 3D vector volume. MetaIO loops or crashes on others (-3, 3333...)."""
 
-def _header_fields(path: Path) -> tuple[dict | None, int | None]:
-    """(key/value lines with lower-cased keys, header length in bytes) of a MetaImage (.mha/.mhd) or
-    NRRD (.nrrd/.nhdr) header; (None, None) when the header is not plain text or has no end."""
+MAX_AXIS_SIZE = 2**31 - 1
+"""An axis length larger than this does not fit the readers' 32-bit integers."""
+
+_META_KEY_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_META_KEYS = {k.lower(): k for k in ("NDims", "DimSize", "ElementDataFile", "ElementType", "CompressedData",
+                                     "CompressedDataSize", "ElementNumberOfChannels", "HeaderSize", "BinaryData",
+                                     "ElementSpacing", "ObjectType")}
+"""MetaImage keys as MetaIO spells them: it compares keys case-sensitively, so 'ndims' is not NDims."""
+
+
+def _check_text_header(path: Path, field: str, fix: str) -> tuple[dict, int | None]:
+    """(fields with lower-cased keys, header length in bytes) of a MetaImage (.mha/.mhd) or NRRD
+    (.nrrd/.nhdr) header, after refusing (ScanFormatError) any header SimpleITK could mis-read.
+
+    Hand-written because SimpleITK must never see such a header: MetaIO loops or corrupts its heap
+    in native code on NDims = -3 or 3333..., and reads a key repeated twice, or a line without
+    'Key = value' (which it glues to the next key), differently from this check. So the header is
+    parsed here strictly first: printable text, one 'Key = value' per line, each key once, NDims /
+    dimension a whole number in HEADER_DIMS before the sizes, and exactly that many axis sizes."""
+    from .formats.validate import ScanFormatError
+
+    def refuse(sub: str, problem: str):
+        raise ScanFormatError(path, f"{field}.{sub}", problem + "; it was refused before reading", fix)
+
     with open(path, "rb") as fh:
         head = fh.read(65536)
+    name = path.name.lower()
     nrrd = head.startswith(b"NRRD")
     if nrrd:
         end = head.find(b"\n\n")
         if end < 0:
             end = head.find(b"\r\n\r\n")
         text = head[:end] if end >= 0 else head
-        header_len = end + 2 if end >= 0 else None
-        if end < 0 and not path.name.lower().endswith(".nhdr") and len(head) == 65536:
-            return None, None
+        header_len = end + (2 if head[end:end + 2] == b"\n\n" else 4) if end >= 0 else None
+        if end < 0 and not name.endswith(".nhdr") and len(head) == 65536:
+            refuse("header", "its NRRD header has no end (no empty line) in its first 64 KiB")
     else:
-        lines = head.split(b"\n")
-        text, header_len = b"", None
-        pos = 0
-        for raw in lines:
+        text, header_len, pos = head, None, 0
+        for raw in head.split(b"\n"):
             pos += len(raw) + 1
-            if raw.strip().lower().startswith(b"elementdatafile"):
-                text, header_len = head[:pos], pos
+            key = raw.split(b"=", 1)[0].split(b":", 1)[0].strip()
+            if key == b"ElementDataFile":  # MetaIO's last key: the data follow it
+                text, header_len = head[:pos], min(pos, len(head))
                 break
-        if header_len is None:
-            return ({}, None) if path.name.lower().endswith(".mhd") else (None, None)
+        if header_len is None and not name.endswith(".mhd"):
+            refuse("ElementDataFile", "its MetaImage header has no 'ElementDataFile = ...' line in its first "
+                   "64 KiB (where the header ends and the data begin)")
     if not set(text) <= _HEADER_BYTES:
-        return None, None
-    out = {}
-    for raw in text.split(b"\n"):
-        line = raw.decode("ascii").strip()
-        for sep in (":=", "=", ":"):
-            if sep in line:
-                key, value = line.split(sep, 1)
-                out.setdefault(key.strip().lower(), value.strip())
-                break
+        bad = next(i for i, b in enumerate(text) if b not in _HEADER_BYTES)
+        refuse("header", f"its header holds a byte that is not text (0x{text[bad]:02x} at byte {bad}) before "
+               "the end of the header: the file is corrupt")
+    out: dict[str, str] = {}
+    seen: dict[str, tuple[str, int]] = {}   # normalised key -> (key as written, line number)
+    lines = text.decode("ascii").split("\n")
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or (nrrd and (number == 1 or line.startswith("#"))):
+            continue
+        if nrrd:
+            if ":=" in line:  # a key/value pair, free text
+                continue
+            if ":" not in line:
+                continue  # not a field: teem refuses it with its own message
+            key, value = line.split(":", 1)
+            norm = key.strip().lower().replace(" ", "")  # teem: 'data file' and 'datafile' are one field
+        else:
+            cut = min((i for i in (line.find("="), line.find(":")) if i >= 0), default=-1)
+            if cut < 0:
+                refuse("header", f"line {number} of its header ({line[:40]!r}) is not 'Key = value' (MetaIO would "
+                       "read it as the start of the next key)")
+            key, value = line[:cut], line[cut + 1:]
+            if not key.strip() or not set(key.strip()) <= _META_KEY_CHARS:
+                refuse("header", f"line {number} of its header starts with {key.strip()[:40]!r}, not a key name")
+            norm = key.strip().lower()
+            if norm in _META_KEYS and key.strip() != _META_KEYS[norm]:
+                refuse(key.strip(), f"is written '{key.strip()}' (line {number}); MetaIO only reads "
+                       f"'{_META_KEYS[norm]}'")
+        key = key.strip()
+        if norm in seen:
+            refuse(key, f"is given twice in its header (lines {seen[norm][1]} and {number}); the image readers "
+                   "do not agree on which one counts")
+        seen[norm] = (key, number)
+        out[key.lower()] = value.strip()
+    dims_key, sizes_key = ("dimension", "sizes") if nrrd else ("ndims", "dimsize")
+    dims_name, sizes_name = ("dimension", "sizes") if nrrd else ("NDims", "DimSize")
+    if dims_key not in out:
+        refuse(dims_name, f"its header has no {dims_name} (the number of axes)")
+    if out[dims_key] not in tuple(str(d) for d in HEADER_DIMS):
+        refuse(dims_name, f"is {out[dims_key][:40]!r}; it must be a whole number from {HEADER_DIMS[0]} to "
+               f"{HEADER_DIMS[-1]} (the number of axes)")
+    ndims = int(out[dims_key])
+    if sizes_key not in out:
+        refuse(sizes_name, "its header gives no axis sizes")
+    if seen[sizes_key][1] < seen[dims_key][1]:
+        refuse(dims_name, f"comes after {sizes_name} in its header; the readers need the number of axes first")
+    sizes = out[sizes_key].split()
+    if len(sizes) != ndims or not all(v.isdigit() and 0 < int(v) <= MAX_AXIS_SIZE for v in sizes):
+        refuse(sizes_name, f"is {out[sizes_key][:60]!r}; it must be {ndims} whole numbers from 1 to {MAX_AXIS_SIZE} "
+               f"({dims_name} = {ndims})")
+    if not nrrd and "elementdatafile" not in out:
+        refuse("ElementDataFile", "its header has no ElementDataFile (where the data are)")
     return out, header_len
+
+
+TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 16: 8, 17: 8,
+                   18: 8}
+"""Bytes per value of each TIFF field type (TIFF 6.0, plus BigTIFF's 8-byte integers and IFD8)."""
+MAX_TIFF_IFDS = 65536
+"""Image directories (pages) a TIFF may chain: more than any projection stack has."""
+MAX_TIFF_TAGS = 4096
+"""Entries one TIFF directory may hold: writers put a few dozen."""
+_TIFF_MAGIC = {b"II*\0": ("<", False), b"MM\0*": (">", False), b"II+\0": ("<", True), b"MM\0+": (">", True)}
+_TIFF_INT_FORMATS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 16: "Q", 17: "q"}
+_TIFF_LAYOUT = {254: ("NewSubfileType", (0,)), 255: ("SubfileType", None), 256: ("ImageWidth", None), 257: ("ImageLength", None), 258: ("BitsPerSample", (1,)),
+                262: ("PhotometricInterpretation", None), 277: ("SamplesPerPixel", (1,)),
+                284: ("PlanarConfiguration", (1,)), 322: ("TileWidth", None), 323: ("TileLength", None),
+                339: ("SampleFormat", (1,))}
+"""The tags that set how many bytes a page's pixels take, and which pages ITK counts as the stack
+(the subfile types), with libtiff's defaults: ITK sizes its buffer for the whole stack from the
+first page and from the pages it counts, so every page must agree with the first."""
+
+
+def _check_tiff_structure(path: Path, field: str, fix: str):
+    """Refuse (ScanFormatError) a TIFF whose directory chain is not sound: a directory outside the
+    file, one visited twice (a loop), more than MAX_TIFF_IFDS of them, a tag whose values lie past
+    the end of the file, or a page whose layout (size, bits and format of a sample, see _TIFF_LAYOUT)
+    differs from the first page's.
+
+    Hand-written with struct, before the bytes reach libtiff: SimpleITK's libtiff loops for ever in
+    native code on a directory chain that points back to itself (nothing but killing the process
+    stops it), and SimpleITK has corrupted its heap on directories that run past the end of the
+    file, on a page whose samples are smaller than the first page's (it reads every page into a
+    buffer laid out for the first) and on pages of mixed subfile types (it counts some, reads all). Only the chain and a few tag values are read here (a few
+    hundred bytes a page), not the pixels."""
+    import struct
+
+    from .formats.validate import ScanFormatError
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+        if head[:4] not in _TIFF_MAGIC:
+            raise ScanFormatError(path, f"{field}.header", "is named as a TIFF but does not start with a TIFF "
+                                  "signature (II*, MM*, or BigTIFF's II+, MM+); it was refused before reading", fix)
+        end, big = _TIFF_MAGIC[head[:4]]
+
+        def refuse(sub: str, problem: str):
+            raise ScanFormatError(path, f"{field}.{sub}", f"{problem} (the file holds {size} bytes): the TIFF is "
+                                  "corrupt; it was refused before reading", fix)
+
+        if big:
+            if len(head) < 16 or struct.unpack(end + "HH", head[4:8]) != (8, 0):
+                refuse("header", "its BigTIFF header is not 'offset size 8, reserved 0'")
+            offset = struct.unpack(end + "Q", head[8:16])[0]
+            count_fmt, entry_fmt, next_fmt, inline, first = "Q", "HHQ8s", "Q", 8, 16
+        else:
+            if len(head) < 8:
+                refuse("header", "its header is cut short")
+            offset = struct.unpack(end + "I", head[4:8])[0]
+            count_fmt, entry_fmt, next_fmt, inline, first = "H", "HHI4s", "I", 4, 8
+        count_len, next_len = struct.calcsize(count_fmt), struct.calcsize(next_fmt)
+        entry_len = struct.calcsize(end + entry_fmt)
+        if offset == 0:
+            refuse("IFD", "it has no image directory (its first directory offset is 0)")
+        seen: dict[int, int] = {}  # directory offset -> its page number
+        first_layout = None
+        while offset:
+            page = len(seen) + 1
+            if offset in seen:
+                refuse("IFD", f"its image directory {page} is directory {seen[offset]} again (byte {offset}): the "
+                       "directory chain loops")
+            if len(seen) >= MAX_TIFF_IFDS:
+                refuse("IFD", f"it chains more than {MAX_TIFF_IFDS} image directories")
+            if offset < first or offset + count_len > size:
+                refuse("IFD", f"its image directory {page} is said to be at byte {offset}, outside the file")
+            seen[offset] = page
+            fh.seek(offset)
+            n = struct.unpack(end + count_fmt, fh.read(count_len))[0]
+            if n == 0 or n > MAX_TIFF_TAGS:
+                refuse("IFD", f"its image directory {page} (byte {offset}) says it has {n} entries")
+            block_end = offset + count_len + n * entry_len + next_len
+            if block_end > size:
+                refuse("IFD", f"its image directory {page} (byte {offset}, {n} entries) runs to byte {block_end}, "
+                       "past the end of the file")
+            block = fh.read(n * entry_len + next_len)
+            layout = {tag: default for tag, (_, default) in _TIFF_LAYOUT.items()}
+            for tag, kind, count, raw in struct.iter_unpack(end + entry_fmt, block[:n * entry_len]):
+                nbytes = TIFF_TYPE_BYTES.get(kind, 0) * count  # unknown types: libtiff skips the entry
+                where = struct.unpack(end + ("Q" if big else "I"), raw)[0]
+                if nbytes > inline and where + nbytes > size:
+                    refuse(f"tag {tag}", f"tag {tag} of image directory {page} announces {count} values "
+                           f"({nbytes} bytes) at byte {where}, past the end of the file")
+                if tag in _TIFF_LAYOUT:
+                    name = _TIFF_LAYOUT[tag][0]
+                    if kind not in _TIFF_INT_FORMATS or count == 0 or count > 16:
+                        refuse(name, f"{name} (tag {tag}) of image directory {page} is not a short list of whole "
+                               f"numbers (type {kind}, {count} values)")
+                    if nbytes > inline:
+                        here = fh.tell()
+                        fh.seek(where)
+                        raw = fh.read(nbytes)
+                        fh.seek(here)
+                    layout[tag] = struct.unpack(end + _TIFF_INT_FORMATS[kind] * count, raw[:nbytes])
+            for tag in (256, 257):
+                if not layout[tag] or layout[tag][0] == 0:
+                    refuse(_TIFF_LAYOUT[tag][0], f"image directory {page} has no {_TIFF_LAYOUT[tag][0]} "
+                           f"(tag {tag}, required)")
+            if first_layout is None:
+                first_layout = layout
+            else:
+                for tag, (name, _) in _TIFF_LAYOUT.items():
+                    if layout[tag] != first_layout[tag]:
+                        refuse(name, f"page {page} has {name} {layout[tag]}, page 1 {first_layout[tag]}: a stack's "
+                               "pages must share one layout (size, sample type, subfile type)")
+            offset = struct.unpack(end + next_fmt, block[n * entry_len:])[0]
+
+
+def _check_metaimage_inflates(data_path: Path, offset: int, stored: int, announced: str | None, want: int,
+                              path: Path, field: str, fix: str):
+    """Refuse MetaImage compressed data that do not inflate to the `want` bytes of pixels.
+
+    Why: MetaIO's inflate loop never ends on a zlib stream that stops (truncated, or cut short by a
+    small CompressedDataSize) before the pixels are complete, and no signal stops native code. So the
+    stream is inflated here first, in chunks (nothing kept), as MetaIO would (zlib or gzip header,
+    CompressedDataSize bytes when given, else the rest of the file); it costs one extra inflation."""
+    import zlib
+
+    from .formats.validate import ScanFormatError
+
+    def refuse(sub: str, problem: str):
+        raise ScanFormatError(path, f"{field}.{sub}", problem + "; it was refused before reading", fix)
+
+    length = stored
+    if announced is not None:
+        if not announced.isdigit() or int(announced) == 0:
+            refuse("CompressedDataSize", f"is {announced[:40]!r}; it must be a whole number of bytes")
+        if int(announced) > stored:
+            refuse("CompressedDataSize", f"announces {announced} bytes of compressed data but the file holds {stored}")
+        length = int(announced)
+    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # zlib or gzip header, as MetaIO accepts
+    got, left, chunk = 0, length, b""
+    try:
+        with open(data_path, "rb") as fh:
+            fh.seek(offset)
+            while got < want and not inflater.eof:
+                chunk = inflater.unconsumed_tail
+                if not chunk:
+                    if left <= 0:
+                        break
+                    chunk = fh.read(min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+                got += len(inflater.decompress(chunk, 1 << 24))
+    except zlib.error as exc:
+        refuse("CompressedData", f"its compressed data are corrupt ({exc}) after {got} of the {want} bytes of pixels")
+    if got < want:
+        refuse("CompressedData", f"its compressed data ({length} bytes) inflate to {got} bytes, not the {want} bytes "
+               "of pixels its header announces: the file is truncated or corrupt")
 
 
 def check_image_header(path, field: str, fix: str, what: str = "volume", headroom: int = 8):
@@ -109,13 +335,27 @@ def check_image_header(path, field: str, fix: str, what: str = "volume", headroo
     file can hold (truncated, or a decompression bomb) or than this machine's memory can take.
 
     `headroom` is the bytes per voxel the readers need on top of the file's own (a float32 cast and
-    the numpy copy). Files whose header SimpleITK cannot read are left to the reader's own message.
+    the numpy copy). MetaImage and NRRD headers, and TIFF directory chains, are first checked here
+    by hand (SimpleITK loops or crashes in native code on some corrupt ones, see _check_text_header
+    and _check_tiff_structure); other files whose header SimpleITK cannot read are left to the
+    reader's own message.
     """
     import psutil
 
     from .formats.validate import ScanFormatError
 
     path = Path(path)
+    name = path.name.lower()
+    head = header_len = None
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic in _TIFF_MAGIC or name.endswith((".tif", ".tiff")):
+            _check_tiff_structure(path, field, fix)
+        if name.endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
+            head, header_len = _check_text_header(path, field, fix)
+    except OSError:
+        return  # missing or unreadable: the reader says so
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -134,16 +374,8 @@ def check_image_header(path, field: str, fix: str, what: str = "volume", headroo
         raise ScanFormatError(path, field, f"its header announces a {shape} {what} ({data_bytes / 2**30:.3g} GiB of "
                               f"data, about {need / 2**30:.3g} GiB to read) but {avail / 2**30:.1f} GiB of memory "
                               "are available; it was refused before reading", fix)
-    name = path.name.lower()
     stored = path.stat().st_size
-    if name.endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
-        try:
-            head, header_len = _header_fields(path)
-        except OSError:
-            return
-        if head is None:  # SimpleITK's MetaIO has crashed the process (heap corruption) on such headers
-            raise ScanFormatError(path, field, "its header is corrupt (bytes that are not text, or no end of "
-                                  "header where the data should begin); it was refused before reading", fix)
+    if head is not None:
         if name.endswith((".mha", ".nrrd")) and header_len is not None:
             stored = max(0, stored - header_len)
         if name.endswith((".mha", ".mhd")):
@@ -176,6 +408,9 @@ def check_image_header(path, field: str, fix: str, what: str = "volume", headroo
                 raise ScanFormatError(path, field, f"its header announces a {shape} {what} ({data_bytes / 2**20:.4g} MiB) "
                                       f"but its compressed data ({stored} bytes) cannot inflate to that much: the "
                                       "file is truncated or a decompression bomb; it was refused before reading", fix)
+            if name.endswith((".mha", ".mhd")):
+                _check_metaimage_inflates(path if local else target, header_len if local else 0, stored,
+                                          head.get("compresseddatasize"), data_bytes, path, field, fix)
         elif data_bytes > stored:
             raise ScanFormatError(path, field, f"its header announces a {shape} {what} ({data_bytes} bytes of data) "
                                   f"but the file holds {stored} bytes: it is truncated (or its header is wrong)", fix)

@@ -211,3 +211,64 @@ def test_pickles_with_exploding_shared_references_are_refused(tmp_path):
     path.write_bytes(pickle.dumps(d, protocol=4))
     assert path.stat().st_size < 100000
     _refused(load_scan, path, words=("more than",))
+
+
+def test_recursive_yaml_aliases_are_refused(tmp_path):
+    # an anchored value holding an alias to itself is a value without end (it once hung the alias count)
+    for text in ("projections: p.npy\ngeometry:\n  det_v:\n  - &id001\n    - *id001\n",
+                 "projections: p.npy\ngeometry: &g {type: circular, inner: *g}\n",
+                 "? &k [*k]\n: 1\n"):
+        _refused(load_scan, _stack(tmp_path, "scan.yaml", text), field="file", words=("itself",), seconds=2)
+
+
+def _mha_case(tmp_path, header: bytes, data: bytes = b"\0" * 768) -> Path:
+    fuzz_readers.TARGETS["mha"].setup(tmp_path)
+    (tmp_path / "projections.mha").write_bytes(header + data)
+    return tmp_path / "geometry.xml"
+
+
+def test_image_headers_metaio_misreads_are_refused_before_reading(tmp_path):
+    # NDims = -3 or 3333... made MetaIO loop or crash in native code: refused in our own header check
+    good = (b"ObjectType = Image\nNDims = 3\nDimSize = 8 6 4\nElementType = MET_FLOAT\n"
+            b"ElementDataFile = LOCAL\n")
+    for bad, field in ((good.replace(b"NDims = 3", b"NDims = -3"), "NDims"),
+                       (good.replace(b"NDims = 3", b"NDims = " + b"3" * 80), "NDims"),
+                       (good.replace(b"NDims = 3", b"NDims = 3\nNDims = 2"), "NDims"),  # MetaIO takes the last
+                       (good.replace(b"DimSize = 8 6 4", b"DimSize = 8 6"), "DimSize"),
+                       (good.replace(b"NDims = 3\n", b"garbage\nNDims = 3\n"), "header")):  # glued to NDims
+        _refused(load_scan, _mha_case(tmp_path, bad), field=f"projections.{field}", seconds=2)
+    # a zlib stream that ends before the pixels do: MetaIO's inflate loop never ended on it
+    stream = __import__("zlib").compress(b"\0" * 768)[:6]
+    _refused(load_scan, _mha_case(tmp_path, good.replace(b"ElementType", b"CompressedData = True\nElementType"),
+                                  stream), field="projections.CompressedData", words=("inflate",), seconds=2)
+    nrrd = tmp_path / "projections.nrrd"
+    (tmp_path / "projections.mha").unlink()
+    nrrd.write_bytes(b"NRRD0004\ntype: float\ndimension: -3\nsizes: 8 6 4\nencoding: raw\nendian: little\n\n"
+                     + b"\0" * 768)
+    _refused(load_scan, tmp_path / "geometry.xml", field="projections.dimension", seconds=2)
+
+
+def test_tiff_directory_loops_are_refused_before_reading(tmp_path):
+    import struct
+
+    target = fuzz_readers.TARGETS["tiff"]
+    target.setup(tmp_path)
+    data = bytearray(target.seeds()[0])
+    offset = struct.unpack("<I", data[4:8])[0]
+    n = struct.unpack("<H", data[offset:offset + 2])[0]
+    next_at = offset + 2 + 12 * n
+    data[next_at:next_at + 4] = struct.pack("<I", offset)  # the first directory names itself as the next one
+    (tmp_path / "projections.tif").write_bytes(bytes(data))
+    _refused(load_scan, tmp_path / "geometry.xml", field="projections.IFD", words=("loops",), seconds=2)
+    data[next_at:next_at + 4] = struct.pack("<I", len(data) + 1000)  # a directory past the end
+    (tmp_path / "projections.tif").write_bytes(bytes(data))
+    _refused(load_scan, tmp_path / "geometry.xml", field="projections.IFD", words=("outside",), seconds=2)
+    # a page with smaller samples than the first: ITK read it into the first page's layout and crashed
+    data = bytearray(target.seeds()[0])
+    second = struct.unpack("<I", data[next_at:next_at + 4])[0]
+    for k in range(struct.unpack("<H", data[second:second + 2])[0]):
+        at = second + 2 + 12 * k
+        if struct.unpack("<H", data[at:at + 2])[0] == 258:
+            data[at + 8:at + 10] = struct.pack("<H", 16)
+    (tmp_path / "projections.tif").write_bytes(bytes(data))
+    _refused(load_scan, tmp_path / "geometry.xml", field="projections.BitsPerSample", words=("page 2",), seconds=2)

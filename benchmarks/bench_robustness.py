@@ -8,7 +8,10 @@ and kill trials on real workers (how many, how each was hurt, results lost: the 
 Fuzz figures come from Testing/fuzz/stats/<target>.json, which every run of
 Testing/fuzz/fuzz_readers.py appends to (--fuzz-seconds N runs a campaign of N seconds per target
 first). A finding counts as fixed when its corpus input now replays as a clean refusal (or, for the
-events log, loads without raising). Each kill trial starts a worker on the same run folder (resuming
+events log, loads without raising); a corpus input that does not, and every input still in
+Testing/fuzz/open/<target>/, counts as open. With --trials 0 no kill trial runs: the kill-trial
+figures of the previous OUT.json are kept (copied over, with "kill_kept_from" saying from when),
+so refreshing the fuzz figures never drops them. Each kill trial starts a worker on the same run folder (resuming
 the previous trial's run), hurts it (SIGKILL at a random moment, during a snapshot, checkpoint,
 volume or run.json write, after a SIGTERM, or a SIGTERM storm), checks that every file present is
 complete, and then (every --resume-every trials) resumes it and checks that the run continued from
@@ -33,7 +36,19 @@ sys.path.insert(0, str(ROOT / "Testing" / "fuzz"))
 import fuzz_readers  # noqa: E402
 
 
+OPEN = fuzz_readers.HERE / "open"
+"""Findings not fixed yet (Testing/fuzz/open/<target>/, see its README): counted as open, never replayed."""
+
+
+def open_entries(name: str) -> list[Path]:
+    folder = OPEN / name
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.endswith((".txt", ".md"))
+                  and not p.name.startswith(".")) if folder.is_dir() else []
+
+
 def fuzz_figures() -> dict:
+    """Per reader: the fuzz runs' totals, and its findings: each corpus input is replayed (fixed when
+    it now ends as a clean refusal, open otherwise); every input in open/ is open."""
     rows = {}
     for name, target in fuzz_readers.TARGETS.items():
         path = fuzz_readers.STATS / f"{name}.json"
@@ -43,6 +58,7 @@ def fuzz_figures() -> dict:
         for p in entries:
             outcome, _ = fuzz_readers.replay_one(target, p.read_bytes())
             fixed += outcome != fuzz_readers.Outcome.FINDING
+        still_open = open_entries(name)
         rows[name] = {
             "engines": sorted({r["engine"] for r in runs}),
             "runs": len(runs),
@@ -51,7 +67,10 @@ def fuzz_figures() -> dict:
             "inputs_checked": sum(r["executions"] for r in runs),
             "refused": sum(r["refused"] for r in runs), "loaded": sum(r["ok"] for r in runs),
             "finding_executions": sum(r["findings"] for r in runs),
+            "findings": len(entries) + len(still_open),
             "corpus_findings": len(entries), "fixed": fixed,
+            "open": len(still_open) + len(entries) - fixed,
+            "open_inputs": [p.name for p in still_open],
         }
     return rows
 
@@ -108,27 +127,35 @@ def main(argv=None):
         subprocess.run([sys.executable, str(ROOT / "Testing" / "fuzz" / "fuzz_readers.py"), "campaign",
                         "--seconds", str(args.fuzz_seconds)], check=True)
     report = {}
+    out = args.out.with_suffix(".json")
     if args.trials > 0:
         report["kill"] = kill_figures(args.trials, args.resume_every, args.seed, args.work,
                                       partial=args.out.with_suffix(".partial.json"), modes=args.modes)
+    elif out.exists():  # keep the last kill-trial figures: rerunning them is slow (~15 min for 100)
+        previous = json.loads(out.read_text())
+        if "kill" in previous:
+            report["kill"] = previous["kill"]
+            report["kill_kept_from"] = previous.get("kill_kept_from") or time.strftime(
+                "%Y-%m-%d", time.gmtime(out.stat().st_mtime))
     report["fuzz"] = fuzz_figures()  # after the trials: a campaign running beside them has finished more
     fz = report["fuzz"]
     print(f"\n{'reader':16s} {'engine':10s} {'seconds':>8s} {'executions':>11s} {'refused':>8s} {'loaded':>7s} "
-          f"{'findings':>8s} {'fixed':>6s}")
+          f"{'findings':>8s} {'fixed':>6s} {'open':>5s}")
     for name, r in fz.items():
         print(f"{name:16s} {','.join(r['engines']) or '-':10s} {r['seconds']:8.0f} {r['executions']:11d} "
-              f"{r['refused']:8d} {r['loaded']:7d} {r['corpus_findings']:8d} {r['fixed']:6d}")
-    tot = {k: sum(r[k] for r in fz.values()) for k in ("seconds", "executions", "corpus_findings", "fixed")}
+              f"{r['refused']:8d} {r['loaded']:7d} {r['findings']:8d} {r['fixed']:6d} {r['open']:5d}")
+    tot = {k: sum(r[k] for r in fz.values()) for k in ("seconds", "executions", "findings", "fixed", "open")}
     print(f"{'total':16s} {'':10s} {tot['seconds']:8.0f} {tot['executions']:11d} {'':8s} {'':7s} "
-          f"{tot['corpus_findings']:8d} {tot['fixed']:6d}")
+          f"{tot['findings']:8d} {tot['fixed']:6d} {tot['open']:5d}")
     if "kill" in report:
         k = report["kill"]
-        print(f"\nkill trials: {k['trials']} in {k['seconds']:.0f} s, resumed {k['resumes']}, results lost {k['lost']}")
+        kept = f" (kept from the run of {report['kill_kept_from']})" if "kill_kept_from" in report else ""
+        print(f"\nkill trials{kept}: {k['trials']} in {k['seconds']:.0f} s, resumed {k['resumes']}, "
+              f"results lost {k['lost']}")
         for mode, m in k["by_mode"].items():
             print(f"  {mode:20s} trials {m['trials']:3d}  killed inside the write {m['inside_write']:3d}  "
                   f"resumed {m['resumed']:3d}  lost {m['lost']:3d}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    out = args.out.with_suffix(".json")
     out.write_text(json.dumps(report, indent=1))
     print(f"\n{out}")
     return 1 if report.get("kill", {}).get("lost") else 0

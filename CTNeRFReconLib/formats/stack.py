@@ -62,27 +62,65 @@ MAX_DESCRIPTION_BYTES = 64 << 20
 MAX_YAML_VALUES = 10_000_000
 
 
+class _RecursiveYamlAlias(Exception):
+    """A YAML value that contains an alias to itself (`- &a [*a]`); `line` is where the value starts."""
+
+    def __init__(self, line: int):
+        super().__init__(line)
+        self.line = line
+
+
+def _yaml_children(node) -> list:
+    """The nodes directly inside a composed node: items of a sequence, keys and values of a mapping."""
+    if not isinstance(node.value, list):  # a scalar holds a str
+        return []
+    out = []
+    for item in node.value:
+        out.extend(item if isinstance(item, tuple) else (item,))
+    return out
+
+
 def _yaml_expanded_size(root) -> int:
     """Values a composed YAML document stands for once its aliases are expanded (shared nodes counted
-    each time they are referenced), without expanding them."""
-    memo: dict[int, int] = {}
-    stack = [(root, False)] if root is not None else []
+    each time they are referenced), without expanding them; raises _RecursiveYamlAlias on a cycle.
+
+    Why this way: a scan description needs at most a few plain aliases (yaml.safe_dump writes them
+    for shared lists), never a value that contains itself. So the composed graph is walked once,
+    depth first, keeping the nodes on the current path: meeting one of them again is a recursive
+    alias, refused; a finished node's size is memoised, so shared nodes cost nothing more. Each node
+    and each edge is visited once (linear time); an alias bomb stops the walk at MAX_YAML_VALUES.
+    """
+    if root is None:
+        return 0
+    done: dict[int, int] = {}   # id(node) -> expanded size, for finished nodes
+    on_path: set[int] = set()   # ids of the nodes being walked (the current path from the root)
+    stack = [(root, iter(_yaml_children(root)))]
+    sizes = [1]                 # running size of each node on the stack
+    on_path.add(id(root))
     while stack:
-        node, done = stack.pop()
-        if id(node) in memo:
+        node, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            on_path.discard(id(node))
+            size = sizes.pop()
+            done[id(node)] = size
+            if sizes:
+                sizes[-1] += size
+                if sizes[-1] > MAX_YAML_VALUES:
+                    return sizes[-1]
             continue
-        children = []
-        if isinstance(node.value, list):
-            for item in node.value:
-                children.extend(item if isinstance(item, tuple) else (item,))
-        if done or not children:
-            memo[id(node)] = 1 + sum(memo.get(id(c), 1) for c in children)
-            if memo[id(node)] > MAX_YAML_VALUES:
-                return memo[id(node)]
-            continue
-        stack.append((node, True))
-        stack.extend((c, False) for c in children if id(c) not in memo)
-    return memo.get(id(root), 0)
+        if id(child) in done:
+            sizes[-1] += done[id(child)]
+            if sizes[-1] > MAX_YAML_VALUES:
+                return sizes[-1]
+        elif id(child) in on_path:
+            raise _RecursiveYamlAlias(child.start_mark.line + 1 if child.start_mark else 0)
+        else:
+            on_path.add(id(child))
+            stack.append((child, iter(_yaml_children(child))))
+            sizes.append(1)
+    return done[id(root)]
 
 
 def read_description(path: Path) -> dict:
@@ -108,7 +146,14 @@ def read_description(path: Path) -> dict:
         if is_yaml:
             # aliases (*name) let a few bytes stand for a huge nested value: count the values they expand to
             # first. Only the safe loader is used: tags such as !!python/object are refused by it.
-            if _yaml_expanded_size(yaml.compose(text, Loader=yaml.SafeLoader)) > MAX_YAML_VALUES:
+            try:
+                expanded = _yaml_expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
+            except _RecursiveYamlAlias as rec:
+                raise ScanFormatError(path, "file", f"the YAML value anchored (&name) at line {rec.line} contains an "
+                                      "alias (*name) to itself, a value without end; refused",
+                                      "write the values out; an alias may only repeat a value defined "
+                                      "before it, not one it is inside") from None
+            if expanded > MAX_YAML_VALUES:
                 raise ScanFormatError(path, "file", f"its YAML aliases (*name) expand to more than {MAX_YAML_VALUES} "
                                       "values; refused (an alias bomb)", "write the values out without nested aliases")
             data = yaml.safe_load(text)

@@ -470,6 +470,7 @@ def atheris_child(target_name: str, seconds: float, timeout: float, rss_mb: int,
     target = TARGETS[target_name]
     folder = Path(tempfile.mkdtemp(prefix=f"fuzz-{target.name}-"))
     target.setup(folder)
+    (workdir / "case_dir").write_text(str(folder))  # the input being read lies there if this child dies
     counts = {"executions": 0, "ok": 0, "refused": 0, "findings": 0, "new_findings": [], "kinds": {}}
     stat_path = workdir / "child_stats.json"
 
@@ -512,8 +513,17 @@ def run_atheris(target: Target, seconds: float, timeout: float, rss_mb: int) -> 
             p.unlink()
         cmd = [sys.executable, __file__, "_child", target.name, "--seconds", str(int(left)), "--timeout", str(timeout),
                "--rss-mb", str(rss_mb), "--workdir", str(work)]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, preexec_fn=_child_limits(rss_mb),
-                              env=_child_env())
+        (work / "case_dir").unlink(missing_ok=True)
+        with tempfile.TemporaryFile() as err:  # a file, not a pipe: libFuzzer writes a lot, nobody drains a pipe
+            child_proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
+                                          preexec_fn=_child_limits(rss_mb), env=_child_env())
+            stuck = _wait_unless_stuck(child_proc, target, work, stall=max(60.0, 6 * timeout), deadline=left + 60)
+            err.seek(0)
+            proc = subprocess.CompletedProcess(cmd, child_proc.returncode, "", err.read().decode("utf-8", "replace"))
+        if stuck:
+            _save_last_input(target, work, "native_crash", "the fuzz child stopped making progress (after a native "
+                             "crash libFuzzer's crash handler can deadlock in malloc) and was killed\n\n"
+                             + proc.stderr[-3000:], stats)
         stats["children"] += 1
         child = work / "child_stats.json"
         if child.exists():
@@ -524,11 +534,14 @@ def run_atheris(target: Target, seconds: float, timeout: float, rss_mb: int) -> 
             for k, v in c["kinds"].items():
                 stats["kinds"][k] = stats["kinds"].get(k, 0) + v
         tail = proc.stderr[-4000:]
-        for line in tail.splitlines():
-            if line.startswith("stat::number_of_executed_units:"):
-                stats["libfuzzer_executions"] = stats.get("libfuzzer_executions", 0) + int(line.split(":")[-1])
+        units = [int(line.split(":")[-1]) for line in tail.splitlines()
+                 if line.startswith("stat::number_of_executed_units:")]
+        if units:  # libFuzzer prints its final stats twice when it crashes on the way out: count them once
+            stats["libfuzzer_executions"] = stats.get("libfuzzer_executions", 0) + max(units)
+        artifacts = 0
         for art in sorted(work.glob("*-*")):
             if art.name.split("-")[0] in ("crash", "timeout", "oom", "slow_unit", "leak"):
+                artifacts += 1
                 kind = art.name.split("-")[0]
                 data = art.read_bytes()
                 saved = save_finding(target, data, {"crash": "crash", "timeout": "hang", "oom": "memory"}.get(kind, kind),
@@ -538,10 +551,47 @@ def run_atheris(target: Target, seconds: float, timeout: float, rss_mb: int) -> 
                 if saved:
                     stats["new_findings"].append(saved.name)
                 art.unlink()
+        if proc.returncode < 0 and not stuck and not artifacts:
+            # killed by a signal before libFuzzer could write its artifact
+            _save_last_input(target, work, "native_crash", proc.stderr[-3000:], stats)
         if proc.returncode == 0:
             break
     stats["seconds_run"] = round(time.monotonic() - t0, 1)
     return stats
+
+
+def _wait_unless_stuck(proc: subprocess.Popen, target: Target, work: Path, stall: float, deadline: float) -> bool:
+    """Wait for an atheris child; kill it (and return True) when it is stuck: its case file (rewritten
+    for every input) unchanged for `stall` seconds, or the run past `deadline`. libFuzzer stops slow
+    inputs itself, but after a heap corruption its crash handler can deadlock, and then nothing ends."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            proc.wait(timeout=5)
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        case_dir = work / "case_dir"
+        try:
+            idle = time.time() - (Path(case_dir.read_text()) / target.fuzzed).stat().st_mtime
+        except OSError:
+            idle = time.monotonic() - t0  # not started yet (imports, seeds)
+        if idle > stall or time.monotonic() - t0 > deadline:
+            proc.kill()
+            proc.wait()
+            return True
+
+
+def _save_last_input(target: Target, work: Path, kind: str, detail: str, stats: dict):
+    """Save as a finding the input a dead atheris child was reading (its case folder is in case_dir)."""
+    case_dir = work / "case_dir"
+    last = Path(case_dir.read_text()) / target.fuzzed if case_dir.exists() else None
+    stats["findings"] += 1
+    stats["kinds"][kind] = stats["kinds"].get(kind, 0) + 1
+    if last is not None and last.exists():
+        saved = save_finding(target, last.read_bytes(), kind, detail, per_kind=10)
+        if saved:
+            stats["new_findings"].append(saved.name)
 
 
 def _child_env() -> dict:
