@@ -80,6 +80,8 @@ def test_nerf_settings_from_the_command_line_are_checked_before_any_work(case, t
     is refused (exit 2) with the flag and the fix, and no run folder is written."""
     for args, words in ((["--setting", "refine_fraction"], ("NAME=VALUE",)),
                         (["--setting", "no_such_field=1"], ("unknown nerf setting", "no_such_field")),
+                        (["--setting", "iterations=abc"], ("iterations", "not a whole number")),
+                        (["--setting", "coarse_levels=[4,\"x\"]"], ("coarse_levels", "list of numbers")),
                         (["--method", "fdk", "--no-prior"], ("--no-prior", "nerf only")),
                         (["--method", "fdk", "--setting", "iterations=3"], ("--setting", "nerf only"))):
         out = tmp_path / "refused"

@@ -115,7 +115,36 @@ class NerfConfig:
         unknown = sorted(set(extra) - known)
         if unknown:
             raise ValueError(f"unknown nerf setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        for name, value in extra.items():
+            extra[name] = _checked(name, value, getattr(cfg, name))
         return replace(cfg, **extra)
+
+
+def _checked(name: str, value, default):
+    """`value` for the setting `name`, of the kind its default is (bool, whole number, number, list of
+    numbers, text), else ValueError naming the setting: a typo in --setting fails before any work."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+        kind = "true or false"
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        kind = "a whole number"
+    elif isinstance(default, float) or default is None:
+        ok = number(value) or (default is None and value is None)
+        kind = "a number"
+    elif isinstance(default, tuple):
+        ok = isinstance(value, (list, tuple)) and all(number(v) for v in value)
+        value = tuple(value) if ok else value
+        kind = "a list of numbers, e.g. [4, 2]"
+    else:
+        ok = isinstance(value, str)
+        kind = "text"
+    if not ok:
+        raise ValueError(f"nerf setting {name}: {value!r} is not {kind} (its default is {default!r})")
+    return value
 
 
 PRESETS: dict[str, dict] = {

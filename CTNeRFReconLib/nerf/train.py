@@ -226,6 +226,8 @@ class NerfTrainer:
             if dilate:
                 from scipy.ndimage import binary_dilation
                 mask = binary_dilation(mask, iterations=int(dilate))
+            while len(self._mask_cache) >= 2:  # the coarse level's and the output grid's; exports vary
+                self._mask_cache.pop(next(iter(self._mask_cache)))
             self._mask_cache[key] = torch.as_tensor(mask, dtype=torch.float32, device=self.device)
         return self._mask_cache[key]
 
