@@ -140,6 +140,13 @@ def _offscreen_window(size):
     return window, renderer, interactor
 
 
+def _pixel_box(pixels) -> tuple[float, float, float, float]:
+    """(first column, first row, last column, last row) around (column, row) points."""
+    pixels = np.asarray(pixels, dtype=float)
+    (c0, r0), (c1, r1) = pixels.min(axis=0), pixels.max(axis=0)
+    return float(c0), float(r0), float(c1), float(r1)
+
+
 @dataclass
 class SliceView:
     """One slice view: its logic, slice node and the offscreen window it is drawn into."""
@@ -176,9 +183,7 @@ class SliceView:
         """(first column, first row, last column, last row) of the pixels a RAS box covers in this
         view, fractional: the in-plane box around its eight corners through :meth:`pixel_of_ras`
         (pixel index = pixel centre, as :func:`changed_box` counts)."""
-        pixels = np.array([self.pixel_of_ras(corner)[:2] for corner in box_corners(ras_lo, ras_hi)])
-        (c0, r0), (c1, r1) = pixels.min(axis=0), pixels.max(axis=0)
-        return float(c0), float(r0), float(c1), float(r1)
+        return _pixel_box([self.pixel_of_ras(corner)[:2] for corner in box_corners(ras_lo, ras_hi)])
 
     def render(self) -> np.ndarray:
         # the logic replaces its output connection when its layers change (Slicer's slice controller
@@ -264,9 +269,7 @@ class ThreeDView:
         """(first column, first row, last column, last row), fractional, of the RAS box's eight
         corners through the camera: where a model with those RAS bounds appears (exactly so for a
         parallel projection along an axis)."""
-        pixels = np.array([self.display_point(corner) for corner in box_corners(ras_lo, ras_hi)])
-        (c0, r0), (c1, r1) = pixels.min(axis=0), pixels.max(axis=0)
-        return float(c0), float(r0), float(c1), float(r1)
+        return _pixel_box([self.display_point(corner) for corner in box_corners(ras_lo, ras_hi)])
 
 
 class SlicerViews:

@@ -141,6 +141,15 @@ def poll_until(worker: WorkerProcess, events: list, condition, timeout: float = 
     raise AssertionError(f"condition not met; events: {[e['event'] for e in events]}; log: {list(worker.log)[-5:]}")
 
 
+def wait_for_first_volume(session, timeout: float = 180.0):
+    """Poll a ReconstructionSession until it has put a volume into the scene (or ended)."""
+    deadline = time.monotonic() + timeout
+    while session.volumes_applied == 0 and not session.state.done and time.monotonic() < deadline:
+        session.poll()
+        time.sleep(0.02)
+    assert session.volumes_applied >= 1, session.message
+
+
 def first_snapshot(events):
     return any(e["event"] == "snapshot" for e in events)
 
@@ -194,11 +203,7 @@ def test_a_cancel_after_started_signals_the_engine_not_the_launcher(case, tmp_pa
     run = tmp_path / "run"
     session = ReconstructionSession(scene, nerf_request(case, run),
                                     launcher_config(tmp_path, relay, cancel_grace_s=0, terminate_grace_s=30)).start()
-    deadline = time.monotonic() + 180
-    while session.volumes_applied == 0 and not session.state.done and time.monotonic() < deadline:
-        session.poll()
-        time.sleep(0.02)
-    assert session.volumes_applied >= 1, session.message
+    wait_for_first_volume(session)
     engine = psutil.Process(session.started_info["pid"])
     assert engine.pid != session.worker.pid  # the engine is the launcher's child
     t0 = time.monotonic()
@@ -239,11 +244,7 @@ def test_closing_the_scene_stops_the_engine_cleanly(case, tmp_path):
     session = ReconstructionSession(scene, nerf_request(case, run),
                                     launcher_config(tmp_path, cancel_grace_s=0, terminate_grace_s=30),
                                     SessionOptions(name="recon", close_timeout_s=40)).start()
-    deadline = time.monotonic() + 180
-    while session.volumes_applied == 0 and not session.state.done and time.monotonic() < deadline:
-        session.poll()
-        time.sleep(0.02)
-    assert session.volumes_applied >= 1, session.message
+    wait_for_first_volume(session)
     engine = psutil.Process(session.started_info["pid"])
     t0 = time.monotonic()
     scene.Clear(0)  # File > Close Scene: the session stops the worker (blocking)

@@ -417,6 +417,17 @@ def _hang_guard(seconds: float):
     signal.signal(signal.SIGALRM, on_alarm)
 
 
+def tally(counts: dict, target: Target, data: bytes, outcome, info) -> None:
+    """Count one execution's outcome into a campaign's stats; a finding is saved (once) as it comes."""
+    counts["executions"] += 1
+    counts[outcome if outcome != Outcome.FINDING else "findings"] += 1
+    if outcome == Outcome.FINDING:
+        counts["kinds"][info[0]] = counts["kinds"].get(info[0], 0) + 1
+        saved = save_finding(target, data, *info)
+        if saved:
+            counts["new_findings"].append(saved.name)
+
+
 def run_mutation(target: Target, seconds: float, timeout: float, seed: int = 0, current: Path | None = None) -> dict:
     rng = random.Random(seed)
     pool = list(target.seeds())
@@ -440,14 +451,8 @@ def run_mutation(target: Target, seconds: float, timeout: float, seed: int = 0, 
                 outcome, info = Outcome.FINDING, ("hang", str(exc))
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-            stats["executions"] += 1
-            stats[outcome if outcome != Outcome.FINDING else "findings"] += 1
-            if outcome == Outcome.FINDING:
-                stats["kinds"][info[0]] = stats["kinds"].get(info[0], 0) + 1
-                saved = save_finding(target, data, *info)
-                if saved:
-                    stats["new_findings"].append(saved.name)
-            elif outcome == Outcome.OK and len(pool) < 400 and rng.random() < 0.05:
+            tally(stats, target, data, outcome, info)
+            if outcome == Outcome.OK and len(pool) < 400 and rng.random() < 0.05:
                 pool.append(data)  # keep some valid variants as mutation bases
             if not (folder / target.fuzzed).parent.exists():
                 target.setup(folder)
@@ -476,13 +481,7 @@ def atheris_child(target_name: str, seconds: float, timeout: float, rss_mb: int,
 
     def one(data: bytes):
         outcome, info = execute(target, data, folder)
-        counts["executions"] += 1
-        counts[outcome if outcome != Outcome.FINDING else "findings"] += 1
-        if outcome == Outcome.FINDING:
-            counts["kinds"][info[0]] = counts["kinds"].get(info[0], 0) + 1
-            saved = save_finding(target, data, *info)
-            if saved:
-                counts["new_findings"].append(saved.name)
+        tally(counts, target, data, outcome, info)
         if counts["executions"] % 200 == 0:
             stat_path.write_text(json.dumps(counts))
 
