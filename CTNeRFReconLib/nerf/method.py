@@ -48,8 +48,5 @@ class NerfMethod:
         from .checkpoint import check_trainer_checkpoint, read_checkpoint
         cfg = NerfConfig.from_settings(ctx.settings)
         ck = read_checkpoint(path, map_location="cpu")
-        import inspect
-        # the trainer's own training grid (with the object support carved from the scan, where it does that)
-        takes_scan = len(inspect.signature(training_grid).parameters) >= 3
-        tgrid = training_grid(grid, cfg, scan) if takes_scan else training_grid(grid, cfg)
+        tgrid = training_grid(grid, cfg, scan)  # the trainer's own: over the support carved from the scan
         check_trainer_checkpoint(ck, path, scan, tgrid, cfg, ctx.seed)
