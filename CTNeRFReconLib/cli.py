@@ -222,6 +222,9 @@ def _info(args) -> int:
                   f"{support['grid_shape_xyz']} voxels, {support['box_lo_mm']} to {support['box_hi_mm']} mm "
                   f"({100 * support['box_fraction']:.0f} % of the grid; support {100 * support['fraction']:.0f} %); "
                   f"air level {support['air_level']:.4g}, carving below {support['threshold']:.4g}")
+            if support.get("faces_reached"):
+                print(f"  it reaches the grid's {', '.join(support['faces_reached'])} face(s): the object probably "
+                      "goes on beyond the grid (see reconstruct's warning for a larger box)")
         else:
             print(f"object support: none carved ({support['reason']})")
     return ExitCode.OK

@@ -101,6 +101,24 @@ class Support:
         n = np.asarray(self.box_index[1]) - np.asarray(self.box_index[0]) + 1
         return float(np.prod(n) / self.grid.n_voxels)
 
+    @property
+    def faces_reached(self) -> list[str]:
+        """The grid's faces the support reaches ("x-", "x+", "y-", ... in the grid's index axes).
+
+        The object probably goes on beyond such a face: wider than the box (an object wider than the
+        region every view sees) or cut by the detector along the axis. Its material outside the box is
+        still in the line integrals, and a reconstruction confined to the box has to explain it with
+        voxels inside, near that face. Empty when nothing was carved (no support, nothing to say)."""
+        if self.box_index is None:
+            return []
+        faces = []
+        for axis, name in enumerate("xyz"):
+            if self.box_index[0][axis] <= 0:
+                faces.append(f"{name}-")
+            if self.box_index[1][axis] >= self.grid.shape_xyz[axis] - 1:
+                faces.append(f"{name}+")
+        return faces
+
     def summary(self) -> dict:
         """What `info` and run.json report."""
         out = {"found": self.found, "air_level": _r(self.air_level), "threshold": _r(self.threshold),
@@ -110,7 +128,7 @@ class Support:
             out.update(box_lo_mm=[round(float(v), 3) for v in lo], box_hi_mm=[round(float(v), 3) for v in hi],
                        box_shape_xyz=[int(b - a + 1) for a, b in zip(*self.box_index)],
                        fraction=round(self.fraction, 4), box_fraction=round(self.box_fraction, 4),
-                       grid_shape_xyz=list(self.grid.shape_xyz))
+                       grid_shape_xyz=list(self.grid.shape_xyz), faces_reached=self.faces_reached)
         else:
             out["reason"] = self.reason
         out.update(self.extra)
@@ -141,6 +159,19 @@ class Support:
         i = idx[ok]
         out[ok] = self.mask[i[:, 2], i[:, 1], i[:, 0]]
         return out.reshape(grid.shape_zyx)
+
+
+def faces_warning(faces: list[str], grid: VolumeGrid) -> str | None:
+    """One line for the user when the support reaches the faces of `grid` (the output grid), else None."""
+    if not faces:
+        return None
+    shape = " ".join(str(n) for n in grid.shape_xyz)
+    spacing = "/".join(f"{v:.4g}" for v in sorted(set(grid.spacing_xyz)))
+    return (f"the object reaches the box's {', '.join(faces)} face(s): it probably goes on beyond the box "
+            "(wider than the region every view sees, or cut by the detector along the axis), and its material "
+            "outside is still in the projections, so expect a brighter rim there; to reconstruct it too, give a "
+            f"larger box (now --grid-spacing {spacing} --grid-size {shape}: raise the counts of those axes; "
+            "voxels outside the region every view sees are constrained by fewer views)")
 
 
 def _r(v, digits: int = 6):

@@ -14,7 +14,7 @@ from CTNeRFReconLib.fov import default_grid
 from CTNeRFReconLib.geometry import circular_geometry
 from CTNeRFReconLib.phantom import Ellipsoid, phantom_line_integrals, shepp_logan_3d, voxelize
 from CTNeRFReconLib.rays import all_pixel_indices, clip_to_box, view_rays
-from CTNeRFReconLib.support import object_support
+from CTNeRFReconLib.support import faces_warning, object_support
 
 SID, SDD, VIEWS, DET, PITCH = 300.0, 450.0, 16, 48, 6.0
 
@@ -68,6 +68,7 @@ def test_carving_keeps_the_whole_object_and_removes_most_air():
         air_removed = np.sum(~sup.mask & ~truth) / np.sum(~truth)
         assert air_removed > 0.75, air_removed
         assert sup.box_fraction < 0.5
+        assert sup.faces_reached == [] and faces_warning(sup.faces_reached, grid) is None
         info = sup.summary()
         assert info["found"] and info["fraction"] == pytest.approx(sup.mask.mean(), abs=1e-4)
         if i0:
@@ -108,6 +109,22 @@ def test_an_object_wider_than_the_field_of_view_is_not_carved_laterally():
     # every voxel of the object's slab of the grid is kept, right to the grid's lateral faces
     mid = ny // 2
     assert sup.mask[:, mid, :].all()
+    # and the user is told: the support reaches the lateral faces (x and z here; y is the axis), not y's
+    assert sup.faces_reached == ["x-", "x+", "z-", "z+"]
+    assert sup.summary()["faces_reached"] == ["x-", "x+", "z-", "z+"]
+    line = faces_warning(sup.faces_reached, grid)
+    assert "x-, x+, z-, z+" in line and f"--grid-size {nx} {ny} {nz}" in line
+    # the trainer says it before any training (the panel's log pane shows these lines)
+    from CTNeRFReconLib.methods import RunContext
+    from CTNeRFReconLib.nerf.config import NerfConfig
+    from CTNeRFReconLib.nerf.train import NerfTrainer
+
+    said = []
+    ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview"), on_message=said.append)
+    NerfTrainer(ScanData(_project(geo, wide), geo, "synthetic", "<wide>"), grid,
+                NerfConfig.from_settings(ctx.settings), ctx)
+    assert any(m.startswith("warning: the object reaches the box's x-, x+, z-, z+") for m in said), said
+    assert ctx.report["support"]["faces_reached"] == ["x-", "x+", "z-", "z+"]
 
 
 def test_a_detector_too_short_for_the_object_keeps_the_axial_extent():
@@ -123,6 +140,7 @@ def test_a_detector_too_short_for_the_object_keeps_the_axial_extent():
     (x0, y0, z0), (x1, y1, z1) = sup.box_index
     assert (y0, y1) == (0, grid.shape_xyz[1] - 1)
     assert x1 - x0 + 1 < grid.shape_xyz[0]  # laterally it is carved
+    assert sup.faces_reached == ["y-", "y+"]  # cut along the axis, and only there
     # the same with the detector's rows cut to half: still the whole axial extent of the grid
     short = _geometry(det=(DET // 2, DET))
     g2 = default_grid(short)

@@ -210,6 +210,10 @@ class NerfTrainer:
                 f"object support carved from the projections: box {self.grid.shape_xyz} of {full.shape_xyz} voxels "
                 f"({100 * self.grid.n_voxels / full.n_voxels:.0f} % of them), the support itself "
                 f"{100 * self.support.fraction:.0f} %; the volume is zero outside it")
+            from ..support import faces_warning
+            warning = faces_warning(self.support.faces_reached, out_grid)
+            if warning:
+                self.ctx.on_message("warning: " + warning)
         else:
             self.ctx.on_message(f"no object support carved: {self.support.reason}")
 
