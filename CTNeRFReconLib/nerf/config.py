@@ -92,11 +92,6 @@ class NerfConfig:
     full training grid, coarsest first (() = the full grid throughout). Generator phase only."""
     coarse_fraction: float = 0.35
     """Fraction of the iterations spent on the coarse levels (split equally among them)."""
-    coarse_levels: tuple[float, ...] = (2.0,)
-    """Coarse-to-fine (nerf/levels.py): voxel-size factors of the coarse training levels before the
-    full training grid, coarsest first (() = the full grid throughout). Generator phase only."""
-    coarse_fraction: float = 0.35
-    """Fraction of the iterations spent on the coarse levels (split equally among them)."""
     time_limit_s: float | None = None
     """Wall-clock budget of the training in seconds (None: none): the first iterations' rate sets the
     iteration count so the run ends in time, re-planned as it goes (train.py, TimeBudget)."""
