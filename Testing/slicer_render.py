@@ -391,12 +391,11 @@ class SlicerViews:
     def show_volume_rendering(self, volume_node, show: bool = True, follow_display: bool = True):
         """The module's Show in 3D: a volume rendering display node whose transfer functions follow the
         slice window/level (CTNeRFRecon.py's showVolumeRendering does the same with Slicer's logic)."""
-        logic = self.volume_rendering_logic
-        display = logic.GetFirstVolumeRenderingDisplayNode(volume_node)
+        from CTNeRFReconLib.slicer_bridge.rendering import volume_rendering_display
+
+        display = volume_rendering_display(self.volume_rendering_logic, volume_node, create=show)
         if display is None:
-            if not show:
-                return None
-            display = logic.CreateDefaultVolumeRenderingNodes(volume_node)
+            return None
         if show:
             display.SetFollowVolumeDisplayNode(follow_display)
         display.SetVisibility(show)

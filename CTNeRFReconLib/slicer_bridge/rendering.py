@@ -96,6 +96,15 @@ def _display_window(volume_node):
     return display.GetWindowLevelMin(), display.GetWindowLevelMax()
 
 
+def volume_rendering_display(volume_rendering_logic, volume_node, create: bool = True):
+    """The volume's first volume rendering display node; made with Slicer's default nodes when it has
+    none and ``create`` (else None). One get-or-create for the module and the rendered tests."""
+    display = volume_rendering_logic.GetFirstVolumeRenderingDisplayNode(volume_node)
+    if display is None and create:
+        display = volume_rendering_logic.CreateDefaultVolumeRenderingNodes(volume_node)
+    return display
+
+
 def show_attenuation_rendering(volume_rendering_logic, volume_node, show: bool = True, window=None,
                                threshold_fraction: float = 0.45, max_opacity: float = 0.15,
                                follow_window: bool = True):
@@ -109,11 +118,9 @@ def show_attenuation_rendering(volume_rendering_logic, volume_node, show: bool =
     functions with an opaque ramp). ``show=False`` hides an existing rendering (and creates none).
     Returns the volume rendering display node (None when hiding a volume that has none).
     """
-    display = volume_rendering_logic.GetFirstVolumeRenderingDisplayNode(volume_node)
+    display = volume_rendering_display(volume_rendering_logic, volume_node, create=show)
     if display is None:
-        if not show:
-            return None
-        display = volume_rendering_logic.CreateDefaultVolumeRenderingNodes(volume_node)
+        return None
     if show:
         display.SetFollowVolumeDisplayNode(False)
         settings = (threshold_fraction, max_opacity)
