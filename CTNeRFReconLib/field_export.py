@@ -172,9 +172,9 @@ def _trained_field(run_dir: Path, ck_path: Path, info: dict | None, device: str)
     from dataclasses import fields as dc_fields
 
     from .methods import RunContext
-    from .nerf.checkpoint import read_checkpoint, restore_trainer
+    from .nerf.checkpoint import read_checkpoint, restore_trainer, support_of
     from .nerf.config import NerfConfig
-    from .nerf.train import NerfTrainer
+    from .nerf.train import NerfTrainer, reuse_support
 
     try:
         ck = read_checkpoint(ck_path, map_location="cpu")  # tensors only, every field checked; nothing is run
@@ -196,6 +196,10 @@ def _trained_field(run_dir: Path, ck_path: Path, info: dict | None, device: str)
                        "put the run's data back where run.json says") from None
     known = {f.name for f in dc_fields(NerfConfig)}
     cfg = NerfConfig(**{k: v for k, v in ck["config"].items() if k in known})
+    try:
+        reuse_support(scan, out_grid, cfg, support_of(ck, ck_path))  # the trained support, not carved again
+    except ScanFormatError as exc:
+        raise _NoField(exc.field, exc.problem, exc.fix) from None
     ctx = RunContext(device=device, seed=int(ck["seed"]), run_dir=run_dir)
     trainer = NerfTrainer(scan, out_grid, cfg, ctx)
     try:

@@ -134,6 +134,39 @@ class Support:
         out.update(self.extra)
         return out
 
+    def to_plain(self) -> dict | None:
+        """The carved mask (bit-packed) and what it was carved on, as plain data for a checkpoint; None
+        when nothing was carved. Export, surface and resume then reuse it instead of carving again
+        (seconds on a clinical grid), and the field they evaluate keeps the support it was trained with."""
+        if self.mask is None:
+            return None
+        return dict(grid=self.grid.to_dict(), mask=np.packbits(self.mask.reshape(-1)),
+                    box_index=[list(map(int, b)) for b in self.box_index],
+                    stats=dict(air_level=self.air_level, threshold=self.threshold, noise_sigma=self.noise_sigma,
+                               air_pixel_fraction=self.air_pixel_fraction))
+
+    @classmethod
+    def from_plain(cls, value) -> "Support":
+        """The Support of `to_plain`'s output; ValueError saying what is wrong when it is not one."""
+        try:
+            grid = VolumeGrid.from_dict(value["grid"])
+            bits = np.asarray(value["mask"], dtype=np.uint8).reshape(-1)
+            box = tuple(tuple(int(v) for v in b) for b in value["box_index"])
+            stats = {k: (None if v is None else float(v)) for k, v in dict(value["stats"]).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"is not a carved support ({' '.join(str(exc).split())[:120]})") from None
+        n = grid.n_voxels
+        if len(bits) != (n + 7) // 8:
+            raise ValueError(f"holds {len(bits)} bytes of mask for a grid of {n} voxels")
+        mask = np.unpackbits(bits, count=n).astype(bool).reshape(grid.shape_zyx)
+        if len(box) != 2 or any(len(b) != 3 for b in box) or not mask.any():
+            raise ValueError("has no voxel in its mask, or its box is not two (x, y, z) index triples")
+        zz, yy, xx = np.nonzero(mask)
+        if box != ((int(xx.min()), int(yy.min()), int(zz.min())), (int(xx.max()), int(yy.max()), int(zz.max()))):
+            raise ValueError("has a box that is not its mask's bounding box")
+        known = ("air_level", "threshold", "noise_sigma", "air_pixel_fraction")
+        return cls(grid, mask, box_index=box, **{k: stats.get(k) for k in known})
+
     def mask_on(self, grid: VolumeGrid) -> np.ndarray | None:
         """The mask at another grid's voxel centres (nearest voxel; False outside this grid)."""
         if self.mask is None:

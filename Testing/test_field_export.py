@@ -99,3 +99,34 @@ def test_a_refused_checkpoint_falls_back_to_the_volume_and_says_why(nerf_run, tm
     assert main(["export", str(run), "--spacing", "4", "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert "resampling volume.nrrd" in said and "checkpoint was refused" in said and "corrupt" in said
+
+
+def test_export_reuses_the_support_the_field_was_trained_with(nerf_run, tmp_path, capsys):
+    """The checkpoint keeps the carved support (bit-packed): export evaluates the field with it instead of
+    carving again, and it is the support a fresh carve finds; a tampered one is refused by name."""
+    import shutil
+
+    import torch
+
+    from CTNeRFReconLib.field_export import load_run_field
+    from CTNeRFReconLib.nerf.checkpoint import read_checkpoint, save_checkpoint
+    from CTNeRFReconLib.nerf.train import _SUPPORT_CACHE, carve_support
+
+    rf = load_run_field(nerf_run)
+    kept = rf.trainer.support
+    assert kept.found and kept.extra.get("reused") is True
+    _SUPPORT_CACHE.clear()  # carve the same scan afresh
+    fresh, grid = carve_support(rf.trainer.scan, rf.trainer.out_grid, rf.trainer.cfg)
+    assert "reused" not in fresh.extra and np.array_equal(fresh.mask, kept.mask)
+    assert grid.to_dict() == rf.trainer.grid.to_dict()
+
+    run = tmp_path / "run"
+    shutil.copytree(nerf_run, run)
+    ck = read_checkpoint(run / "checkpoint.pt")
+    ck["support"]["mask"] = ck["support"]["mask"][:-3]  # a mask too short for its grid
+    save_checkpoint(run / "checkpoint.pt", {k: v for k, v in ck.items() if k not in ("format", "version")})
+    _SUPPORT_CACHE.clear()
+    out = tmp_path / "v.nrrd"
+    assert main(["export", str(run), "--spacing", "4", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "resampling volume.nrrd" in said and "support" in said and "bytes of mask" in said, said

@@ -160,6 +160,10 @@ def _check_content(ck, path):
         raise _refuse(path, "grid", "is not a grid (shape_xyz, spacing_xyz, origin_xyz)")
     if not isinstance(ck["data"], str):
         raise _refuse(path, "data", "is not a data fingerprint")
+    sup = ck.get("support")  # optional: checkpoints written before it was kept have none
+    if sup is not None and not (isinstance(sup, dict) and isinstance(sup.get("mask"), torch.Tensor)
+                                and sup["mask"].dtype == torch.uint8 and sup["mask"].dim() == 1):
+        raise _refuse(path, "support", "is not a carved support (a bit-packed mask and its grid)")
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:
@@ -282,8 +286,23 @@ def save_trainer(trainer, path) -> Path:
                    factors=trainer.factors.state_dict(), field=trainer.field.state_dict(),
                    detail=None if trainer.detail is None else trainer.detail.state_dict(),
                    optimizer=trainer.optimizer.state_dict(), config=asdict(trainer.cfg),
-                   grid=trainer.grid.to_dict(), seed=int(trainer.ctx.seed), data=_fingerprint_of(trainer))
+                   grid=trainer.grid.to_dict(), seed=int(trainer.ctx.seed), data=_fingerprint_of(trainer),
+                   support=None if trainer.support is None else trainer.support.to_plain())
     return save_checkpoint(path, payload)
+
+
+def support_of(ck: dict, path):
+    """The carved support a checkpoint holds (support.py's Support), or None when it holds none (written
+    before it was kept, or nothing was carved); a broken one is refused (ScanFormatError)."""
+    value = ck.get("support")
+    if value is None:
+        return None
+    from ..support import Support
+
+    try:
+        return Support.from_plain(value)
+    except ValueError as exc:
+        raise _refuse(path, "support", f"{exc} (tampered or truncated checkpoint)") from None
 
 
 def check_trainer_checkpoint(ck: dict, path, scan, grid, cfg, seed: int, fingerprint: str | None = None):

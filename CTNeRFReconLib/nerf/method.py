@@ -7,7 +7,7 @@ from ..data import ScanData, Volume
 from ..geometry import VolumeGrid
 from ..methods import RunContext, register
 from .config import NerfConfig
-from .train import NerfTrainer, training_grid
+from .train import NerfTrainer, reuse_support, training_grid
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,9 @@ class NerfMethod:
         path = ctx.checkpoint_path
         if path is None or not path.exists():
             return
-        from .checkpoint import check_trainer_checkpoint, read_checkpoint
+        from .checkpoint import check_trainer_checkpoint, read_checkpoint, support_of
         cfg = NerfConfig.from_settings(ctx.settings)
         ck = read_checkpoint(path, map_location="cpu")
+        reuse_support(scan, grid, cfg, support_of(ck, path))  # the support it was trained with
         tgrid = training_grid(grid, cfg, scan)  # the trainer's own: over the support carved from the scan
         check_trainer_checkpoint(ck, path, scan, tgrid, cfg, ctx.seed)

@@ -81,6 +81,36 @@ _SUPPORT_CACHE: list = []
 carve the same support once."""
 
 
+def _support_key(out_grid: VolumeGrid, full: VolumeGrid, cfg: NerfConfig):
+    return (out_grid.to_dict(), full.to_dict(), cfg.support_margin_voxels)
+
+
+def _grid_holding(support, full: VolumeGrid) -> VolumeGrid:
+    """The block of the full training grid that holds the support: the same voxels (size, cap), fewer
+    of them; the mask maps onto it voxel for voxel."""
+    if not support.found:
+        return full
+    i0, i1 = (np.asarray(b) for b in support.box_index)
+    origin = np.asarray(full.origin_xyz) + i0 * np.asarray(full.spacing_xyz)
+    return VolumeGrid(tuple(int(v) for v in i1 - i0 + 1), full.spacing_xyz, tuple(origin))
+
+
+def reuse_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, support) -> bool:
+    """Use a support carved before (a checkpoint's, support.py `Support.from_plain`) for this scan,
+    output grid and settings instead of carving again; False (nothing changed) when it was carved on
+    another grid than the one these would carve on. The checkpoint's data fingerprint, checked when it
+    is restored, ties it to the same projections."""
+    full = _grid_over(out_grid.bounds(), out_grid, cfg)
+    if not cfg.support or support is None or not support.found:
+        return False
+    if support.grid.to_dict() != full.to_dict():
+        return False
+    support.extra["reused"] = True
+    _SUPPORT_CACHE[:] = [(scan.projections, scan.geometry, _support_key(out_grid, full, cfg),
+                          (support, _grid_holding(support, full)))]
+    return True
+
+
 def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
     """(Support or None, training grid): the object's support carved on the training grid over the
     output grid's box (support.py), and the training grid over the support's bounding box.
@@ -92,7 +122,7 @@ def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
         return None, full
     from ..support import SupportSettings, object_support
 
-    key = (out_grid.to_dict(), full.to_dict(), cfg.support_margin_voxels)
+    key = _support_key(out_grid, full, cfg)
     for proj, geo, k, result in _SUPPORT_CACHE:
         if proj is scan.projections and geo is scan.geometry and k == key:
             return result
@@ -100,14 +130,7 @@ def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
     support = object_support(scan.projections, scan.geometry, full,
                              SupportSettings(margin_voxels=cfg.support_margin_voxels))
     support.extra["seconds"] = round(time.perf_counter() - t0, 3)
-    grid = full
-    if support.found:
-        # the block of the full training grid that holds the support: the same voxels (size, cap),
-        # fewer of them; the mask maps onto it voxel for voxel
-        i0, i1 = (np.asarray(b) for b in support.box_index)
-        origin = np.asarray(full.origin_xyz) + i0 * np.asarray(full.spacing_xyz)
-        grid = VolumeGrid(tuple(int(v) for v in i1 - i0 + 1), full.spacing_xyz, tuple(origin))
-    result = (support, grid)
+    result = (support, _grid_holding(support, full))
     _SUPPORT_CACHE[:] = [(scan.projections, scan.geometry, key, result)]
     return result
 
