@@ -12,7 +12,7 @@ from CTNeRFReconLib.metrics import psnr3d
 from CTNeRFReconLib.nerf.config import NerfConfig
 from CTNeRFReconLib.nerf.detail import DetailGrid
 from CTNeRFReconLib.nerf.field import VMField, interp_matrix
-from CTNeRFReconLib.nerf.generator import FactorGenerator
+from CTNeRFReconLib.nerf.generator import DirectFactors, FactorGenerator
 from CTNeRFReconLib.nerf.train import NerfTrainer
 
 from nerf_case import small_phantom_case
@@ -96,6 +96,19 @@ def test_generator_output_shapes_and_determinism():
     pb, _ = b()
     assert pa.shape == (3, 5, 37, 37) and la.shape == (3, 5, 37)
     assert torch.equal(pa, pb)
+
+
+def test_free_factors_start_as_a_nearly_uniform_field():
+    """--no-prior's free factors start small (TensoRF's 0.1 scale): the initial field is nearly the
+    bias's constant, not noise as strong as the object (which the baseline would spend its budget on)."""
+    factors = DirectFactors(16, 48, seed=0)
+    planes, lines = factors()
+    field = VMField(16, np.full(3, -40.0), np.full(3, 40.0), mu_scale=0.02)
+    grid = VolumeGrid((24, 24, 24), (3.0,) * 3, (-34.5,) * 3)
+    vol = field.materialize(planes, lines, grid).detach()
+    uniform = field.activation(field.bias.detach()).item()
+    assert abs(vol.mean().item() / uniform - 1) < 0.05
+    assert vol.std().item() < 0.05 * uniform, vol.std().item() / uniform
 
 
 def test_presets_and_unknown_settings():

@@ -90,11 +90,18 @@ class FactorGenerator(nn.Module):
 class DirectFactors(nn.Module):
     """TensoRF's plain parameterisation: the planes and lines are the parameters."""
 
+    INIT_SCALE = 0.1
+    """Standard deviation of the random initial factors, as TensoRF's (Chen et al., 2022) default: the
+    products plane x line start near 0.01, so the initial field is nearly uniform (softplus of the
+    bias). At unit scale the initial field was noise as strong as the object, which a no-prior ablation
+    spent its budget removing (a strawman baseline, not the plain parameterisation at its best)."""
+
     def __init__(self, channels: int, resolution: int, seed: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(int(seed) + 7919)
-        self.planes = nn.Parameter(torch.randn(3, channels, resolution, resolution, generator=g))
-        self.lines = nn.Parameter(torch.randn(3, channels, resolution, generator=g))
+        scale = self.INIT_SCALE
+        self.planes = nn.Parameter(scale * torch.randn(3, channels, resolution, resolution, generator=g))
+        self.lines = nn.Parameter(scale * torch.randn(3, channels, resolution, generator=g))
 
     @classmethod
     def from_tensors(cls, planes: torch.Tensor, lines: torch.Tensor) -> "DirectFactors":
