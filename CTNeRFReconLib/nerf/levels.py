@@ -16,10 +16,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-INTEGRATION_SHARE = 0.65
-"""Share of a full-grid iteration spent integrating rays (forward and backward), measured on the
-25-view abdomen's default grid on 2 CPU cores (the rest scales with the voxel count: materialising,
-TV, the mask, the optimiser)."""
+import numpy as np
+
+INTEGRATION_SHARE = 0.61
+"""Share of a full-grid generator-phase iteration spent integrating rays (forward and backward); it
+scales with the ray batch and, through the samples per ray, as 1 / factor on a coarser level."""
+GENERATOR_SHARE = 0.14
+"""Share spent running the generator (forward and backward): the same on every level, and none in the
+refinement phase (the factors are free there). The rest (materialising, TV, the mask, the optimiser)
+scales with the voxel count, as 1 / factor^3. All three were measured on the 25-view abdomen's default
+grid on 2 CPU cores (`benchmarks/bench_scaling.py`'s profile: 32 ms generator, 57 ms voxel-wise and
+139 ms of ray integrals of a 237 ms step, and 113 ms on the coarse level, which this model predicts
+within 1 %). Without the generator's fixed share the coarse level looked cheaper than it is, so a time
+budget measured there under-planned and then re-planned up by half once the full grid started."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,12 @@ class LevelSchedule:
         return self.factors[level] if level < len(self.factors) else 1.0
 
     @staticmethod
-    def relative_cost(factor: float) -> float:
-        """Cost of an iteration on a grid `factor` times coarser, relative to the full grid: the rays'
-        sample count scales as 1 / factor, the voxel count as 1 / factor^3."""
-        f = max(1.0, float(factor))
-        return INTEGRATION_SHARE / f + (1.0 - INTEGRATION_SHARE) / f ** 3
+    def relative_cost(factor, rays=1.0, generator=True):
+        """Cost of an iteration on a grid `factor` times coarser, relative to a full-grid generator-phase
+        iteration at the largest ray batch: `rays` is the batch as a fraction of that, `generator` whether
+        the generator runs (the generator phase). Numbers or numpy arrays (one per iteration)."""
+        f = np.maximum(1.0, np.asarray(factor, dtype=float))
+        gen = np.asarray(generator, dtype=float)
+        voxels = 1.0 - INTEGRATION_SHARE - GENERATOR_SHARE
+        cost = GENERATOR_SHARE * gen + INTEGRATION_SHARE * np.asarray(rays, dtype=float) / f + voxels / f ** 3
+        return float(cost) if cost.ndim == 0 else cost

@@ -27,7 +27,7 @@ from .config import NerfConfig
 from .detail import DetailGrid
 from .field import VMField
 from .generator import DirectFactors, FactorGenerator
-from .levels import INTEGRATION_SHARE, LevelSchedule
+from .levels import LevelSchedule
 from .prior_weight import projection_noise_variance, tv_weight_from_data
 
 
@@ -286,7 +286,8 @@ class NerfTrainer:
         factor = np.ones_like(it)
         for k, end in reversed(list(enumerate(self.levels.boundaries(planned)))):
             factor[it < end] = self.levels.factor(k)
-        return INTEGRATION_SHARE * rays / factor + (1.0 - INTEGRATION_SHARE) / factor ** 3
+        generator = cfg.use_generator & (it < self._refine_start_of(planned))
+        return LevelSchedule.relative_cost(factor, rays, generator)
 
     def _make_optimizer(self):
         lr = self.cfg.lr * (1 if self.phase == "generator" else 10)
@@ -317,9 +318,13 @@ class NerfTrainer:
 
     @property
     def refine_start(self) -> int:
+        return self._refine_start_of(self.iterations)
+
+    def _refine_start_of(self, planned: int) -> int:
+        """The iteration where the refinement phase starts under a plan of `planned` iterations."""
         if not self.cfg.use_generator or self.cfg.refine_fraction <= 0:
-            return self.iterations + 1
-        return int(round(self.iterations * (1.0 - self.cfg.refine_fraction)))
+            return planned + 1
+        return int(round(planned * (1.0 - self.cfg.refine_fraction)))
 
     # -- setup helpers --------------------------------------------------------------------------
     def _attenuation_scale(self, fdk_volume: Volume | None) -> float:
