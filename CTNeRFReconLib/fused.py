@@ -19,8 +19,6 @@ geometry need gradients the reference path is used, since the kernels do not pro
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable

@@ -5,7 +5,7 @@ only trade time for quality.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass
@@ -30,8 +30,9 @@ class NerfConfig:
     """Last fraction of the iterations that refines the generated planes/lines directly: the prior
     shapes the solution first, free factors then fit the detail a small generator cannot. 0.75 (it was
     0.5): on the 25-view abdomen's default grid, 800 iterations (step_voxels 1.2) gave 34.81 dB at 0.5,
-    35.37 at 0.75 and 35.56 at 0.95, and `--time-limit 60` 33.66 against 33.28; at 10 views (where the prior should
-    matter most) 0.75 scored the same as 0.5 in 150 s on the slab and `finehead` (docs/nerf.md)."""
+    35.37 at 0.75 and 35.56 at 0.95, and `--time-limit 60` 33.66 against 33.28; at 10 views (where the
+    prior should matter most) 0.75 scored the same as 0.5 in 150 s on the slab and `finehead`
+    (docs/nerf.md)."""
     detail_grid: bool = True
     """The refinement phase also learns a dense detail grid added to the field (nerf/detail.py):
     the voxel-scale structure a rank-C VM field cannot hold."""
