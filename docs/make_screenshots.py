@@ -5,7 +5,7 @@
 
 What it does, as a user of the module would:
 
-1. writes the demo case (the engine's 3D Shepp-Logan scan, CTNeRFReconLib/demo.py: 40 views, 128 x 128
+1. writes the demo case (the engine's 3D Shepp-Logan scan, CTNeRFReconLib/demo.py: 30 views, 128 x 128
    detector) and loads its phantom as the "demo reference" volume (the module's *Load demo data*);
 2. runs the reconstruction through the module's bridge: a ``ReconstructionSession`` on slicer-core's real
    ``vtkMRMLScene`` runs the engine's command line in a worker process and streams the volume, the loss
