@@ -456,6 +456,17 @@ sys.stdout.buffer.flush()
 """
 
 
+def _stop_signals() -> frozenset:
+    import signal as signal_mod
+
+    return frozenset(int(getattr(signal_mod, name)) for name in ("SIGTERM", "SIGINT", "SIGHUP")
+                     if hasattr(signal_mod, name))
+
+
+_STOP_SIGNALS = _stop_signals()
+"""Signals that stop a reader child from outside (a cancel, Ctrl-C, a closed terminal): not a crash."""
+
+
 def read_input_image(path, field: str, fix: str, what: str = "volume", as_float: bool = True) -> sitk.Image:
     """An input image (data, reference, flat/dark fields): header checked, then read in a child
     process, so that a native reader crash on a corrupt file (SimpleITK's MetaIO and TIFF readers
@@ -489,13 +500,22 @@ def read_input_image(path, field: str, fix: str, what: str = "volume", as_float:
     except OSError:
         size = 0
     limit = float(os.environ.get(READ_TIMEOUT_ENV, 0) or 10.0 + size / 2e6)  # 10 s + 2 MB/s
-    try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), field, fix, what, "1" if as_float else "0"],
-                              capture_output=True, env=env, timeout=limit)
-    except subprocess.TimeoutExpired:
-        raise ScanFormatError(path, field, f"reading it as an image did not end within {limit:.0f} s (the reader is "
-                              f"stuck on it): the file is corrupt; it was refused", fix + f"; if the file is fine but "
-                              f"the disk is slow, set {READ_TIMEOUT_ENV} to more seconds") from None
+    for attempt in range(2):
+        try:
+            proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), field, fix, what, "1" if as_float else "0"],
+                                  capture_output=True, env=env, timeout=limit)
+        except subprocess.TimeoutExpired:
+            raise ScanFormatError(path, field, f"reading it as an image did not end within {limit:.0f} s (the reader "
+                                  f"is stuck on it): the file is corrupt; it was refused", fix + f"; if the file is "
+                                  f"fine but the disk is slow, set {READ_TIMEOUT_ENV} to more seconds") from None
+        if -proc.returncode not in _STOP_SIGNALS:
+            break
+        # stopped from outside, not crashed: Ctrl-C in a terminal reaches the whole foreground process
+        # group, a cancel's SIGTERM may too. The worker's own handler has taken the request (it stops at
+        # its next check); the file is not to blame, so it is read again, once.
+    else:
+        raise InterruptedError(f"reading {path} was stopped twice by {signal_mod.Signals(-proc.returncode).name} "
+                               "(a cancel or Ctrl-C while loading); the file was not refused: run again")
     head, _, pixels = proc.stdout.partition(b"\n")
     stderr = proc.stderr.decode("utf-8", "replace")
     if True:

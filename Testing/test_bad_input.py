@@ -493,3 +493,45 @@ def test_every_bad_input_is_refused_by_the_command_line(name, small_case, tmp_pa
         assert code == 0 and "the data's grid is unusable" in out
         return
     assert code == 2 and "Traceback" not in err and str(file) in err and field in _named_field(err), (name, err)
+
+
+def test_a_reader_stopped_by_a_signal_reads_again_and_never_blames_the_file(tmp_path):
+    """Ctrl-C in a terminal (or a cancel's SIGTERM) can reach the reader's child process too: that child
+    dies of the signal, which is not a crash of the reader on a corrupt file. A real child is sent SIGTERM
+    while it reads; the image still comes back (read again once), and the file is not called corrupt."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    import psutil
+
+    from CTNeRFReconLib.volume_io import read_input_image
+
+    path = tmp_path / "stack.mha"
+    pixels = np.random.default_rng(0).random((6, 20, 24)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(pixels), str(path))
+    me = psutil.Process()
+    stopped = []
+
+    def stop_the_first_reader():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not stopped:
+            for child in me.children():
+                try:
+                    if "-c" in child.cmdline() and str(path) in child.cmdline():
+                        child.send_signal(signal.SIGTERM)
+                        stopped.append(child.pid)
+                        return
+                except psutil.Error:
+                    pass
+            time.sleep(0.002)
+
+    if not Path(sys.executable).name.lower().startswith("python"):
+        pytest.skip("the reader runs in-process under an embedding application")
+    watcher = threading.Thread(target=stop_the_first_reader)
+    watcher.start()
+    img = read_input_image(path, "projections", "write the stack again")
+    watcher.join()
+    assert stopped, "the reader's child process was never seen"
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(img), pixels)
