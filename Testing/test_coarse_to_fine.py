@@ -77,7 +77,9 @@ def test_coarse_to_fine_is_as_good_as_the_full_grid_throughout():
     scan, ref = small_phantom_case(views=16, det=40, n=32)
     scores = {}
     for name, levels in (("flat", ()), ("c2f", (2.0,))):
-        cfg = NerfConfig.from_settings(_settings(iterations=300, coarse_levels=levels))
+        # the schedule the thresholds were set with (a full-grid generator phase after the coarse one)
+        cfg = NerfConfig.from_settings(_settings(iterations=300, coarse_levels=levels, refine_fraction=0.5,
+                                                 coarse_fraction=0.35))
         trainer = NerfTrainer(scan, ref.grid, cfg, RunContext(device="cpu", settings={}))
         scores[name] = psnr3d(ref.array, trainer.run().array)
     assert scores["flat"] > 24.0, scores  # a broken model lands far below

@@ -29,10 +29,10 @@ class NerfConfig:
     refine_fraction: float = 0.75
     """Last fraction of the iterations that refines the generated planes/lines directly: the prior
     shapes the solution first, free factors then fit the detail a small generator cannot. 0.75 (it was
-    0.5): on the 25-view abdomen's default grid, 800 iterations (step_voxels 1.2) gave 34.81 dB at 0.5,
-    35.37 at 0.75 and 35.56 at 0.95, and `--time-limit 60` 33.66 against 33.28; at 10 views (where the
-    prior should matter most) 0.75 scored the same as 0.5 in 150 s on the slab and `finehead`
-    (docs/nerf.md)."""
+    0.5): on the 25-view abdomen's default grid +0.23 dB at `--time-limit 60`, +0.50 at 180 s, +0.56
+    after 800 iterations, +0.04 after 2000; the same at 10 views on three CTs; +1.8 dB on the demo. It
+    loses 0.7-1.1 dB on the tests' tiny noisy phantom (32^3, I0 2e4) after 250-300 iterations, where the
+    generator phase is the regulariser (docs/nerf.md)."""
     detail_grid: bool = True
     """The refinement phase also learns a dense detail grid added to the field (nerf/detail.py):
     the voxel-scale structure a rank-C VM field cannot hold."""
