@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     top = _stack([top_row])
     slices = _stack([recon_row])
     width = max(top.width, slices.width)
-    first = _stack([[_caption(width, f"CTNeRFRecon in 3D Slicer's views: the demo phantom, 40 views, {summary}; "
+    first = _stack([[_caption(width, f"CTNeRFRecon in 3D Slicer's views: the demo phantom, {FULL.views} views, {summary}; "
                                      f"{score_text}")], [top], [slices]])
 
     # the compare step: the reference, then the difference, over the reconstruction at opacity 0.5
