@@ -106,8 +106,6 @@ def test_export_reuses_the_support_the_field_was_trained_with(nerf_run, tmp_path
     carving again, and it is the support a fresh carve finds; a tampered one is refused by name."""
     import shutil
 
-    import torch
-
     from CTNeRFReconLib.field_export import load_run_field
     from CTNeRFReconLib.nerf.checkpoint import read_checkpoint, save_checkpoint
     from CTNeRFReconLib.nerf.train import _SUPPORT_CACHE, carve_support
