@@ -500,7 +500,7 @@ def read_input_image(path, field: str, fix: str, what: str = "volume", as_float:
     except OSError:
         size = 0
     limit = float(os.environ.get(READ_TIMEOUT_ENV, 0) or 10.0 + size / 2e6)  # 10 s + 2 MB/s
-    for attempt in range(2):
+    for _ in range(2):
         try:
             proc = subprocess.run([sys.executable, "-c", _CHILD, str(path), field, fix, what, "1" if as_float else "0"],
                                   capture_output=True, env=env, timeout=limit)
