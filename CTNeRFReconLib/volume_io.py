@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -182,8 +183,8 @@ MAX_TIFF_TAGS = 4096
 """Entries one TIFF directory may hold: writers put a few dozen."""
 _TIFF_MAGIC = {b"II*\0": ("<", False), b"MM\0*": (">", False), b"II+\0": ("<", True), b"MM\0+": (">", True)}
 _TIFF_INT_FORMATS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 16: "Q", 17: "q"}
-_TIFF_LAYOUT = {254: ("NewSubfileType", (0,)), 255: ("SubfileType", None), 256: ("ImageWidth", None), 257: ("ImageLength", None), 258: ("BitsPerSample", (1,)),
-                262: ("PhotometricInterpretation", None), 277: ("SamplesPerPixel", (1,)),
+_TIFF_LAYOUT = {254: ("NewSubfileType", (0,)), 255: ("SubfileType", None), 256: ("ImageWidth", None),
+                257: ("ImageLength", None), 258: ("BitsPerSample", (1,)), 262: ("PhotometricInterpretation", None), 277: ("SamplesPerPixel", (1,)),
                 284: ("PlanarConfiguration", (1,)), 322: ("TileWidth", None), 323: ("TileLength", None),
                 339: ("SampleFormat", (1,))}
 """The tags that set how many bytes a page's pixels take, and which pages ITK counts as the stack
@@ -201,8 +202,8 @@ def _check_tiff_structure(path: Path, field: str, fix: str):
     native code on a directory chain that points back to itself (nothing but killing the process
     stops it), and SimpleITK has corrupted its heap on directories that run past the end of the
     file, on a page whose samples are smaller than the first page's (it reads every page into a
-    buffer laid out for the first) and on pages of mixed subfile types (it counts some, reads all). Only the chain and a few tag values are read here (a few
-    hundred bytes a page), not the pixels."""
+    buffer laid out for the first) and on pages of mixed subfile types (it counts some, reads all).
+    Only the chain and a few tag values are read here (a few hundred bytes a page), not the pixels."""
     import struct
 
     from .formats.validate import ScanFormatError
@@ -456,14 +457,8 @@ sys.stdout.buffer.flush()
 """
 
 
-def _stop_signals() -> frozenset:
-    import signal as signal_mod
-
-    return frozenset(int(getattr(signal_mod, name)) for name in ("SIGTERM", "SIGINT", "SIGHUP")
-                     if hasattr(signal_mod, name))
-
-
-_STOP_SIGNALS = _stop_signals()
+_STOP_SIGNALS = frozenset(int(getattr(signal, name)) for name in ("SIGTERM", "SIGINT", "SIGHUP")
+                          if hasattr(signal, name))
 """Signals that stop a reader child from outside (a cancel, Ctrl-C, a closed terminal): not a crash."""
 
 
@@ -473,7 +468,6 @@ def read_input_image(path, field: str, fix: str, what: str = "volume", as_float:
     have corrupted their heap on fuzzed files) is a refusal naming the file, not a dead worker.
     Raises ScanFormatError for a refused or unreadable file."""
     import json
-    import signal as signal_mod
     import subprocess
 
     from .formats.validate import ScanFormatError
@@ -514,34 +508,33 @@ def read_input_image(path, field: str, fix: str, what: str = "volume", as_float:
         # group, a cancel's SIGTERM may too. The worker's own handler has taken the request (it stops at
         # its next check); the file is not to blame, so it is read again, once.
     else:
-        raise InterruptedError(f"reading {path} was stopped twice by {signal_mod.Signals(-proc.returncode).name} "
+        raise InterruptedError(f"reading {path} was stopped twice by {signal.Signals(-proc.returncode).name} "
                                "(a cancel or Ctrl-C while loading); the file was not refused: run again")
     head, _, pixels = proc.stdout.partition(b"\n")
     stderr = proc.stderr.decode("utf-8", "replace")
-    if True:
-        lines = [head.decode("utf-8", "replace")] if head.startswith(b"{") else []
-        if proc.returncode != 0 or not lines:
-            if proc.returncode < 0:
-                try:
-                    why = f"killed by {signal_mod.Signals(-proc.returncode).name}"
-                except ValueError:
-                    why = f"killed by signal {-proc.returncode}"
-            else:
-                tail = " ".join(stderr.strip().splitlines()[-1:])[:160]
-                why = f"exit status {proc.returncode}" + (f": {tail}" if tail else "")
-            if "MemoryError" in stderr or "bad_alloc" in stderr:
-                why = "it needs more memory than is available"
-            raise ScanFormatError(path, field, f"the image reader crashed on it ({why}): the file is corrupt; it was "
-                                  "refused and this run is unharmed", fix)
-        result = json.loads(lines[-1])
-        if result["kind"] == "refused":
-            raise ScanFormatError(result["file"], result["field"], result["problem"], result["fix"])
-        if result["kind"] == "unreadable":
-            raise ScanFormatError(path, field, result["problem"], fix)
-        dtype, shape = np.dtype(result["dtype"]), tuple(result["shape"])
-        if len(pixels) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-            raise ScanFormatError(path, field, "the image reader returned fewer pixels than the header announces", fix)
-        arr = np.frombuffer(pixels, dtype=dtype).reshape(shape)
+    lines = [head.decode("utf-8", "replace")] if head.startswith(b"{") else []
+    if proc.returncode != 0 or not lines:
+        if proc.returncode < 0:
+            try:
+                why = f"killed by {signal.Signals(-proc.returncode).name}"
+            except ValueError:
+                why = f"killed by signal {-proc.returncode}"
+        else:
+            tail = " ".join(stderr.strip().splitlines()[-1:])[:160]
+            why = f"exit status {proc.returncode}" + (f": {tail}" if tail else "")
+        if "MemoryError" in stderr or "bad_alloc" in stderr:
+            why = "it needs more memory than is available"
+        raise ScanFormatError(path, field, f"the image reader crashed on it ({why}): the file is corrupt; it was "
+                              "refused and this run is unharmed", fix)
+    result = json.loads(lines[-1])
+    if result["kind"] == "refused":
+        raise ScanFormatError(result["file"], result["field"], result["problem"], result["fix"])
+    if result["kind"] == "unreadable":
+        raise ScanFormatError(path, field, result["problem"], fix)
+    dtype, shape = np.dtype(result["dtype"]), tuple(result["shape"])
+    if len(pixels) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+        raise ScanFormatError(path, field, "the image reader returned fewer pixels than the header announces", fix)
+    arr = np.frombuffer(pixels, dtype=dtype).reshape(shape)
     img = sitk.GetImageFromArray(arr, isVector=result["components"] > 1)
     img.SetSpacing(result["spacing"])
     img.SetOrigin(result["origin"])
