@@ -161,8 +161,7 @@ class Support:
         mask = np.unpackbits(bits, count=n).astype(bool).reshape(grid.shape_zyx)
         if len(box) != 2 or any(len(b) != 3 for b in box) or not mask.any():
             raise ValueError("has no voxel in its mask, or its box is not two (x, y, z) index triples")
-        zz, yy, xx = np.nonzero(mask)
-        if box != ((int(xx.min()), int(yy.min()), int(zz.min())), (int(xx.max()), int(yy.max()), int(zz.max()))):
+        if box != bounding_box(mask):
             raise ValueError("has a box that is not its mask's bounding box")
         known = ("air_level", "threshold", "noise_sigma", "air_pixel_fraction")
         return cls(grid, mask, box_index=box, **{k: stats.get(k) for k in known})
@@ -205,6 +204,13 @@ def faces_warning(faces: list[str], grid: VolumeGrid) -> str | None:
             "outside is still in the projections, so expect a brighter rim there; to reconstruct it too, give a "
             f"larger box (now --grid-spacing {spacing} --grid-size {shape}: raise the counts of those axes; "
             "voxels outside the region every view sees are constrained by fewer views)")
+
+
+def bounding_box(mask: np.ndarray) -> tuple:
+    """((x0, y0, z0), (x1, y1, z1)): the inclusive voxel index range of the True voxels of a (z, y, x)
+    mask (at least one)."""
+    zz, yy, xx = np.nonzero(mask)
+    return (int(xx.min()), int(yy.min()), int(zz.min())), (int(xx.max()), int(yy.max()), int(zz.max()))
 
 
 def _r(v, digits: int = 6):
@@ -383,6 +389,4 @@ def object_support(projections: np.ndarray, geometry: ConeBeamGeometry, grid: Vo
     if kept.all():
         return Support(grid, None, reason="nothing was carved: every voxel is seen through object in every view",
                        **common)
-    zz, yy, xx = np.nonzero(kept)
-    box = ((int(xx.min()), int(yy.min()), int(zz.min())), (int(xx.max()), int(yy.max()), int(zz.max())))
-    return Support(grid, kept, box_index=box, **common)
+    return Support(grid, kept, box_index=bounding_box(kept), **common)
