@@ -304,3 +304,57 @@ def test_a_cancel_after_the_launcher_died_still_stops_the_engine(case, tmp_path)
     assert events[-1]["event"] == "finished" and events[-1]["cancelled"] is True, events[-1]
     assert gone_within(engine, GONE_S, t0) is not None
     assert_complete_volume(run)
+
+
+# ------------------------------------------------------------------- a fork is not a launcher's engine
+
+def write_forking_engine(folder: Path) -> Path:
+    """A stand-in engine run straight (no launcher) that forks a child and never execs it, as the
+    engine does when it starts its image reader: until the child execs, its command line is the
+    engine's own. The child writes `child-sigterm` when it gets SIGTERM; `forked` says it exists."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ForkingPython"
+    path.write_text(f"#!{sys.executable}\n"
+                    "import os, signal, sys, time\n"
+                    "here = os.path.dirname(os.path.abspath(__file__))\n"
+                    "if os.fork() == 0:\n"
+                    "    def got(*_):\n"
+                    "        open(os.path.join(here, 'child-sigterm'), 'w').close()\n"
+                    "        os._exit(0)\n"
+                    "    signal.signal(signal.SIGTERM, got)\n"
+                    "    time.sleep(60)\n"
+                    "    os._exit(0)\n"
+                    "open(os.path.join(here, 'forked'), 'w').close()\n"
+                    "time.sleep(60)\n", encoding="utf-8")
+    path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def test_an_early_cancel_never_signals_a_fork_of_the_engine(case, tmp_path):
+    """Old behaviour: before `started`, the forked child (same command line as the engine, ending in
+    `-m CTNeRFReconLib ARGS`) was taken for an engine under a launcher and got the cancel's SIGTERM: in
+    the real engine that child is the image reader, and the user's projections were then reported as
+    corrupt. The cancel must reach the started process itself (after the grace) and leave the fork be."""
+    folder = tmp_path / "engine"
+    config = WorkerConfig(interpreter=str(write_forking_engine(folder)), cancel_grace_s=1.0, terminate_grace_s=5)
+    worker = WorkerProcess.reconstruct(fdk_request(case, tmp_path / "run"), config).start()
+    fork = None
+    try:
+        deadline = time.monotonic() + 30
+        while not (folder / "forked").exists():
+            assert time.monotonic() < deadline, "the stand-in engine did not fork"
+            time.sleep(0.01)
+        fork = psutil.Process(worker.pid).children()[0]
+        assert fork.cmdline() == psutil.Process(worker.pid).cmdline()  # the race being staged
+        worker.request_cancel()
+        root = psutil.Process(worker.pid)
+        t0 = time.monotonic()
+        while not is_gone(root) and time.monotonic() - t0 < 10:
+            worker.poll()
+            time.sleep(0.02)
+        assert is_gone(root), "the cancel did not stop the started process"
+        assert not (folder / "child-sigterm").exists(), "the cancel's SIGTERM went to the engine's fork"
+    finally:
+        worker.stop(timeout=5)
+        if fork is not None and not is_gone(fork):
+            fork.kill()

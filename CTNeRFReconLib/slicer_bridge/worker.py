@@ -573,7 +573,12 @@ class WorkerProcess:
     def _engine_target(self):
         """The process a cancel's SIGTERM goes to: the engine once known; before ``started``, a child
         of the started process that runs the engine's command line (the real interpreter under a
-        launcher), if there is one yet. None: not known (yet)."""
+        launcher), if there is one yet. None: not known (yet).
+
+        A child whose command line is the started process's own is a fork that has not exec'd yet (the
+        engine starting its image reader, say), not a launcher's engine: a launcher's child always
+        differs in its program (PythonSlicer runs python-real). Taking it would send the cancel to the
+        reader, which the engine would then see die of SIGTERM."""
         if self._engine is not None:
             return self._engine
         psutil = _psutil()
@@ -581,14 +586,22 @@ class WorkerProcess:
             return None
         try:
             children = self._root.children()
+            own = self._root.cmdline()
         except psutil.Error:
             return None
         for child in children:
-            if self._runs_engine(child) and _alive(child):
+            if self._runs_engine(child) and _alive(child) and not self._same_cmdline(child, own):
                 with self._lock:
                     self._tracked.add(child)
                 return child
         return None
+
+    @staticmethod
+    def _same_cmdline(proc, cmdline: list[str]) -> bool:
+        try:
+            return proc.cmdline() == cmdline
+        except _psutil().Error:
+            return True  # gone or hidden: not a process to signal
 
     def _runs_engine(self, proc) -> bool:
         """Whether a process's command line ends with the engine's (``-m CTNeRFReconLib ARGS``)."""
