@@ -25,8 +25,9 @@ from torch.autograd.function import once_differentiable
 
 from .kernels import cpu_grad_mode, kernels_available
 
-__all__ = ["grid_line_integrals", "vm_line_integrals", "grid_line_integrals_reference",
-           "vm_line_integrals_reference", "jitter_offsets", "kernels_available", "FusedInputError"]
+__all__ = ["grid_line_integrals", "joseph_line_integrals", "vm_line_integrals", "grid_line_integrals_reference",
+           "joseph_line_integrals_reference", "vm_line_integrals_reference", "jitter_offsets",
+           "kernels_available", "FusedInputError"]
 
 _MASK32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D
@@ -184,6 +185,104 @@ def grid_line_integrals(volume: torch.Tensor, origin_xyz, spacing_xyz, origins: 
                                        int(n_samples), int(jitter_seed))
     return grid_line_integrals_reference(volume, origin, spacing, origins, dirs, t_near, t_far,
                                          int(n_samples), int(jitter_seed))
+
+
+# -- (a') voxel grid, Joseph's rule ---------------------------------------------------------------
+def _lerp_taps(pos: torch.Tensor, n: int):
+    """Indices (always valid) and weights (0 outside) of linear interpolation with zero padding
+    beyond the voxel centres on one axis: the kernels' lerp_weights."""
+    hit = (pos > -1) & (pos < n)
+    safe = torch.where(hit, pos, torch.zeros_like(pos))
+    i = torch.floor(safe)
+    frac = safe - i
+    i = i.to(torch.int64)
+    lo_in, hi_in = i >= 0, i + 1 < n
+    i0 = torch.where(lo_in, i, torch.zeros_like(i))
+    i1 = torch.where(hi_in, i + 1, torch.full_like(i, n - 1))
+    w0 = torch.where(lo_in & hit, 1 - frac, torch.zeros_like(frac))
+    w1 = torch.where(hi_in & hit, frac, torch.zeros_like(frac))
+    return i0, i1, w0, w1
+
+
+def joseph_line_integrals_reference(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far,
+                                    chunk_samples: int = DEFAULT_CHUNK_SAMPLES) -> torch.Tensor:
+    """PyTorch path of `joseph_line_integrals`: every plane of the ray's major axis is visited
+    (planes outside the ray's slab range get length 0), bilinear gathers, chunked over rays."""
+    origin = _vec3(origin_xyz, volume, "origin_xyz")
+    spacing = _vec3(spacing_xyz, volume, "spacing_xyz")
+    n_xyz = (volume.shape[2], volume.shape[1], volume.shape[0])
+    strides = (1, n_xyz[0], n_xyz[0] * n_xyz[1])
+    flat = volume.reshape(-1)
+    start = (origins - origin) / spacing
+    step = dirs / spacing
+    major = step.abs().argmax(dim=1)
+    order, parts = [], []
+    for a in range(3):
+        b, c = (1, 2) if a == 0 else (0, 2) if a == 1 else (0, 1)
+        rays_of_axis = torch.nonzero(major == a).reshape(-1)
+        k = torch.arange(n_xyz[a], device=volume.device, dtype=volume.dtype)[None, :]
+        per_chunk = max(1, int(chunk_samples) // n_xyz[a])
+        for sel in torch.split(rays_of_axis, per_chunk):
+            st, sp, tn, tf = start[sel], step[sel], t_near[sel], t_far[sel]
+            s = sp[:, a]
+            valid = (tf > tn) & (s.abs() > 0)
+            s_safe = torch.where(valid, s, torch.ones_like(s))
+            c_near, c_far = st[:, a] + tn * s, st[:, a] + tf * s
+            lo, hi = torch.minimum(c_near, c_far)[:, None], torch.maximum(c_near, c_far)[:, None]
+            length = (torch.minimum(hi, k + 0.5) - torch.maximum(lo, k - 0.5)).clamp_min(0) / s_safe.abs()[:, None]
+            length = torch.where(valid[:, None], length, torch.zeros_like(length))
+            t = (k - st[:, a:a + 1]) / s_safe[:, None]
+            u0, u1, wu0, wu1 = _lerp_taps(st[:, b:b + 1] + t * sp[:, b:b + 1], n_xyz[b])
+            v0, v1, wv0, wv1 = _lerp_taps(st[:, c:c + 1] + t * sp[:, c:c + 1], n_xyz[c])
+            base = k.to(torch.int64) * strides[a]
+            sb, sc = strides[b], strides[c]
+            mu = (wv0 * (wu0 * flat[base + v0 * sc + u0 * sb] + wu1 * flat[base + v0 * sc + u1 * sb])
+                  + wv1 * (wu0 * flat[base + v1 * sc + u0 * sb] + wu1 * flat[base + v1 * sc + u1 * sb]))
+            order.append(sel)
+            parts.append((length * mu).sum(dim=1))
+    if not parts:
+        return volume.new_zeros((origins.shape[0],))
+    return volume.new_zeros((origins.shape[0],)).index_put((torch.cat(order),), torch.cat(parts))
+
+
+class JosephLineIntegrals(torch.autograd.Function):
+    """Fused forward and backward of Joseph's rule (gradient to the volume only)."""
+
+    @staticmethod
+    def forward(ctx, volume, origin, spacing, origins, dirs, t_near, t_far):
+        ctx.save_for_backward(volume, origin, spacing, origins, dirs, t_near, t_far)
+        return torch.ops.ctnerf.joseph_line_integrals(volume, origin, spacing, origins, dirs, t_near, t_far)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        volume, origin, spacing, origins, dirs, t_near, t_far = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.ctnerf.joseph_line_integrals_backward(
+                grad_out.contiguous(), volume, origin, spacing, origins, dirs, t_near, t_far, cpu_grad_mode())
+        return grad, None, None, None, None, None, None
+
+
+def joseph_line_integrals(volume: torch.Tensor, origin_xyz, spacing_xyz, origins: torch.Tensor,
+                          dirs: torch.Tensor, t_near: torch.Tensor, t_far: torch.Tensor) -> torch.Tensor:
+    """Integral of a trilinearly interpolated (z, y, x) volume along each ray by Joseph's rule, (N,).
+
+    One bilinear lookup per crossing of a plane of voxel centres normal to the ray's major axis,
+    weighted by the length of that plane's slab inside [t_near, t_far] (ctnerf_render.h, (a')).
+    Same geometry arguments as `grid_line_integrals`; no sample count, no jitter.
+    """
+    _check_float(volume, "volume")
+    if volume.dim() != 3 or volume.numel() == 0:
+        raise FusedInputError(f"volume must be a non-empty (z, y, x) tensor, got shape {tuple(volume.shape)}")
+    _check_rays(volume, origins, dirs, t_near, t_far, 1)
+    origin = _vec3(origin_xyz, volume, "origin_xyz")
+    spacing = _vec3(spacing_xyz, volume, "spacing_xyz")
+    if spacing.device.type == "cpu" and not bool((spacing != 0).all()):
+        raise FusedInputError(f"spacing_xyz must be non-zero on every axis, got {spacing.tolist()}")
+    if _use_kernels(volume.device, origin, spacing, origins, dirs, t_near, t_far):
+        return JosephLineIntegrals.apply(volume, origin, spacing, origins, dirs, t_near, t_far)
+    return joseph_line_integrals_reference(volume, origin, spacing, origins, dirs, t_near, t_far)
 
 
 # -- (b) TensoRF-VM field -------------------------------------------------------------------------

@@ -34,7 +34,8 @@ CACHE_ENV = "CTNERF_KERNEL_CACHE"
 CPU_GRAD_ENV = "CTNERF_CPU_GRAD"
 MODES = ("auto", "cpu", "cuda", "off")
 CPU_GRAD_MODES = {"auto": 0, "buffers": 1, "atomics": 2}
-OPS = ("grid_line_integrals", "grid_line_integrals_backward", "vm_line_integrals", "vm_line_integrals_backward")
+OPS = ("grid_line_integrals", "grid_line_integrals_backward", "joseph_line_integrals",
+       "joseph_line_integrals_backward", "vm_line_integrals", "vm_line_integrals_backward")
 
 
 class KernelConfigError(ValueError):
@@ -230,7 +231,10 @@ def _register_fakes() -> None:
                 torch.empty_like(lines, memory_format=torch.contiguous_format),
                 torch.empty_like(basis), torch.empty_like(bias))
 
-    for name, fn in zip(OPS, (grid_fake, grid_bwd_fake, vm_fake, vm_bwd_fake)):
+    def joseph_fake(volume, origin_xyz, spacing_xyz, origins, *rest):
+        return volume.new_empty((origins.shape[0],))
+
+    for name, fn in zip(OPS, (grid_fake, grid_bwd_fake, joseph_fake, grid_bwd_fake, vm_fake, vm_bwd_fake)):
         torch.library.register_fake(f"ctnerf::{name}", fn)
 
 

@@ -347,6 +347,10 @@ def test_bad_inputs_are_refused_with_clear_errors(built):
         fused.grid_line_integrals(vol, origin, spacing, o, d, tn, tf, 0)
     with pytest.raises(fused.FusedInputError, match="float32 or float64"):
         fused.grid_line_integrals(vol.half(), origin, spacing, o, d, tn, tf, 4)
+    with pytest.raises(fused.FusedInputError, match="dirs must have shape"):
+        fused.joseph_line_integrals(vol, origin, spacing, o, d[:-1], tn, tf)
+    with pytest.raises(fused.FusedInputError, match="spacing_xyz must be non-zero"):
+        fused.joseph_line_integrals(vol, origin, torch.zeros(3), o, d, tn, tf)
     (planes, lines, basis, bias), (lo, hi), _ = vm_case()
     with pytest.raises(fused.FusedInputError, match="box_max must exceed"):
         fused.vm_line_integrals(planes, lines, basis, bias, hi, lo, o, d, tn, tf, 4)
@@ -355,6 +359,8 @@ def test_bad_inputs_are_refused_with_clear_errors(built):
         torch.ops.ctnerf.grid_line_integrals(vol, origin, spacing, o[:, :2], d, tn, tf, 4, -1)
     with pytest.raises(RuntimeError, match="dtype"):
         torch.ops.ctnerf.grid_line_integrals(vol, origin, spacing, o.double(), d, tn, tf, 4, -1)
+    with pytest.raises(RuntimeError, match="origins must be"):
+        torch.ops.ctnerf.joseph_line_integrals(vol, origin, spacing, o[:, :2], d, tn, tf)
     with pytest.raises(RuntimeError, match="lines must be"):
         torch.ops.ctnerf.vm_line_integrals(planes, lines[:, :2], basis, bias, lo, hi, o, d, tn, tf, 4, -1)
 
@@ -366,6 +372,10 @@ def test_opcheck_schemas_and_fake_tensors(built):
                           (vol, origin, spacing, o, d, tn, tf, 5, 1), test_utils=tests)
     torch.library.opcheck(torch.ops.ctnerf.grid_line_integrals_backward.default,
                           (torch.ones(8), vol, origin, spacing, o, d, tn, tf, 5, 1, 0), test_utils=tests)
+    torch.library.opcheck(torch.ops.ctnerf.joseph_line_integrals.default,
+                          (vol, origin, spacing, o, d, tn, tf), test_utils=tests)
+    torch.library.opcheck(torch.ops.ctnerf.joseph_line_integrals_backward.default,
+                          (torch.ones(8), vol, origin, spacing, o, d, tn, tf, 0), test_utils=tests)
     (planes, lines, basis, bias), (lo, hi), (o, d, tn, tf) = vm_case(n=8)
     torch.library.opcheck(torch.ops.ctnerf.vm_line_integrals.default,
                           (planes, lines, basis, bias, lo, hi, o, d, tn, tf, 5, 1), test_utils=tests)

@@ -6,6 +6,8 @@ samples, gradient to the field). Each (case, path) runs in its own subprocess so
 
 Cases (the sizes of the issue):
   grid: 122 x 101 x 112 voxel grid (x, y, z), 65536 rays x 256 samples
+  joseph: the same grid and rays by Joseph's rule (one bilinear lookup per plane crossed; "samples"
+          is the largest dimension, an upper bound on the planes a ray crosses)
   vm:   TensoRF-VM C = 16, R = 128, 16384 rays x 192 samples
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--iters 3] [--scale 1.0] [--out DIR]
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 CASES = {
     "grid": dict(shape_xyz=(122, 101, 112), spacing=3.0, rays=65536, samples=256),
+    "joseph": dict(shape_xyz=(122, 101, 112), spacing=3.0, rays=65536, samples=122),
     "vm": dict(channels=16, resolution=128, rays=16384, samples=192, box=150.0),
 }
 
@@ -59,7 +62,7 @@ def _setup(case: str, scale: float, device: str):
     n = max(1, int(cfg["rays"] * scale))
     s = cfg["samples"]
     g = torch.Generator().manual_seed(1)
-    if case == "grid":
+    if case in ("grid", "joseph"):
         nx, ny, nz = cfg["shape_xyz"]
         sp = cfg["spacing"]
         vol = torch.rand((nz, ny, nx), generator=g).to(device).requires_grad_(True)
@@ -72,9 +75,13 @@ def _setup(case: str, scale: float, device: str):
         params = [vol]
 
         def fused_fn(seed):
+            if case == "joseph":
+                return fused.JosephLineIntegrals.apply(vol, org, spc, o, d, tn, tf)
             return fused.GridLineIntegrals.apply(vol, org, spc, o, d, tn, tf, s, seed)
 
         def ref_fn(seed):
+            if case == "joseph":
+                return fused.joseph_line_integrals_reference(vol, org, spc, o, d, tn, tf)
             return fused.grid_line_integrals_reference(vol, org, spc, o, d, tn, tf, s, seed)
     else:
         c, r, b = cfg["channels"], cfg["resolution"], cfg["box"]
@@ -162,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--iters", type=int, default=3, help="timed iterations per path (after one warm-up)")
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the rays of each case (quick runs)")
-    ap.add_argument("--cases", default="grid,vm")
+    ap.add_argument("--cases", default="grid,joseph,vm")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--single", nargs=2, metavar=("CASE", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -60,8 +60,9 @@ def _timed(fn, repeats: int) -> float:
     return round((time.perf_counter() - t0) / repeats * 1000, 1)
 
 
-def profile_one(case: Path, variant: str, repeats: int) -> dict:
-    """Build the trainer on the default grid and time each part of an iteration (this process only)."""
+def profile_one(case: Path, variant: str, repeats: int, extra: dict | None = None) -> dict:
+    """Build the trainer on the default grid and time each part of an iteration (this process only);
+    `extra`: nerf settings on top of the variant's (e.g. {"integrator": "stratified"})."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the command line runs (cli._passive_openmp_threads)
     import torch
 
@@ -75,7 +76,7 @@ def profile_one(case: Path, variant: str, repeats: int) -> dict:
     grid = default_grid(scan.geometry)
     settings = dict(preset="standard") if variant == "after" else dict(preset="standard", support=False,
                                                                       coarse_levels=())
-    cfg = NerfConfig.from_settings(settings)
+    cfg = NerfConfig.from_settings(settings | (extra or {}))
     t0 = time.perf_counter()
     trainer = NerfTrainer(scan, grid, cfg, RunContext(device="cpu"))
     setup_s = round(time.perf_counter() - t0, 2)
@@ -126,7 +127,7 @@ def profile_one(case: Path, variant: str, repeats: int) -> dict:
                 training_grid=list(trainer.grid.shape_xyz), training_voxels=trainer.grid.n_voxels,
                 rays=len(trainer.targets), rays_per_batch=n_rays, setup_s=setup_s, levels=rows,
                 coarse_fraction=trainer.levels.boundaries(1000)[-1] / 1000 if trainer.levels.active else 0.0,
-                refine_fraction=cfg.refine_fraction,
+                refine_fraction=cfg.refine_fraction, integrator=cfg.integrator,
                 peak_memory_mb=round(peak_mb, 1), threads=torch.get_num_threads())
 
 
@@ -137,8 +138,9 @@ def mean_step_ms(row: dict) -> float:
     return round(sum(share[lv["stage"]] * lv["step"] for lv in row["levels"]), 1)
 
 
-def profile_in_child(case: Path, variant: str, repeats: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "_profile", str(case), variant, str(repeats)], cwd=ROOT,
+def profile_in_child(case: Path, variant: str, repeats: int, extra: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, __file__, "_profile", str(case), variant, str(repeats),
+                          json.dumps(extra or {})], cwd=ROOT,
                          capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"profile of {case.name} ({variant}) failed: {out.stderr[-2000:]}")
@@ -181,7 +183,7 @@ def plot_runs(runs: list[dict], path: Path):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_profile":
-        print(json.dumps(profile_one(Path(argv[1]), argv[2], int(argv[3]))))
+        print(json.dumps(profile_one(Path(argv[1]), argv[2], int(argv[3]), json.loads(argv[4]))))
         return 0
     here = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -194,18 +196,29 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--time-limit", type=float, default=None, help="also run the CLI with this limit on each case")
     ap.add_argument("--runs-only", action="store_true", help="skip the profile")
+    ap.add_argument("--setting", action="append", default=[], metavar="KEY=JSON",
+                    help="a nerf setting for the profile's trainers (JSON, else text), e.g. integrator=stratified")
     ap.add_argument("--score-py", type=Path, default=here.parent / "shared" / "bench" / "score.py")
     ap.add_argument("--out", type=Path, default=here / "bench_results" / "scaling")
     args = ap.parse_args(argv)
+    extra = {}
+    for item in args.setting:
+        key, _, value = item.partition("=")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value  # plain text
     args.out.mkdir(parents=True, exist_ok=True)
     configs = [(det, args.grid_views) for det in args.dets] + [(args.view_det, v) for v in args.views]
     configs = list(dict.fromkeys(configs))
-    result = dict(cpu_count=os.cpu_count(), load_average_start=os.getloadavg(), fov_mm=FOV_MM, profiles=[], runs=[])
+    result = dict(cpu_count=os.cpu_count(), load_average_start=os.getloadavg(), fov_mm=FOV_MM, settings=extra,
+                  profiles=[], runs=[])
     for det, views in configs:
         case = case_at(args, det, views)
         if not args.runs_only:
             for variant in ("before", "after"):
-                row = dict(case=case.name, det=det, views=views, **profile_in_child(case, variant, args.repeats))
+                row = dict(case=case.name, det=det, views=views,
+                           **profile_in_child(case, variant, args.repeats, extra))
                 result["profiles"].append(row)
                 print(json.dumps({k: row[k] for k in ("case", "variant", "training_grid", "setup_s")}
                                  | {"mean_step_ms": mean_step_ms(row)}), flush=True)

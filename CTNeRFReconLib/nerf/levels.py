@@ -18,17 +18,35 @@ from dataclasses import dataclass
 
 import numpy as np
 
-INTEGRATION_SHARE = 0.61
-"""Share of a full-grid generator-phase iteration spent integrating rays (forward and backward); it
-scales with the ray batch and, through the samples per ray, as 1 / factor on a coarser level."""
-GENERATOR_SHARE = 0.14
-"""Share spent running the generator (forward and backward): the same on every level, and none in the
-refinement phase (the factors are free there). The rest (materialising, TV, the mask, the optimiser)
-scales with the voxel count, as 1 / factor^3. All three were measured on the 25-view abdomen's default
-grid on 2 CPU cores (`benchmarks/bench_scaling.py`'s profile: 32 ms generator, 57 ms voxel-wise and
-139 ms of ray integrals of a 237 ms step, and 113 ms on the coarse level, which this model predicts
-within 1 %). Without the generator's fixed share the coarse level looked cheaper than it is, so a time
-budget measured there under-planned and then re-planned up by half once the full grid started."""
+@dataclass(frozen=True)
+class CostShares:
+    """Where a full-grid generator-phase iteration's time goes, for one ray integrator.
+
+    `integration`: the ray integrals (forward and backward); they scale with the ray batch and, through
+    the samples (or planes) per ray, as 1 / factor on a coarser level. `generator`: running the generator
+    (forward and backward), the same on every level and none in the refinement phase (the factors are
+    free there). The rest (materialising, TV, the mask, the optimiser) scales with the voxel count, as
+    1 / factor^3. Without the generator's fixed share the coarse level looked cheaper than it is, so a
+    time budget measured there under-planned and then re-planned up by half once the full grid started."""
+
+    integration: float
+    generator: float
+
+    @property
+    def voxels(self) -> float:
+        return 1.0 - self.integration - self.generator
+
+
+COST_SHARES = {
+    # `benchmarks/bench_scaling.py`'s profile on the 25-view abdomen's default grid, 2 CPU cores:
+    # 139 ms of ray integrals and 32 ms of generator in a 237 ms step (coarse level 113 ms, predicted
+    # within 1 %); on the slower machine where Joseph's rule was measured the same step took 441 ms,
+    # 294 of them integrating
+    "stratified": CostShares(integration=0.61, generator=0.14),
+    # the same profile, Joseph's rule: 115 ms of ray integrals and 45 ms of generator in a 264 ms step
+    # (coarse level 109 ms, predicted 115)
+    "joseph": CostShares(integration=0.435, generator=0.17),
+}
 
 
 @dataclass(frozen=True)
@@ -64,12 +82,14 @@ class LevelSchedule:
         return self.factors[level] if level < len(self.factors) else 1.0
 
     @staticmethod
-    def relative_cost(factor, rays=1.0, generator=True):
+    def relative_cost(factor, rays=1.0, generator=True, integrator: str = "joseph"):
         """Cost of an iteration on a grid `factor` times coarser, relative to a full-grid generator-phase
         iteration at the largest ray batch: `rays` is the batch as a fraction of that, `generator` whether
-        the generator runs (the generator phase). Numbers or numpy arrays (one per iteration)."""
+        the generator runs (the generator phase), `integrator` whose shares (COST_SHARES). Numbers or
+        numpy arrays (one per iteration)."""
+        shares = COST_SHARES[integrator]
         f = np.maximum(1.0, np.asarray(factor, dtype=float))
         gen = np.asarray(generator, dtype=float)
-        voxels = 1.0 - INTEGRATION_SHARE - GENERATOR_SHARE
-        cost = GENERATOR_SHARE * gen + INTEGRATION_SHARE * np.asarray(rays, dtype=float) / f + voxels / f ** 3
+        cost = (shares.generator * gen + shares.integration * np.asarray(rays, dtype=float) / f
+                + shares.voxels / f ** 3)
         return float(cost) if cost.ndim == 0 else cost

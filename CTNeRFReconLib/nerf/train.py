@@ -287,7 +287,7 @@ class NerfTrainer:
         for k, end in reversed(list(enumerate(self.levels.boundaries(planned)))):
             factor[it < end] = self.levels.factor(k)
         generator = cfg.use_generator & (it < self._refine_start_of(planned))
-        return LevelSchedule.relative_cost(factor, rays, generator)
+        return LevelSchedule.relative_cost(factor, rays, generator, cfg.integrator)
 
     def _make_optimizer(self):
         lr = self.cfg.lr * (1 if self.phase == "generator" else 10)
@@ -454,8 +454,14 @@ class NerfTrainer:
         return loss.item(), psnr
 
     def integrate(self, vol, o, d, tn, tf, jitter_seed: int = -1):
-        """Line integrals of a batch; rays are grouped by chord length so each group is sampled at
-        about `step_voxels`, not at the longest chord's count (short rays need fewer samples)."""
+        """Line integrals of a batch. Joseph's rule visits each plane once; the stratified rule groups
+        rays by chord length so each group is sampled at about `step_voxels`, not at the longest
+        chord's count (short rays need fewer samples)."""
+        if self.cfg.integrator == "joseph":  # one lookup per plane: no sample count to choose
+            g = self.level_grid
+            if self._kernel is not None:
+                return fused.joseph_line_integrals(vol, g.origin_xyz, g.spacing_xyz, o, d, tn, tf)
+            return fused.joseph_line_integrals_reference(vol, g.origin_xyz, g.spacing_xyz, o, d, tn, tf)
         groups = self.cfg.length_groups
         if groups <= 1 or o.shape[0] < 2 * groups:
             return self._integrate(vol, o, d, tn, tf, self.n_samples, jitter_seed)

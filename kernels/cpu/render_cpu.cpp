@@ -103,6 +103,58 @@ at::Tensor grid_line_integrals_backward_cpu(const at::Tensor& grad_out, const at
   return n_buf == 1 ? grad[0] : grad.sum(0);
 }
 
+at::Tensor joseph_line_integrals_cpu(const at::Tensor& volume, const at::Tensor& origin_xyz,
+                                     const at::Tensor& spacing_xyz, const at::Tensor& origins, const at::Tensor& dirs,
+                                     const at::Tensor& t_near, const at::Tensor& t_far) {
+  check_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, 1);
+  TORCH_CHECK(volume.device().is_cpu(), "ctnerf: joseph_line_integrals_cpu got a ", volume.device(), " tensor");
+  const at::Tensor vol = volume.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
+  const RayInputs rays(origins, dirs, t_near, t_far);
+  const int64_t n = origins.size(0);
+  at::Tensor out = at::empty({n}, volume.options());
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "joseph_line_integrals_cpu", [&] {
+    const GridView<scalar_t> g =
+        make_grid_view(vol.const_data_ptr<scalar_t>(), vol.size(0), vol.size(1), vol.size(2),
+                       org.const_data_ptr<scalar_t>(), spc.const_data_ptr<scalar_t>());
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = joseph_ray_forward(g, rays.ray<scalar_t>(i));
+    });
+  });
+  return out;
+}
+
+at::Tensor joseph_line_integrals_backward_cpu(const at::Tensor& grad_out, const at::Tensor& volume,
+                                              const at::Tensor& origin_xyz, const at::Tensor& spacing_xyz,
+                                              const at::Tensor& origins, const at::Tensor& dirs,
+                                              const at::Tensor& t_near, const at::Tensor& t_far, int64_t reduce_mode) {
+  check_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, 1);
+  const int64_t n = origins.size(0);
+  check_grad_out(volume, grad_out, n);
+  const at::Tensor gout = grad_out.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
+  const RayInputs rays(origins, dirs, t_near, t_far);
+  const int64_t numel = volume.numel();
+  const bool buffers = use_buffers(reduce_mode, numel, volume.element_size());
+  const int64_t n_buf = buffers ? at::get_num_threads() : 1;
+  at::Tensor grad = at::zeros({n_buf, volume.size(0), volume.size(1), volume.size(2)}, volume.options());
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "joseph_line_integrals_backward_cpu", [&] {
+    const GridView<scalar_t> g = make_grid_view<scalar_t>(nullptr, volume.size(0), volume.size(1), volume.size(2),
+                                                          org.const_data_ptr<scalar_t>(),
+                                                          spc.const_data_ptr<scalar_t>());
+    const scalar_t* go = gout.const_data_ptr<scalar_t>();
+    scalar_t* base = grad.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
+      if (buffers) {
+        scalar_t* mine = base + static_cast<int64_t>(at::get_thread_num()) * numel;
+        for (int64_t i = begin; i < end; ++i) joseph_ray_backward(g, rays.ray<scalar_t>(i), go[i], mine, PlainAdd{});
+      } else {
+        for (int64_t i = begin; i < end; ++i) joseph_ray_backward(g, rays.ray<scalar_t>(i), go[i], base, AtomicAdd{});
+      }
+    });
+  });
+  return n_buf == 1 ? grad[0] : grad.sum(0);
+}
+
 at::Tensor vm_line_integrals_cpu(const at::Tensor& planes, const at::Tensor& lines, const at::Tensor& basis,
                                  const at::Tensor& bias, const at::Tensor& box_min, const at::Tensor& box_max,
                                  const at::Tensor& origins, const at::Tensor& dirs, const at::Tensor& t_near,

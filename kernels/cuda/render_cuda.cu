@@ -50,6 +50,30 @@ __global__ void grid_backward_kernel(const T* __restrict__ grad_out, int64_t nz,
 }
 
 template <typename T>
+__global__ void joseph_forward_kernel(const T* __restrict__ volume, int64_t nz, int64_t ny, int64_t nx,
+                                      const T* __restrict__ origin_xyz, const T* __restrict__ spacing_xyz,
+                                      const T* __restrict__ origins, const T* __restrict__ dirs,
+                                      const T* __restrict__ t_near, const T* __restrict__ t_far, int64_t n,
+                                      T* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const GridView<T> g = make_grid_view(volume, nz, ny, nx, origin_xyz, spacing_xyz);
+  out[i] = joseph_ray_forward(g, load_ray(origins, dirs, t_near, t_far, i));
+}
+
+template <typename T>
+__global__ void joseph_backward_kernel(const T* __restrict__ grad_out, int64_t nz, int64_t ny, int64_t nx,
+                                       const T* __restrict__ origin_xyz, const T* __restrict__ spacing_xyz,
+                                       const T* __restrict__ origins, const T* __restrict__ dirs,
+                                       const T* __restrict__ t_near, const T* __restrict__ t_far, int64_t n,
+                                       T* __restrict__ grad_volume) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const GridView<T> g = make_grid_view<T>(nullptr, nz, ny, nx, origin_xyz, spacing_xyz);
+  joseph_ray_backward(g, load_ray(origins, dirs, t_near, t_far, i), grad_out[i], grad_volume, AtomicAdd{});
+}
+
+template <typename T>
 __global__ void vm_forward_kernel(const T* __restrict__ planes, const T* __restrict__ lines,
                                   const T* __restrict__ basis, const T* __restrict__ bias, int64_t channels,
                                   int64_t plane_res, int64_t line_res, const T* __restrict__ box_min,
@@ -142,6 +166,54 @@ at::Tensor grid_line_integrals_backward_cuda(const at::Tensor& grad_out, const a
   return grad;
 }
 
+at::Tensor joseph_line_integrals_cuda(const at::Tensor& volume, const at::Tensor& origin_xyz,
+                                      const at::Tensor& spacing_xyz, const at::Tensor& origins, const at::Tensor& dirs,
+                                      const at::Tensor& t_near, const at::Tensor& t_far) {
+  check_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, 1);
+  check_cuda(volume, "joseph_line_integrals");
+  const c10::cuda::CUDAGuard guard(volume.device());
+  const at::Tensor vol = volume.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
+  const Rays r(origins, dirs, t_near, t_far);
+  const int64_t n = origins.size(0);
+  at::Tensor out = at::empty({n}, volume.options());
+  if (n == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "joseph_line_integrals_cuda", [&] {
+    joseph_forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        vol.const_data_ptr<scalar_t>(), vol.size(0), vol.size(1), vol.size(2), org.const_data_ptr<scalar_t>(),
+        spc.const_data_ptr<scalar_t>(), r.origins.const_data_ptr<scalar_t>(), r.dirs.const_data_ptr<scalar_t>(),
+        r.t_near.const_data_ptr<scalar_t>(), r.t_far.const_data_ptr<scalar_t>(), n, out.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor joseph_line_integrals_backward_cuda(const at::Tensor& grad_out, const at::Tensor& volume,
+                                               const at::Tensor& origin_xyz, const at::Tensor& spacing_xyz,
+                                               const at::Tensor& origins, const at::Tensor& dirs,
+                                               const at::Tensor& t_near, const at::Tensor& t_far,
+                                               int64_t /*reduce_mode: always atomics*/) {
+  check_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, 1);
+  check_cuda(volume, "joseph_line_integrals_backward");
+  const int64_t n = origins.size(0);
+  check_grad_out(volume, grad_out, n);
+  const c10::cuda::CUDAGuard guard(volume.device());
+  const at::Tensor gout = grad_out.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
+  const Rays r(origins, dirs, t_near, t_far);
+  at::Tensor grad = at::zeros(volume.sizes(), volume.options());
+  if (n == 0) return grad;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "joseph_line_integrals_backward_cuda", [&] {
+    joseph_backward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
+        gout.const_data_ptr<scalar_t>(), volume.size(0), volume.size(1), volume.size(2),
+        org.const_data_ptr<scalar_t>(), spc.const_data_ptr<scalar_t>(), r.origins.const_data_ptr<scalar_t>(),
+        r.dirs.const_data_ptr<scalar_t>(), r.t_near.const_data_ptr<scalar_t>(), r.t_far.const_data_ptr<scalar_t>(),
+        n, grad.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
 at::Tensor vm_line_integrals_cuda(const at::Tensor& planes, const at::Tensor& lines, const at::Tensor& basis,
                                   const at::Tensor& bias, const at::Tensor& box_min, const at::Tensor& box_max,
                                   const at::Tensor& origins, const at::Tensor& dirs, const at::Tensor& t_near,
@@ -215,6 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vm_line_integrals_bac
 TORCH_LIBRARY_IMPL(ctnerf, CUDA, m) {
   m.impl("grid_line_integrals", &ctnerf::grid_line_integrals_cuda);
   m.impl("grid_line_integrals_backward", &ctnerf::grid_line_integrals_backward_cuda);
+  m.impl("joseph_line_integrals", &ctnerf::joseph_line_integrals_cuda);
+  m.impl("joseph_line_integrals_backward", &ctnerf::joseph_line_integrals_backward_cuda);
   m.impl("vm_line_integrals", &ctnerf::vm_line_integrals_cuda);
   m.impl("vm_line_integrals_backward", &ctnerf::vm_line_integrals_backward_cuda);
 }

@@ -98,6 +98,13 @@ at::Tensor grid_line_integrals_backward_cpu(const at::Tensor& grad_out, const at
                                             const at::Tensor& origins, const at::Tensor& dirs,
                                             const at::Tensor& t_near, const at::Tensor& t_far, int64_t n_samples,
                                             int64_t jitter_seed, int64_t reduce_mode);
+at::Tensor joseph_line_integrals_cpu(const at::Tensor& volume, const at::Tensor& origin_xyz,
+                                     const at::Tensor& spacing_xyz, const at::Tensor& origins, const at::Tensor& dirs,
+                                     const at::Tensor& t_near, const at::Tensor& t_far);
+at::Tensor joseph_line_integrals_backward_cpu(const at::Tensor& grad_out, const at::Tensor& volume,
+                                              const at::Tensor& origin_xyz, const at::Tensor& spacing_xyz,
+                                              const at::Tensor& origins, const at::Tensor& dirs,
+                                              const at::Tensor& t_near, const at::Tensor& t_far, int64_t reduce_mode);
 at::Tensor vm_line_integrals_cpu(const at::Tensor& planes, const at::Tensor& lines, const at::Tensor& basis,
                                  const at::Tensor& bias, const at::Tensor& box_min, const at::Tensor& box_max,
                                  const at::Tensor& origins, const at::Tensor& dirs, const at::Tensor& t_near,

@@ -283,6 +283,129 @@ CTNERF_HD void grid_ray_backward(const GridView<T>& g, const Ray<T>& r, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------
+// (a') Joseph's rule in a (z, y, x) voxel grid: one bilinear lookup where the ray crosses each
+// plane of voxel centres normal to its major axis (the axis along which it advances fastest in
+// index space). Plane k stands for the slab [k - 1/2, k + 1/2] along that axis, clipped to the
+// ray's [t_near, t_far]: its weight is that piece's length in t, so the sum is a midpoint rule for
+// the integral of the trilinear volume between t_near and t_far (spans inside the voxel centres'
+// hull, as training's rays are; beyond it, along the major axis, the outer slabs reach half a voxel
+// out where the zero-padded trilinear field ramps to zero over a whole voxel: the same total for a
+// ray that crosses the whole border, nothing for one that only grazes it). A crossing needs 4 taps, not 8,
+// and there is one per plane (1 to sqrt(3) voxels apart), not one per 0.8 voxel: about a third of
+// the stratified rule's loads. Deterministic: no jitter (the lookups already tile every plane).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct JosephPlan {
+  int axis;           // major axis, 0 x, 1 y, 2 z
+  int64_t first;      // planes first..last (none when last < first)
+  int64_t last;
+  T lo;               // the ray's extent along the axis in index units, lo <= hi
+  T hi;
+  T t_per_index;      // |dt / dc| along the major axis
+  T t_of_plane0;      // t where the ray crosses plane 0
+  T dt_dk;            // signed dt per plane (1 / step[axis])
+  int64_t stride[3];  // flat-index strides of x, y, z
+};
+
+template <typename T>
+CTNERF_HD JosephPlan<T> joseph_plan(const GridView<T>& g, const GridRay<T>& gr, const Ray<T>& r) {
+  JosephPlan<T> p;
+  p.axis = 0;
+  p.first = 0;
+  p.last = -1;
+  p.lo = p.hi = p.t_per_index = p.t_of_plane0 = p.dt_dk = T(0);
+  p.stride[0] = 1;
+  p.stride[1] = g.n[0];
+  p.stride[2] = g.n[0] * g.n[1];
+  if (!(r.t_far > r.t_near)) return p;
+  int a = 0;
+  for (int b = 1; b < 3; ++b)
+    if (abs_(gr.step[b]) > abs_(gr.step[a])) a = b;
+  const T s = gr.step[a];
+  if (!(abs_(s) > T(0))) return p;
+  p.axis = a;
+  const T c_near = gr.start[a] + r.t_near * s, c_far = gr.start[a] + r.t_far * s;
+  p.lo = c_near < c_far ? c_near : c_far;
+  p.hi = c_near < c_far ? c_far : c_near;
+  const T n = static_cast<T>(g.n[a]);
+  if (!(p.hi > T(-0.5)) || !(p.lo < n - T(0.5))) return p;  // also false for NaN
+  // planes whose slab [k - 1/2, k + 1/2] overlaps [lo, hi]: k from floor(lo + 1/2) to floor(hi + 1/2)
+  const T first = floor_((p.lo > T(-0.5) ? p.lo : T(-0.5)) + T(0.5));
+  const T last = floor_((p.hi < n - T(0.5) ? p.hi : n - T(0.5)) + T(0.5));
+  p.first = static_cast<int64_t>(first);
+  p.last = static_cast<int64_t>(last) < g.n[a] - 1 ? static_cast<int64_t>(last) : g.n[a] - 1;
+  p.dt_dk = T(1) / s;
+  p.t_per_index = abs_(p.dt_dk);
+  p.t_of_plane0 = -gr.start[a] * p.dt_dk;
+  return p;
+}
+
+// One plane crossing: the 4 taps' flat indices (always valid), bilinear weights (0 for taps
+// outside) and the slab's length in t.
+template <typename T>
+struct JosephTaps {
+  int64_t index[4];
+  T weight[4];
+  T length;
+  bool hit;
+};
+
+template <typename T>
+CTNERF_HD JosephTaps<T> joseph_taps(const GridView<T>& g, const GridRay<T>& gr, const JosephPlan<T>& p, int64_t k) {
+  JosephTaps<T> j;
+  const T kf = static_cast<T>(k);
+  const T lo = p.lo > kf - T(0.5) ? p.lo : kf - T(0.5);
+  const T hi = p.hi < kf + T(0.5) ? p.hi : kf + T(0.5);
+  j.length = (hi - lo) * p.t_per_index;
+  const T t = p.t_of_plane0 + kf * p.dt_dk;
+  const int b = p.axis == 0 ? 1 : 0, c = p.axis == 2 ? 1 : 2;  // the two in-plane axes, b < c
+  const Lerp<T> u = lerp_weights<T>(gr.start[b] + t * gr.step[b], g.n[b]);
+  const Lerp<T> v = lerp_weights<T>(gr.start[c] + t * gr.step[c], g.n[c]);
+  j.hit = u.hit && v.hit && j.length > T(0);
+  const int64_t base = k * p.stride[p.axis];
+  const int64_t sb = p.stride[b], sc = p.stride[c];
+  j.index[0] = base + v.i0 * sc + u.i0 * sb;
+  j.index[1] = base + v.i0 * sc + u.i1 * sb;
+  j.index[2] = base + v.i1 * sc + u.i0 * sb;
+  j.index[3] = base + v.i1 * sc + u.i1 * sb;
+  j.weight[0] = v.w0 * u.w0;
+  j.weight[1] = v.w0 * u.w1;
+  j.weight[2] = v.w1 * u.w0;
+  j.weight[3] = v.w1 * u.w1;
+  return j;
+}
+
+template <typename T>
+CTNERF_HD T joseph_ray_forward(const GridView<T>& g, const Ray<T>& r) {
+  const GridRay<T> gr = grid_ray(g, r);
+  const JosephPlan<T> p = joseph_plan(g, gr, r);
+  T acc = T(0);
+  for (int64_t k = p.first; k <= p.last; ++k) {
+    const JosephTaps<T> j = joseph_taps(g, gr, p, k);
+    if (!j.hit) continue;
+    T mu = T(0);
+    for (int c = 0; c < 4; ++c) mu += j.weight[c] * g.volume[j.index[c]];
+    acc += j.length * mu;
+  }
+  return acc;
+}
+
+// d(out_ray)/d(volume) of Joseph's rule, scattered with `add(pointer, value)`.
+template <typename T, typename Add>
+CTNERF_HD void joseph_ray_backward(const GridView<T>& g, const Ray<T>& r, T grad_out, T* grad_volume, Add add) {
+  if (grad_out == T(0)) return;
+  const GridRay<T> gr = grid_ray(g, r);
+  const JosephPlan<T> p = joseph_plan(g, gr, r);
+  for (int64_t k = p.first; k <= p.last; ++k) {
+    const JosephTaps<T> j = joseph_taps(g, gr, p, k);
+    if (!j.hit) continue;
+    const T scale = grad_out * j.length;
+    for (int c = 0; c < 4; ++c)
+      if (j.weight[c] != T(0)) add(grad_volume + j.index[c], scale * j.weight[c]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // (b) TensoRF-VM field: three planes, three lines, a linear decoder and softplus
 // ---------------------------------------------------------------------------------------------
 // The kernels read the factors channels-last: planes (3, R, R, C) and lines (3, L, C), so the
