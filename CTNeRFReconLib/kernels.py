@@ -35,7 +35,8 @@ CPU_GRAD_ENV = "CTNERF_CPU_GRAD"
 MODES = ("auto", "cpu", "cuda", "off")
 CPU_GRAD_MODES = {"auto": 0, "buffers": 1, "atomics": 2}
 OPS = ("grid_line_integrals", "grid_line_integrals_backward", "joseph_line_integrals",
-       "joseph_line_integrals_backward", "vm_line_integrals", "vm_line_integrals_backward")
+       "joseph_line_integrals_backward", "tv_l1", "tv_l1_backward", "vm_line_integrals",
+       "vm_line_integrals_backward")
 
 
 class KernelConfigError(ValueError):
@@ -234,7 +235,14 @@ def _register_fakes() -> None:
     def joseph_fake(volume, origin_xyz, spacing_xyz, origins, *rest):
         return volume.new_empty((origins.shape[0],))
 
-    for name, fn in zip(OPS, (grid_fake, grid_bwd_fake, joseph_fake, grid_bwd_fake, vm_fake, vm_bwd_fake)):
+    def tv_fake(volume):
+        return volume.new_empty(())
+
+    def tv_bwd_fake(grad_out, volume):
+        return torch.empty_like(volume, memory_format=torch.contiguous_format)
+
+    fakes = (grid_fake, grid_bwd_fake, joseph_fake, grid_bwd_fake, tv_fake, tv_bwd_fake, vm_fake, vm_bwd_fake)
+    for name, fn in zip(OPS, fakes):
         torch.library.register_fake(f"ctnerf::{name}", fn)
 
 

@@ -81,6 +81,12 @@ inline void check_vm_inputs(const at::Tensor& planes, const at::Tensor& lines, c
   check_rays(planes, origins, dirs, t_near, t_far, n_samples);
 }
 
+inline void check_tv_inputs(const at::Tensor& volume) {
+  check_floating(volume, "volume");
+  TORCH_CHECK(volume.dim() == 3 && volume.numel() > 0, "ctnerf: volume must be a non-empty (Z, Y, X) tensor, got ",
+              volume.sizes());
+}
+
 inline void check_grad_out(const at::Tensor& like, const at::Tensor& grad_out, int64_t n) {
   TORCH_CHECK(grad_out.dim() == 1 && grad_out.size(0) == n, "ctnerf: grad_out must be (", n, ",), got ",
               grad_out.sizes());
@@ -105,6 +111,8 @@ at::Tensor joseph_line_integrals_backward_cpu(const at::Tensor& grad_out, const 
                                               const at::Tensor& origin_xyz, const at::Tensor& spacing_xyz,
                                               const at::Tensor& origins, const at::Tensor& dirs,
                                               const at::Tensor& t_near, const at::Tensor& t_far, int64_t reduce_mode);
+at::Tensor tv_l1_cpu(const at::Tensor& volume);
+at::Tensor tv_l1_backward_cpu(const at::Tensor& grad_out, const at::Tensor& volume);
 at::Tensor vm_line_integrals_cpu(const at::Tensor& planes, const at::Tensor& lines, const at::Tensor& basis,
                                  const at::Tensor& bias, const at::Tensor& box_min, const at::Tensor& box_max,
                                  const at::Tensor& origins, const at::Tensor& dirs, const at::Tensor& t_near,
