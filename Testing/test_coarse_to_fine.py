@@ -25,8 +25,8 @@ def test_level_schedule_boundaries_stay_before_the_refinement_phase():
     assert not LevelSchedule().active and LevelSchedule().level_at(0, 10) == 0
     assert LevelSchedule.relative_cost(1.0) == pytest.approx(1.0)
     # measured on the 25-view abdomen's default grid: a coarse step 113 ms against 237 ms on the full grid
-    # with the stratified rule, 109 against 264 ms with Joseph's (bench_scaling.py's profile)
-    for integrator, measured in (("stratified", 113 / 237), ("joseph", 109 / 264)):
+    # with the stratified rule, 104 against 188 ms with Joseph's (bench_scaling.py's profile)
+    for integrator, measured in (("stratified", 113 / 237), ("joseph", 104 / 188)):
         assert LevelSchedule.relative_cost(2.0, integrator=integrator) == pytest.approx(measured, rel=0.1)
     # the refinement phase runs no generator; half the rays cost less
     assert LevelSchedule.relative_cost(1.0, generator=False) < LevelSchedule.relative_cost(1.0)
@@ -118,5 +118,5 @@ def test_the_cost_model_charges_the_generator_only_in_its_phase():
     coarse, generator_full, refine = cost[50], cost[150], cost[250]
     assert refine == pytest.approx(1.0 - COST_SHARES[cfg.integrator].generator)
     assert generator_full == pytest.approx(1.0)
-    assert 0.40 < coarse < 0.53
+    assert 0.45 < coarse < 0.6
     assert trainer.refine_start == 200 and np.all(cost[200:] == refine)

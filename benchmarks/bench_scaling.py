@@ -82,7 +82,7 @@ def profile_one(case: Path, variant: str, repeats: int, extra: dict | None = Non
     setup_s = round(time.perf_counter() - t0, 2)
     n_rays = min(cfg.rays_end, len(trainer.targets))
     gen = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, len(trainer.targets), (n_rays,), generator=gen)
+    idx = torch.sort(torch.randint(0, len(trainer.targets), (n_rays,), generator=gen)).values  # as step() does
     o, d, tn, tf = (t[idx] for t in trainer.rays)
     full = len(trainer.levels.factors)
     stages = ([("coarse", 0)] if trainer.levels.active else []) + [("full", full), ("refine", full)]

@@ -43,9 +43,9 @@ COST_SHARES = {
     # within 1 %); on the slower machine where Joseph's rule was measured the same step took 441 ms,
     # 294 of them integrating
     "stratified": CostShares(integration=0.61, generator=0.14),
-    # the same profile, Joseph's rule: 115 ms of ray integrals and 45 ms of generator in a 264 ms step
-    # (coarse level 109 ms, predicted 115)
-    "joseph": CostShares(integration=0.435, generator=0.17),
+    # the same profile, Joseph's rule with the batch in storage order and the fused TV: 88 ms of ray
+    # integrals and 41-52 ms of generator in a 188 ms step (coarse level 104 ms, predicted 99)
+    "joseph": CostShares(integration=0.47, generator=0.26),
 }
 
 
