@@ -36,8 +36,13 @@ class NerfConfig:
     detail_grid: bool = True
     """The refinement phase also learns a dense detail grid added to the field (nerf/detail.py):
     the voxel-scale structure a rank-C VM field cannot hold."""
-    detail_lr: float = 0.01
-    """Peak Adam learning rate of the detail grid, as a fraction of the attenuation scale."""
+    detail_lr: float = 0.02
+    """Peak Adam learning rate of the detail grid, as a fraction of the attenuation scale. 0.02 (it was
+    0.01): on the 25-view abdomen's default grid +0.72 dB at `--time-limit 60` (33.87 to 34.59), -0.05 at
+    180 s (35.75 to 35.70, fewer iterations that run), and the same on the 10-view finehead (25.71
+    against 25.72) and the 40-view slab at 60 s (26.95 against 26.93): the detail grid fits sooner where
+    a short budget cuts the run, and the cosine decay settles it in a long one
+    (benchmarks/results/joseph/sweep_*.json)."""
     lr: float = 2e-3
     """Peak Adam learning rate of the generator (direct factors use 10x)."""
     warmup_fraction: float = 0.05
@@ -50,8 +55,8 @@ class NerfConfig:
     """Ray batch at the end of the curriculum (reached at curriculum_fraction)."""
     curriculum_fraction: float = 0.5
     step_voxels: float = 0.8
-    """Mean sample spacing along rays, in training voxels (jittered stratified samples: unbiased at
-    any spacing, noisier when larger). 1.2 gave the same scores on the 25-view abdomen after 800
+    """Mean sample spacing along rays, in training voxels, of the stratified integrator (jittered
+    samples: unbiased at any spacing, noisier when larger). 1.2 gave the same scores on the 25-view abdomen after 800
     iterations (34.81 / 0.904) with a third fewer samples, but lost 0.94 dB on the 10-view `finehead`
     (2-7 mm spheres, 1.5 mm rods) in 150 s despite 20 % more iterations: 0.8 stays."""
     integrator: str = "joseph"
