@@ -1,7 +1,9 @@
-"""Line integrals through a voxel grid or a TensoRF-VM field: fused kernels or the PyTorch path.
+"""Line integrals through a voxel grid or a TensoRF-VM field, and the grid's total variation: fused
+kernels or the PyTorch path.
 
-`grid_line_integrals` and `vm_line_integrals` run the fused kernels (kernels/, see kernels.py)
-when they are built for the tensors' device, and the `*_reference` functions here otherwise.
+`grid_line_integrals`, `joseph_line_integrals`, `vm_line_integrals` and `total_variation` run the
+fused kernels (kernels/, see kernels.py) when they are built for the tensors' device, and the
+`*_reference` functions here otherwise.
 The references are plain torch (grid_sample and elementwise ops, chunked over rays) and define
 the semantics the kernels are tested against:
 
@@ -12,7 +14,11 @@ the semantics the kernels are tested against:
   the voxel centres' hull (grid_sample, zeros padding, align_corners=True);
 * VM: q = 2 (p - box_min) / (box_max - box_min) - 1; features plane x line per mode and channel
   (layout in nerf/field.py), mu = softplus(basis . features + bias);
-* output: sum over samples of mu * dt.
+* output: sum over samples of mu * dt;
+* Joseph (grid, no samples): the ray's major axis a is the one of largest |direction / spacing|;
+  plane k of a contributes the bilinear value where the ray crosses it times the length in t of
+  the slab [k - 1/2, k + 1/2] inside the ray's span along a;
+* TV: for each axis the mean |forward difference|, summed; an axis of length 1 adds 0.
 
 Gradients flow to the volume (grid) and to planes, lines, basis and bias (VM); when rays or
 geometry need gradients the reference path is used, since the kernels do not provide them.
@@ -285,46 +291,6 @@ def joseph_line_integrals(volume: torch.Tensor, origin_xyz, spacing_xyz, origins
     return joseph_line_integrals_reference(volume, origin, spacing, origins, dirs, t_near, t_far)
 
 
-# -- (c) total variation ---------------------------------------------------------------------------
-def total_variation_reference(volume: torch.Tensor) -> torch.Tensor:
-    """PyTorch path of `total_variation`: the sum over axes of the mean |forward difference|."""
-    total = volume.reshape(-1)[0] * 0.0  # a zero that keeps the graph when no axis has differences
-    for dim in range(3):
-        n = volume.shape[dim]
-        if n > 1:
-            total = total + (volume.narrow(dim, 1, n - 1) - volume.narrow(dim, 0, n - 1)).abs().mean()
-    return total
-
-
-class TotalVariation(torch.autograd.Function):
-    """Fused forward and backward of the anisotropic TV (one pass each, no temporaries)."""
-
-    @staticmethod
-    def forward(ctx, volume):
-        ctx.save_for_backward(volume)
-        return torch.ops.ctnerf.tv_l1(volume)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        (volume,) = ctx.saved_tensors
-        return torch.ops.ctnerf.tv_l1_backward(grad_out.contiguous(), volume)
-
-
-def total_variation(volume: torch.Tensor) -> torch.Tensor:
-    """Anisotropic total variation of a (z, y, x) volume: for each axis the mean absolute forward
-    difference, summed (an axis of length 1 adds 0). A 0-dim tensor, differentiable in the volume.
-    Why fused: three differences, their absolute values and the backward's signs are five passes
-    and four temporaries of the volume's size in PyTorch; the kernel reads each voxel's neighbours
-    once (ctnerf_render.h, (c))."""
-    _check_float(volume, "volume")
-    if volume.dim() != 3 or volume.numel() == 0:
-        raise FusedInputError(f"volume must be a non-empty (z, y, x) tensor, got shape {tuple(volume.shape)}")
-    if kernels_available(volume.device):
-        return TotalVariation.apply(volume)
-    return total_variation_reference(volume)
-
-
 # -- (b) TensoRF-VM field -------------------------------------------------------------------------
 # (plane's last axis, plane's first axis, line axis) per mode, as x = 0, y = 1, z = 2
 _VM_AXES = ((0, 1, 2), (0, 2, 1), (1, 2, 0))
@@ -417,3 +383,43 @@ def vm_line_integrals(planes: torch.Tensor, lines: torch.Tensor, basis: torch.Te
                                      int(n_samples), int(jitter_seed))
     return vm_line_integrals_reference(planes, lines, basis, bias, lo, hi, origins, dirs, t_near, t_far,
                                        int(n_samples), int(jitter_seed))
+
+
+# -- (c) total variation ---------------------------------------------------------------------------
+def total_variation_reference(volume: torch.Tensor) -> torch.Tensor:
+    """PyTorch path of `total_variation`: the sum over axes of the mean |forward difference|."""
+    total = volume.reshape(-1)[0] * 0.0  # a zero that keeps the graph when no axis has differences
+    for dim in range(3):
+        n = volume.shape[dim]
+        if n > 1:
+            total = total + (volume.narrow(dim, 1, n - 1) - volume.narrow(dim, 0, n - 1)).abs().mean()
+    return total
+
+
+class TotalVariation(torch.autograd.Function):
+    """Fused forward and backward of the anisotropic TV (one pass each, no temporaries)."""
+
+    @staticmethod
+    def forward(ctx, volume):
+        ctx.save_for_backward(volume)
+        return torch.ops.ctnerf.tv_l1(volume)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (volume,) = ctx.saved_tensors
+        return torch.ops.ctnerf.tv_l1_backward(grad_out.contiguous(), volume)
+
+
+def total_variation(volume: torch.Tensor) -> torch.Tensor:
+    """Anisotropic total variation of a (z, y, x) volume: for each axis the mean absolute forward
+    difference, summed (an axis of length 1 adds 0). A 0-dim tensor, differentiable in the volume.
+    Why fused: three differences, their absolute values and the backward's signs are five passes
+    and four temporaries of the volume's size in PyTorch; the kernel reads each voxel's neighbours
+    once (ctnerf_render.h, (c))."""
+    _check_float(volume, "volume")
+    if volume.dim() != 3 or volume.numel() == 0:
+        raise FusedInputError(f"volume must be a non-empty (z, y, x) tensor, got shape {tuple(volume.shape)}")
+    if kernels_available(volume.device):
+        return TotalVariation.apply(volume)
+    return total_variation_reference(volume)
