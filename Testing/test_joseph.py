@@ -67,11 +67,12 @@ def test_joseph_integrates_a_linear_field_exactly_and_agrees_with_fine_sampling(
     # the x faces of the voxel-centre hull
     n = 50
     g = torch.Generator().manual_seed(3)
-    start = torch.stack([torch.full((n,), -5.0, dtype=torch.float64), 2 + 5 * torch.rand(n, generator=g, dtype=torch.float64),
-                         4 + 10 * torch.rand(n, generator=g, dtype=torch.float64)], 1)
+    f64 = dict(generator=g, dtype=torch.float64)
+    start = torch.stack([torch.full((n,), -5.0, dtype=torch.float64), 2 + 5 * torch.rand(n, **f64),
+                         4 + 10 * torch.rand(n, **f64)], 1)
     d = torch.nn.functional.normalize(torch.stack([torch.ones(n, dtype=torch.float64),
-                                                   0.05 * torch.randn(n, generator=g, dtype=torch.float64),
-                                                   0.05 * torch.randn(n, generator=g, dtype=torch.float64)], 1), dim=1)
+                                                   0.05 * torch.randn(n, **f64), 0.05 * torch.randn(n, **f64)], 1),
+                                      dim=1)
     lo = origin
     hi = origin + spacing * (torch.tensor(shape[::-1], dtype=torch.float64) - 1)
     tn = (lo[0] - start[:, 0]) / d[:, 0]

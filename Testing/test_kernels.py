@@ -410,6 +410,7 @@ def test_tv_matches_reference_values_and_gradients(built, device):
 def test_tv_gradcheck_float64(built):
     vol = torch.rand((3, 4, 5), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     assert torch.autograd.gradcheck(fused.TotalVariation.apply, (vol.requires_grad_(True),))
-    torch.library.opcheck(torch.ops.ctnerf.tv_l1.default, (vol.detach(),), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.ctnerf.tv_l1_backward.default, (torch.tensor(1.0, dtype=torch.float64), vol.detach()),
-                          test_utils=("test_schema", "test_faketensor"))
+    tests = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.ctnerf.tv_l1.default, (vol.detach(),), test_utils=tests)
+    torch.library.opcheck(torch.ops.ctnerf.tv_l1_backward.default,
+                          (torch.tensor(1.0, dtype=torch.float64), vol.detach()), test_utils=tests)
