@@ -109,6 +109,23 @@ def _check_float(t: torch.Tensor, name: str) -> None:
         raise FusedInputError(f"{name} must be float32 or float64, got {t.dtype}")
 
 
+def _check_volume(volume: torch.Tensor) -> None:
+    _check_float(volume, "volume")
+    if volume.dim() != 3 or volume.numel() == 0:
+        raise FusedInputError(f"volume must be a non-empty (z, y, x) tensor, got shape {tuple(volume.shape)}")
+
+
+def _checked_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, n_samples: int):
+    """The checks every grid integral makes before any work; returns origin and spacing as (3,) tensors."""
+    _check_volume(volume)
+    _check_rays(volume, origins, dirs, t_near, t_far, n_samples)
+    origin = _vec3(origin_xyz, volume, "origin_xyz")
+    spacing = _vec3(spacing_xyz, volume, "spacing_xyz")
+    if spacing.device.type == "cpu" and not bool((spacing != 0).all()):  # no GPU sync for the check
+        raise FusedInputError(f"spacing_xyz must be non-zero on every axis, got {spacing.tolist()}")
+    return origin, spacing
+
+
 def _use_kernels(device: torch.device, *no_grad_tensors: torch.Tensor) -> bool:
     if any(t.requires_grad for t in no_grad_tensors) and torch.is_grad_enabled():
         return False
@@ -178,14 +195,7 @@ def grid_line_integrals(volume: torch.Tensor, origin_xyz, spacing_xyz, origins: 
     origin_xyz: world position of voxel (0, 0, 0)'s centre; spacing_xyz: voxel size (x, y, z).
     jitter_seed < 0: midpoint samples; >= 0: jittered by the shared counter-based hash.
     """
-    _check_float(volume, "volume")
-    if volume.dim() != 3 or volume.numel() == 0:
-        raise FusedInputError(f"volume must be a non-empty (z, y, x) tensor, got shape {tuple(volume.shape)}")
-    _check_rays(volume, origins, dirs, t_near, t_far, n_samples)
-    origin = _vec3(origin_xyz, volume, "origin_xyz")
-    spacing = _vec3(spacing_xyz, volume, "spacing_xyz")
-    if spacing.device.type == "cpu" and not bool((spacing != 0).all()):  # no GPU sync for the check
-        raise FusedInputError(f"spacing_xyz must be non-zero on every axis, got {spacing.tolist()}")
+    origin, spacing = _checked_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, n_samples)
     if _use_kernels(volume.device, origin, spacing, origins, dirs, t_near, t_far):
         return GridLineIntegrals.apply(volume, origin, spacing, origins, dirs, t_near, t_far,
                                        int(n_samples), int(jitter_seed))
@@ -278,14 +288,7 @@ def joseph_line_integrals(volume: torch.Tensor, origin_xyz, spacing_xyz, origins
     weighted by the length of that plane's slab inside [t_near, t_far] (ctnerf_render.h, (a')).
     Same geometry arguments as `grid_line_integrals`; no sample count, no jitter.
     """
-    _check_float(volume, "volume")
-    if volume.dim() != 3 or volume.numel() == 0:
-        raise FusedInputError(f"volume must be a non-empty (z, y, x) tensor, got shape {tuple(volume.shape)}")
-    _check_rays(volume, origins, dirs, t_near, t_far, 1)
-    origin = _vec3(origin_xyz, volume, "origin_xyz")
-    spacing = _vec3(spacing_xyz, volume, "spacing_xyz")
-    if spacing.device.type == "cpu" and not bool((spacing != 0).all()):
-        raise FusedInputError(f"spacing_xyz must be non-zero on every axis, got {spacing.tolist()}")
+    origin, spacing = _checked_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, 1)
     if _use_kernels(volume.device, origin, spacing, origins, dirs, t_near, t_far):
         return JosephLineIntegrals.apply(volume, origin, spacing, origins, dirs, t_near, t_far)
     return joseph_line_integrals_reference(volume, origin, spacing, origins, dirs, t_near, t_far)
@@ -417,9 +420,7 @@ def total_variation(volume: torch.Tensor) -> torch.Tensor:
     Why fused: three differences, their absolute values and the backward's signs are five passes
     and four temporaries of the volume's size in PyTorch; the kernel reads each voxel's neighbours
     once (ctnerf_render.h, (c))."""
-    _check_float(volume, "volume")
-    if volume.dim() != 3 or volume.numel() == 0:
-        raise FusedInputError(f"volume must be a non-empty (z, y, x) tensor, got shape {tuple(volume.shape)}")
+    _check_volume(volume)
     if kernels_available(volume.device):
         return TotalVariation.apply(volume)
     return total_variation_reference(volume)

@@ -201,13 +201,9 @@ def main(argv=None):
     ap.add_argument("--score-py", type=Path, default=here.parent / "shared" / "bench" / "score.py")
     ap.add_argument("--out", type=Path, default=here / "bench_results" / "scaling")
     args = ap.parse_args(argv)
-    extra = {}
-    for item in args.setting:
-        key, _, value = item.partition("=")
-        try:
-            extra[key] = json.loads(value)
-        except json.JSONDecodeError:
-            extra[key] = value  # plain text
+    from CTNeRFReconLib.worker import parse_setting_overrides
+
+    extra = parse_setting_overrides(args.setting)  # the command line's own --setting rule
     args.out.mkdir(parents=True, exist_ok=True)
     configs = [(det, args.grid_views) for det in args.dets] + [(args.view_det, v) for v in args.views]
     configs = list(dict.fromkeys(configs))

@@ -44,6 +44,54 @@ struct RayInputs {
   }
 };
 
+// A grid integral's forward, whichever rule: out[i] = per_ray(grid view, ray i, i), rays in parallel.
+template <typename PerRay>
+at::Tensor grid_forward_by_rays(const at::Tensor& volume, const at::Tensor& origin_xyz, const at::Tensor& spacing_xyz,
+                                const RayInputs& rays, int64_t n, const PerRay& per_ray) {
+  const at::Tensor vol = volume.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
+  at::Tensor out = at::empty({n}, volume.options());
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "grid_forward_by_rays", [&] {
+    const GridView<scalar_t> g =
+        make_grid_view(vol.const_data_ptr<scalar_t>(), vol.size(0), vol.size(1), vol.size(2),
+                       org.const_data_ptr<scalar_t>(), spc.const_data_ptr<scalar_t>());
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = per_ray(g, rays.ray<scalar_t>(i), i);
+    });
+  });
+  return out;
+}
+
+// A grid integral's gradient to the volume, whichever rule: per_ray(grid view, ray i, i, grad_out[i],
+// target, add) scatters ray i's share, into one buffer per thread (summed at the end) or with atomics
+// into one (use_buffers). The gradient does not depend on the volume's values, only on its shape.
+template <typename PerRay>
+at::Tensor grid_backward_by_rays(const at::Tensor& grad_out, const at::Tensor& volume, const at::Tensor& origin_xyz,
+                                 const at::Tensor& spacing_xyz, const RayInputs& rays, int64_t n, int64_t reduce_mode,
+                                 const PerRay& per_ray) {
+  const at::Tensor gout = grad_out.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
+  const int64_t numel = volume.numel();
+  const bool buffers = use_buffers(reduce_mode, numel, volume.element_size());
+  const int64_t n_buf = buffers ? at::get_num_threads() : 1;
+  at::Tensor grad = at::zeros({n_buf, volume.size(0), volume.size(1), volume.size(2)}, volume.options());
+  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "grid_backward_by_rays", [&] {
+    const GridView<scalar_t> g = make_grid_view<scalar_t>(nullptr, volume.size(0), volume.size(1), volume.size(2),
+                                                          org.const_data_ptr<scalar_t>(),
+                                                          spc.const_data_ptr<scalar_t>());
+    const scalar_t* go = gout.const_data_ptr<scalar_t>();
+    scalar_t* base = grad.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
+      if (buffers) {
+        scalar_t* mine = base + static_cast<int64_t>(at::get_thread_num()) * numel;
+        for (int64_t i = begin; i < end; ++i) per_ray(g, rays.ray<scalar_t>(i), i, go[i], mine, PlainAdd{});
+      } else {
+        for (int64_t i = begin; i < end; ++i) per_ray(g, rays.ray<scalar_t>(i), i, go[i], base, AtomicAdd{});
+      }
+    });
+  });
+  return n_buf == 1 ? grad[0] : grad.sum(0);
+}
+
 }  // namespace
 
 at::Tensor grid_line_integrals_cpu(const at::Tensor& volume, const at::Tensor& origin_xyz,
@@ -52,20 +100,10 @@ at::Tensor grid_line_integrals_cpu(const at::Tensor& volume, const at::Tensor& o
                                    int64_t jitter_seed) {
   check_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, n_samples);
   TORCH_CHECK(volume.device().is_cpu(), "ctnerf: grid_line_integrals_cpu got a ", volume.device(), " tensor");
-  const at::Tensor vol = volume.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
-  const RayInputs rays(origins, dirs, t_near, t_far);
-  const int64_t n = origins.size(0);
-  at::Tensor out = at::empty({n}, volume.options());
-  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "grid_line_integrals_cpu", [&] {
-    const GridView<scalar_t> g =
-        make_grid_view(vol.const_data_ptr<scalar_t>(), vol.size(0), vol.size(1), vol.size(2),
-                       org.const_data_ptr<scalar_t>(), spc.const_data_ptr<scalar_t>());
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) o[i] = grid_ray_forward(g, rays.ray<scalar_t>(i), n_samples, jitter_seed, i);
-    });
-  });
-  return out;
+  return grid_forward_by_rays(volume, origin_xyz, spacing_xyz, RayInputs(origins, dirs, t_near, t_far), origins.size(0),
+                              [&](const auto& g, const auto& ray, int64_t i) {
+                                return grid_ray_forward(g, ray, n_samples, jitter_seed, i);
+                              });
 }
 
 at::Tensor grid_line_integrals_backward_cpu(const at::Tensor& grad_out, const at::Tensor& volume,
@@ -76,31 +114,11 @@ at::Tensor grid_line_integrals_backward_cpu(const at::Tensor& grad_out, const at
   check_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, n_samples);
   const int64_t n = origins.size(0);
   check_grad_out(volume, grad_out, n);
-  const at::Tensor gout = grad_out.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
-  const RayInputs rays(origins, dirs, t_near, t_far);
-  const int64_t numel = volume.numel();
-  const bool buffers = use_buffers(reduce_mode, numel, volume.element_size());
-  const int64_t n_buf = buffers ? at::get_num_threads() : 1;
-  at::Tensor grad = at::zeros({n_buf, volume.size(0), volume.size(1), volume.size(2)}, volume.options());
-  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "grid_line_integrals_backward_cpu", [&] {
-    // the gradient does not depend on the volume's values, only on its shape
-    const GridView<scalar_t> g = make_grid_view<scalar_t>(nullptr, volume.size(0), volume.size(1), volume.size(2),
-                                                          org.const_data_ptr<scalar_t>(),
-                                                          spc.const_data_ptr<scalar_t>());
-    const scalar_t* go = gout.const_data_ptr<scalar_t>();
-    scalar_t* base = grad.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
-      if (buffers) {
-        scalar_t* mine = base + static_cast<int64_t>(at::get_thread_num()) * numel;
-        for (int64_t i = begin; i < end; ++i)
-          grid_ray_backward(g, rays.ray<scalar_t>(i), n_samples, jitter_seed, i, go[i], mine, PlainAdd{});
-      } else {
-        for (int64_t i = begin; i < end; ++i)
-          grid_ray_backward(g, rays.ray<scalar_t>(i), n_samples, jitter_seed, i, go[i], base, AtomicAdd{});
-      }
-    });
-  });
-  return n_buf == 1 ? grad[0] : grad.sum(0);
+  return grid_backward_by_rays(
+      grad_out, volume, origin_xyz, spacing_xyz, RayInputs(origins, dirs, t_near, t_far), n, reduce_mode,
+      [&](const auto& g, const auto& ray, int64_t i, auto go, auto* target, auto add) {
+        grid_ray_backward(g, ray, n_samples, jitter_seed, i, go, target, add);
+      });
 }
 
 at::Tensor joseph_line_integrals_cpu(const at::Tensor& volume, const at::Tensor& origin_xyz,
@@ -108,20 +126,8 @@ at::Tensor joseph_line_integrals_cpu(const at::Tensor& volume, const at::Tensor&
                                      const at::Tensor& t_near, const at::Tensor& t_far) {
   check_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, 1);
   TORCH_CHECK(volume.device().is_cpu(), "ctnerf: joseph_line_integrals_cpu got a ", volume.device(), " tensor");
-  const at::Tensor vol = volume.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
-  const RayInputs rays(origins, dirs, t_near, t_far);
-  const int64_t n = origins.size(0);
-  at::Tensor out = at::empty({n}, volume.options());
-  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "joseph_line_integrals_cpu", [&] {
-    const GridView<scalar_t> g =
-        make_grid_view(vol.const_data_ptr<scalar_t>(), vol.size(0), vol.size(1), vol.size(2),
-                       org.const_data_ptr<scalar_t>(), spc.const_data_ptr<scalar_t>());
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) o[i] = joseph_ray_forward(g, rays.ray<scalar_t>(i));
-    });
-  });
-  return out;
+  return grid_forward_by_rays(volume, origin_xyz, spacing_xyz, RayInputs(origins, dirs, t_near, t_far), origins.size(0),
+                              [](const auto& g, const auto& ray, int64_t) { return joseph_ray_forward(g, ray); });
 }
 
 at::Tensor joseph_line_integrals_backward_cpu(const at::Tensor& grad_out, const at::Tensor& volume,
@@ -131,28 +137,11 @@ at::Tensor joseph_line_integrals_backward_cpu(const at::Tensor& grad_out, const 
   check_grid_inputs(volume, origin_xyz, spacing_xyz, origins, dirs, t_near, t_far, 1);
   const int64_t n = origins.size(0);
   check_grad_out(volume, grad_out, n);
-  const at::Tensor gout = grad_out.contiguous(), org = origin_xyz.contiguous(), spc = spacing_xyz.contiguous();
-  const RayInputs rays(origins, dirs, t_near, t_far);
-  const int64_t numel = volume.numel();
-  const bool buffers = use_buffers(reduce_mode, numel, volume.element_size());
-  const int64_t n_buf = buffers ? at::get_num_threads() : 1;
-  at::Tensor grad = at::zeros({n_buf, volume.size(0), volume.size(1), volume.size(2)}, volume.options());
-  AT_DISPATCH_FLOATING_TYPES(volume.scalar_type(), "joseph_line_integrals_backward_cpu", [&] {
-    const GridView<scalar_t> g = make_grid_view<scalar_t>(nullptr, volume.size(0), volume.size(1), volume.size(2),
-                                                          org.const_data_ptr<scalar_t>(),
-                                                          spc.const_data_ptr<scalar_t>());
-    const scalar_t* go = gout.const_data_ptr<scalar_t>();
-    scalar_t* base = grad.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, kRayGrain, [&](int64_t begin, int64_t end) {
-      if (buffers) {
-        scalar_t* mine = base + static_cast<int64_t>(at::get_thread_num()) * numel;
-        for (int64_t i = begin; i < end; ++i) joseph_ray_backward(g, rays.ray<scalar_t>(i), go[i], mine, PlainAdd{});
-      } else {
-        for (int64_t i = begin; i < end; ++i) joseph_ray_backward(g, rays.ray<scalar_t>(i), go[i], base, AtomicAdd{});
-      }
-    });
-  });
-  return n_buf == 1 ? grad[0] : grad.sum(0);
+  return grid_backward_by_rays(
+      grad_out, volume, origin_xyz, spacing_xyz, RayInputs(origins, dirs, t_near, t_far), n, reduce_mode,
+      [](const auto& g, const auto& ray, int64_t, auto go, auto* target, auto add) {
+        joseph_ray_backward(g, ray, go, target, add);
+      });
 }
 
 at::Tensor tv_l1_cpu(const at::Tensor& volume) {
