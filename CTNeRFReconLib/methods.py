@@ -67,6 +67,19 @@ def register(name: str):
     return deco
 
 
+BUILTIN_METHODS = ("fdk", "nerf")
+"""The methods this package ships; their modules (and torch) load only when one is asked for."""
+
+
+def check_method_name(name: str) -> str:
+    """`name` when it is a method (built in or registered), else ValueError listing them, without
+    importing any method: the command line refuses a bad option in a fraction of a second."""
+    known = sorted(set(BUILTIN_METHODS) | set(_REGISTRY))
+    if name not in known:
+        raise ValueError(f"unknown method '{name}'; choose one of: {', '.join(known)}")
+    return name
+
+
 def get_method(name: str) -> Method:
     _load_builtin_methods()
     if name not in _REGISTRY:
@@ -80,10 +93,6 @@ def method_names() -> list[str]:
 
 
 def _load_builtin_methods():
-    # imported lazily so that `info` and the Slicer bridge stay light
+    # imported lazily so that `info`, the option checks and the Slicer bridge stay light
     from . import fdk  # noqa: F401
-    try:
-        from . import nerf  # noqa: F401
-    except ImportError as exc:  # pragma: no cover - only while nerf is being built
-        if "nerf" not in str(exc):
-            raise
+    from .nerf import method  # noqa: F401

@@ -28,7 +28,7 @@ from . import __version__
 from .data import ScanData, Volume
 from .events import EventWriter, ExitCode, FailureKind, stdout_wants_events
 from .geometry import VolumeGrid
-from .methods import RunContext, get_method, method_names
+from .methods import RunContext, check_method_name, get_method
 from .phantom import MU_WATER
 from .rundir import RunFolder
 from .volume_io import atomic_write, resample_to_grid, write_volume
@@ -92,8 +92,7 @@ class ReconstructOptions:
 
 
 def default_method() -> str:
-    names = method_names()
-    return "nerf" if "nerf" in names else "fdk"
+    return "nerf"
 
 
 def method_settings(opts: ReconstructOptions) -> dict:
@@ -322,8 +321,9 @@ def prepare(opts: ReconstructOptions) -> Prepared:
     from .fov import default_grid
     from .reference import load_reference
 
-    name = opts.method or default_method()
-    method = get_method(name)
+    # every check of the options first, before the method's modules (and torch) load: a typo is
+    # refused in a fraction of a second
+    name = check_method_name(opts.method or default_method())
     if opts.preset not in PRESETS:
         raise ValueError(f"preset '{opts.preset}' unknown; use one of {', '.join(PRESETS)}")
     if opts.iterations is not None and opts.iterations < 1:
@@ -359,6 +359,7 @@ def prepare(opts: ReconstructOptions) -> Prepared:
         from .fdk import FDKConfig
 
         FDKConfig(**{k: v for k, v in (("filter", opts.fdk_filter), ("cutoff", opts.fdk_cutoff)) if v is not None})
+    method = get_method(name)
     device = resolve_device(opts.device)
     scan = load_scan(Path(opts.data), projections=None if opts.projections is None else Path(opts.projections))
     reference, reference_info = None, None

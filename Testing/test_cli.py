@@ -75,6 +75,27 @@ def test_simulate_then_info(tmp_path):
     assert info["angles_deg"] == pytest.approx([0.0, 315.0])
 
 
+def test_bad_options_are_refused_before_torch_loads(case, tmp_path):
+    """The option checks run before the methods' modules (and torch, ~3 s) are imported: a typo costs
+    the user a fraction of a second, and the refusal is the same lone `failed` event."""
+    import subprocess
+    import sys
+
+    from worker_case import REPO, cli_env
+
+    probe = ("import sys; from CTNeRFReconLib.cli import main; code = main(sys.argv[1:]); "
+             "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded', file=sys.stderr); "
+             "sys.exit(code)")
+    for args in (["--setting", "no_such_field=1"], ["--method", "no_such_method"],
+                 ["--method", "fdk", "--tv-weight", "0.1"], ["--preset", "fastest"], ["--iterations", "0"]):
+        res = subprocess.run([sys.executable, "-c", probe, "reconstruct", str(case), "--out",
+                              str(tmp_path / "refused"), *args], cwd=REPO, env=cli_env(), capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == ExitCode.BAD_INPUT, (args, res.stderr)
+        assert "torch not loaded" in res.stderr, (args, res.stderr)
+        assert not (tmp_path / "refused" / "volume.nrrd").exists()
+
+
 def test_nerf_settings_from_the_command_line_are_checked_before_any_work(case, tmp_path):
     """--setting NAME=VALUE, --no-prior and --no-coarse-to-fine reach the nerf configuration; a bad one
     is refused (exit 2) with the flag and the fix, and no run folder is written."""

@@ -38,8 +38,9 @@ def find_nvcc(explicit: str | None = None) -> str | None:
     return shutil.which("nvcc")
 
 
-def nvcc_command(nvcc: str, source: Path, output: Path, archs) -> list[str]:
-    """The compile line: torch's include dirs and nvcc flags, the kernels' headers, the archs."""
+def nvcc_command(nvcc: str, source: Path, output: Path, archs, threads: int = 1) -> list[str]:
+    """The compile line: torch's include dirs and nvcc flags, the kernels' headers, the archs (with
+    `threads` > 1 nvcc compiles them in parallel, its --threads)."""
     import torch
     from torch.utils import cpp_extension
 
@@ -51,6 +52,8 @@ def nvcc_command(nvcc: str, source: Path, output: Path, archs) -> list[str]:
            "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=ctnerf_kernels_cuda",
            f"-I{HERE / 'include'}", "-isystem", str(cuda_inc)]
     cmd += [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    if threads > 1:
+        cmd += ["--threads", str(threads)]
     cmd += list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
     for inc in cpp_extension.include_paths():
         cmd += ["-isystem", inc]
@@ -59,10 +62,10 @@ def nvcc_command(nvcc: str, source: Path, output: Path, archs) -> list[str]:
     return cmd
 
 
-def compile_one(nvcc: str, source: Path, archs, workdir: Path) -> tuple[str, bool, str, float]:
+def compile_one(nvcc: str, source: Path, archs, workdir: Path, threads: int = 1) -> tuple[str, bool, str, float]:
     out = workdir / f"{source.stem}.o"
     start = time.perf_counter()
-    proc = subprocess.run(nvcc_command(nvcc, source, out, archs), capture_output=True, text=True)
+    proc = subprocess.run(nvcc_command(nvcc, source, out, archs, threads), capture_output=True, text=True)
     label = f"{source.relative_to(HERE.parent)} " + " ".join(f"sm_{a}" for a in archs)
     return label, proc.returncode == 0, (proc.stdout + proc.stderr).strip(), time.perf_counter() - start
 
@@ -84,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     archs = args.arch or list(DEFAULT_ARCHS)
     failed = 0
+    # the jobs' share of the cores goes to nvcc's per-architecture threads (one source today)
+    threads = max(1, min(len(archs), args.jobs // len(sources)))
     with tempfile.TemporaryDirectory(prefix="ctnerf_nvcc_") as tmp, ThreadPoolExecutor(args.jobs) as pool:
-        jobs = [pool.submit(compile_one, nvcc, s, archs, Path(tmp)) for s in sources]
+        jobs = [pool.submit(compile_one, nvcc, s, archs, Path(tmp), threads) for s in sources]
         for job in jobs:
             label, ok, log, secs = job.result()
             print(f"{'ok  ' if ok else 'FAIL'} {label} ({secs:.0f} s)")
