@@ -83,3 +83,38 @@ def test_tv_weight_grows_with_noise_and_with_fewer_rays(clean):
     assert 0 < exact.tv_weight < 0.5 * quiet.tv_weight
     # an explicit weight is used as given
     assert _trainer(scan, ref.grid, tv_weight=0.05).tv_weight == 0.05
+
+
+def test_pwls_weights_follow_the_photon_noise_law(clean, fine):
+    """ray_weighting 'poisson': each ray weighs the inverse of its line integral's variance, exp(p) / I0
+    (Poisson counts, log-transformed) plus the model error; uniform where the data show no noise law."""
+    thin, ref = clean
+    # 4x the phantom's attenuation: line integrals up to ~2.8, rays 16x noisier than air
+    scan = ScanData(thin.projections * 4.0, thin.geometry, "synthetic", "<dense phantom>")
+    i0 = 2e4
+    exact = _trainer(scan, ref.grid, ray_weighting="uniform")
+    assert exact.ray_weights is None  # least squares: every ray alike
+    noisy = _trainer(_with_photons(scan, i0), ref.grid)  # the default
+    p = exact.targets.double()  # the same rays in the same order, without the noise
+    cfg = NerfConfig()
+    truth = 1.0 / (p.exp() / i0 + cfg.model_error ** 2 * noisy.target_power)
+    w = noisy.ray_weights.double()
+    assert p.max() > 2.5  # thick rays are there to be down-weighted
+    # the weights' law is the truth's up to a constant, to the noise of the estimate of 1 / I0
+    ratio = w / truth
+    assert float(ratio.std() / ratio.mean()) < 0.1, float(ratio.std() / ratio.mean())
+    assert float(w[p > 2.0].mean() / w[p < 0.05].mean()) < 0.3
+    # scaled by the mean variance: the data term is the MAP one the TV weight was derived against
+    variance = 1.0 / truth
+    assert float((w * variance).mean()) == pytest.approx(float(variance.mean()), rel=0.1)
+    mean_one = _trainer(_with_photons(scan, i0), ref.grid, ray_weighting="poisson-mean1")
+    assert float(mean_one.ray_weights.mean()) == pytest.approx(1.0, rel=1e-5)
+    # exact projections: no photon noise to weigh, only the model error, the same for every ray
+    flat = _trainer(scan, ref.grid, ray_weighting="poisson").ray_weights
+    assert float(flat.max() / flat.min()) < 1.02
+    # no air in any view (an offset flat field, a truncated scan): no noise law, so least squares
+    offset = ScanData(fine[0].projections + 1.0, fine[0].geometry, "synthetic", "<offset>")
+    no_air = _trainer(_with_noise(offset, 0.03), fine[1].grid, ray_weighting="poisson")
+    assert no_air.ray_weights is None and no_air.ctx.report["data_term"]["weighting"] == "uniform"
+    assert "no air" in no_air.ctx.report["data_term"]["reason"]  # run.json says why
+    assert noisy.ctx.report["data_term"]["weighting"] == "poisson"

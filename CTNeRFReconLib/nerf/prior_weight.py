@@ -32,6 +32,7 @@ truncated field of view) the estimator runs over every pixel whose rays cross th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -65,19 +66,51 @@ def air_pixels(view: np.ndarray, threshold: float) -> np.ndarray:
 def projection_noise_variance(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
                               min_air_pixels: int = 1000) -> float:
     """Mean noise variance of the line integrals (views, rows, cols) over the pixels whose ray crosses
-    the volume (`hit`, same shape). Up to `max_views` evenly spaced views are examined (the noise law
-    is the same in every view; this bounds time and memory on large scans). 0.0 when nothing is usable."""
+    the volume (`hit`, same shape). 0.0 when nothing is usable. See `noise_law`."""
+    return noise_law(projections, hit, max_views, min_air_pixels).mean_variance
+
+
+@dataclass(frozen=True)
+class NoiseLaw:
+    """What the projections say about their own noise."""
+
+    mean_variance: float
+    """Mean noise variance of the line integrals over the rays that cross the volume (the TV weight's
+    sigma^2); 0.0 when nothing is usable."""
+    air_variance: float | None
+    """Their variance in air (1 / I0 for Poisson counts), or None when too few pixels lie in air (a
+    truncated field of view, an offset flat field): then no per-ray law is known."""
+
+
+def noise_law(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
+              min_air_pixels: int = 1000) -> NoiseLaw:
+    """The noise of the line integrals (views, rows, cols), from up to `max_views` evenly spaced views
+    (the noise law is the same in every view; this bounds time and memory on large scans), over the
+    pixels whose ray crosses the volume (`hit`, same shape)."""
     pick = np.unique(np.linspace(0, len(projections) - 1, min(max_views, len(projections))).round().astype(int))
     views, masks = np.asarray(projections[pick], dtype=np.float32), np.asarray(hit[pick], dtype=bool)
     if not masks.any():
-        return 0.0
+        return NoiseLaw(0.0, None)
     crossing = views[masks].astype(np.float64)
     threshold = 0.01 * float(np.percentile(crossing, 99))
     air = np.stack([air_pixels(v, threshold) for v in views])
     air_variance, n_air = immerkaer_variance(views, air)
     if n_air >= min_air_pixels:
-        return air_variance * float(np.exp(crossing).mean())
-    return immerkaer_variance(views, masks)[0]
+        return NoiseLaw(air_variance * float(np.exp(crossing).mean()), air_variance)
+    return NoiseLaw(immerkaer_variance(views, masks)[0], None)
+
+
+def poisson_ray_weights(targets, air_variance: float, model_error: float, target_power: float,
+                        normalise: str = "mean-variance"):
+    """Per-ray weights of a penalised weighted least-squares data term (PWLS, docs/nerf.md): the inverse of
+    each line integral's variance, air_variance * exp(p) (Poisson counts, log-transformed) plus the model
+    error epsilon^2 P. 'mean-variance' scales them by the mean variance (the s^2 of the TV weight), so
+    the data term is the MAP one the TV weight was derived against; 'mean-one' to a mean of 1. Works on
+    numpy arrays and torch tensors alike."""
+    exp = np.exp if isinstance(targets, np.ndarray) else (lambda t: t.exp())
+    variance = air_variance * exp(targets.clip(0.0, 30.0)) + model_error ** 2 * target_power
+    weights = 1.0 / variance
+    return weights * variance.mean() if normalise == "mean-variance" else weights / weights.mean()
 
 
 def tv_weight_from_data(strength: float, model_error: float, noise_variance: float, n_voxels: int,

@@ -28,7 +28,7 @@ from .detail import DetailGrid
 from .field import VMField
 from .generator import DirectFactors, FactorGenerator
 from .levels import LevelSchedule
-from .prior_weight import projection_noise_variance, tv_weight_from_data
+from .prior_weight import NoiseLaw, noise_law, poisson_ray_weights, tv_weight_from_data
 
 
 class _BatchTooLarge(RuntimeError):
@@ -197,7 +197,10 @@ class NerfTrainer:
         elif scan.validation is not None:
             self.val = self._rays_for(scan.validation, np.arange(scan.validation.n_views))[:2]
         self.target_power = float((self.targets ** 2).mean()) + 1e-12
-        self.noise_variance = projection_noise_variance(proj if len(hold) == 0 else proj[train_views], hit)
+        noise = noise_law(proj if len(hold) == 0 else proj[train_views], hit)
+        self.noise_variance = noise.mean_variance
+        self.ray_weights = self._ray_weights(noise)
+        """Per-ray weights of the data term (None: least squares, every ray alike)."""
         self.tv_weight = cfg.tv_weight
         """The TV weight in use: the configured one, else derived from the noise and the sampling."""
         if self.tv_weight is None:
@@ -216,6 +219,21 @@ class NerfTrainer:
         self.state = TrainState(rays_per_batch=min(cfg.rays_start, len(self.targets)))
         self.fdk_volume = fdk_volume
         self._kernel = _pick_integrator(self.device, cfg.use_kernels)
+
+    def _ray_weights(self, noise: NoiseLaw):
+        """PWLS weights of the training rays, or None (least squares: asked for, or no air in the views to
+        fix the noise law); what was used goes into run.json."""
+        mode = self.cfg.ray_weighting
+        if mode == "uniform" or noise.air_variance is None:
+            why = "asked for (ray_weighting uniform)" if mode == "uniform" else "no air in the views to measure the noise law"
+            self.ctx.report["data_term"] = {"weighting": "uniform", "reason": why}
+            return None
+        weights = poisson_ray_weights(self.targets, noise.air_variance, self.cfg.model_error, self.target_power,
+                                      "mean-one" if mode == "poisson-mean1" else "mean-variance")
+        self.ctx.report["data_term"] = {"weighting": mode, "air_noise_variance": noise.air_variance,
+                                        "weights_min": float(weights.min()), "weights_max": float(weights.max()),
+                                        "weights_mean": float(weights.mean())}
+        return weights
 
     def _report_support(self, out_grid: VolumeGrid):
         """Into ctx.report (run.json) and one line for the user: what carving found, or why nothing."""
@@ -447,14 +465,18 @@ class NerfTrainer:
             g["lr"] = base * self.lr_factor(it)
         vol = self._training_volume()
         pred = self.integrate(vol, o, d, tn, tf, jitter_seed=self.ctx.seed * 7_000_003 + it)
-        data = ((pred - meas) ** 2).mean()
+        if self.ray_weights is None:
+            data = ((pred - meas) ** 2).mean()
+        else:
+            data = (self.ray_weights[idx] * (pred - meas) ** 2).mean()
         loss = data / self.target_power
         if self.tv_weight > 0:
             loss = loss + self.tv_weight * _tv(vol, fused_kernel=self._kernel is not None) / self.field.mu_scale
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        psnr = 10 * math.log10(self.target_peak ** 2 / max(data.item(), 1e-20))
+        mse = data.item() if self.ray_weights is None else float(((pred.detach() - meas) ** 2).mean())
+        psnr = 10 * math.log10(self.target_peak ** 2 / max(mse, 1e-20))
         return loss.item(), psnr
 
     def integrate(self, vol, o, d, tn, tf, jitter_seed: int = -1):
