@@ -30,7 +30,7 @@ def estimate(scan, out_grid, settings: dict, device: str) -> dict:
     n_samples = math.ceil(math.sqrt(3.0) * max(tgrid.shape_xyz) / max(cfg.step_voxels, 1e-3))
     per_sample = 8 if cfg.use_kernels else 96
     parts = {
-        "rays": rays * 9 * 4,
+        "rays": rays * 10 * 4,  # origin, direction, near, far, target, PWLS weight
         "training_grid": voxels * 16 * 4,
         "factors": (3 * cfg.channels * res * res + 3 * cfg.channels * res) * 4 * 4
                    + (3 * cfg.generator_width * res * res * 6 * 4 * 2 if cfg.use_generator else 0),
