@@ -101,16 +101,15 @@ def noise_law(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
 
 
 def poisson_ray_weights(targets, air_variance: float, model_error: float, target_power: float,
-                        normalise: str = "mean-variance"):
-    """Per-ray weights of a penalised weighted least-squares data term (PWLS, docs/nerf.md): the inverse of
-    each line integral's variance, air_variance * exp(p) (Poisson counts, log-transformed) plus the model
-    error epsilon^2 P. 'mean-variance' scales them by the mean variance (the s^2 of the TV weight), so
-    the data term is the MAP one the TV weight was derived against; 'mean-one' to a mean of 1. Works on
-    numpy arrays and torch tensors alike."""
-    exp = np.exp if isinstance(targets, np.ndarray) else (lambda t: t.exp())
-    variance = air_variance * exp(targets.clip(0.0, 30.0)) + model_error ** 2 * target_power
+                        mean_one: bool = False):
+    """Per-ray weights (a tensor like `targets`) of a penalised weighted least-squares data term (PWLS,
+    docs/nerf.md): the inverse of each line integral's variance, air_variance * exp(p) (Poisson counts,
+    log-transformed) plus the model error epsilon^2 P. Scaled by the mean variance (the s^2 of the TV
+    weight), so the data term is the MAP one the TV weight was derived against; `mean_one`: to a mean
+    of 1 instead."""
+    variance = air_variance * targets.clamp(0.0, 30.0).exp() + model_error ** 2 * target_power
     weights = 1.0 / variance
-    return weights * variance.mean() if normalise == "mean-variance" else weights / weights.mean()
+    return weights / weights.mean() if mean_one else weights * variance.mean()
 
 
 def tv_weight_from_data(strength: float, model_error: float, noise_variance: float, n_voxels: int,

@@ -225,11 +225,12 @@ class NerfTrainer:
         fix the noise law); what was used goes into run.json."""
         mode = self.cfg.ray_weighting
         if mode == "uniform" or noise.air_variance is None:
-            why = "asked for (ray_weighting uniform)" if mode == "uniform" else "no air in the views to measure the noise law"
+            why = ("asked for (ray_weighting uniform)" if mode == "uniform"
+                   else "no air in the views to measure the noise law")
             self.ctx.report["data_term"] = {"weighting": "uniform", "reason": why}
             return None
         weights = poisson_ray_weights(self.targets, noise.air_variance, self.cfg.model_error, self.target_power,
-                                      "mean-one" if mode == "poisson-mean1" else "mean-variance")
+                                      mean_one=mode == "poisson-mean1")
         self.ctx.report["data_term"] = {"weighting": mode, "air_noise_variance": noise.air_variance,
                                         "weights_min": float(weights.min()), "weights_max": float(weights.max()),
                                         "weights_mean": float(weights.mean())}
