@@ -195,7 +195,9 @@ def loss_png(progress: list[dict], path) -> Path | None:
         ax2 = ax.twinx()
         ax2.plot(it, psnr, color="tab:orange", label="projection PSNR")
         ax2.set_ylabel("projection PSNR (dB)", color="tab:orange")
-    fig.tight_layout()
+    # fixed margins that hold the twin axes' labels: tight_layout measured every text and took 0.4 s of
+    # each run's end
+    fig.subplots_adjust(left=0.17, right=0.86, bottom=0.14, top=0.96)
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     return Path(path)

@@ -1,5 +1,7 @@
 """A run folder's checkpoint can never run code, and a checkpoint that cannot be resumed is refused
-before any work: through the real command line, the folder left as it was.
+before any work: through the real command line, the folder left as it was. The runs are subprocesses;
+the refusals call the command line's `main` in this process (worker_case.run_cli_here), which is the
+same code without a new interpreter's torch import.
 
 Every refusal is a lone `failed` event of kind bad_input (exit code 2) whose message names the
 checkpoint, the field and the fix; a good checkpoint still resumes.
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from CTNeRFReconLib.events import ExitCode
-from worker_case import parse_events, run_cli, write_small_case
+from worker_case import parse_events, run_cli, run_cli_here, write_small_case
 
 FAST = ("--method", "nerf", "--preset", "preview", "--snapshot-every", "10", "--device", "cpu")
 
@@ -45,7 +47,7 @@ def _state(folder: Path) -> dict:
 def _refused(case, run: Path, field: str, *extra, words: str = "") -> dict:
     """--resume is refused naming checkpoint.pt and `field`; nothing but one events line changes."""
     before = _state(run)
-    res = run_cli("reconstruct", case, "--out", run, "--resume", "--iterations", "30", *FAST, *extra)
+    res = run_cli_here("reconstruct", case, "--out", run, "--resume", "--iterations", "30", *FAST, *extra)
     assert res.returncode == ExitCode.BAD_INPUT, (res.returncode, res.stderr)
     assert "Traceback" not in res.stderr and "internal" not in res.stderr
     events = parse_events(res.stdout)
@@ -132,8 +134,8 @@ def test_checkpoints_for_other_data_grid_or_settings_are_refused(base, tmp_path)
     _refused(case, _copy(good, tmp_path / "grid"), "grid", "--grid-size", "24", "24", "24", words="training grid")
     run = _copy(good, tmp_path / "cfg")
     before = _state(run)
-    res = run_cli("reconstruct", case, "--out", run, "--resume", "--iterations", "30", "--method", "nerf",
-                  "--preset", "standard", "--device", "cpu")
+    res = run_cli_here("reconstruct", case, "--out", run, "--resume", "--iterations", "30", "--method", "nerf",
+                       "--preset", "standard", "--device", "cpu")
     ev = parse_events(res.stdout)[-1]
     assert res.returncode == ExitCode.BAD_INPUT and ev["kind"] == "bad_input"
     assert f"{run / 'checkpoint.pt'}: field 'config': " in ev["message"] and "channels" in ev["message"]

@@ -29,6 +29,27 @@ def run_cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+def run_cli_here(*args) -> subprocess.CompletedProcess:
+    """The command line's own `main` in this process, stdout and stderr captured: what `run_cli` gives
+    for a run refused before any work, without a new interpreter importing torch (2-3 s each).
+
+    For refusals only: they exercise the same parsing, checks and events as a subprocess and leave no
+    state behind (the signal handlers are restored, the folder's lock released). Whatever is about the
+    process itself (exit on a signal, a kill, stdout holding only JSON lines with warnings on) runs
+    through `run_cli`.
+    """
+    import contextlib
+    import io
+
+    from CTNeRFReconLib.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return subprocess.CompletedProcess(cli_command(*argv), int(code), out.getvalue(), err.getvalue())
+
+
 def popen_cli(*args) -> subprocess.Popen:
     return subprocess.Popen(cli_command(*args), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, bufsize=1)

@@ -3,7 +3,16 @@
 // the entry points, so both devices refuse exactly the same inputs with the same messages.
 #pragma once
 
-#include <ATen/ATen.h>
+// Per-operator headers instead of <ATen/ATen.h>, as PyTorch's own kernels include them: the tensor
+// class, the dtype dispatch and the four factory functions used here. The CUDA source's headers are
+// a third less to parse (about 240 000 preprocessed lines instead of 340 000): the nvcc check of the
+// CI went from 44 to 36 s on two busy cores, and a build on a GPU machine parses the same headers.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 
 #include <tuple>
 
