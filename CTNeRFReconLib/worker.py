@@ -359,8 +359,8 @@ def prepare(opts: ReconstructOptions) -> Prepared:
         from .fdk import FDKConfig
 
         FDKConfig(**{k: v for k, v in (("filter", opts.fdk_filter), ("cutoff", opts.fdk_cutoff)) if v is not None})
-    method = get_method(name)
-    device = resolve_device(opts.device)
+    # then the data, the reference and the grid, still before torch loads: a broken file is refused in
+    # about a second (reading it), not after the method's imports
     scan = load_scan(Path(opts.data), projections=None if opts.projections is None else Path(opts.projections))
     reference, reference_info = None, None
     if opts.reference is not None:
@@ -380,6 +380,8 @@ def prepare(opts: ReconstructOptions) -> Prepared:
     grid = adjust_grid(grid, opts.grid_spacing, opts.grid_size)
     check_output_grid(scan, grid, grid_source, opts)
     check_memory(grid)
+    method = get_method(name)
+    device = resolve_device(opts.device)
     settings = method_settings(opts)
     method_memory = getattr(method, "check_memory", None)
     if method_memory is not None:  # the method's own estimate (rays, training grid, batch) against RAM / GPU

@@ -75,24 +75,37 @@ def test_simulate_then_info(tmp_path):
     assert info["angles_deg"] == pytest.approx([0.0, 315.0])
 
 
-def test_bad_options_are_refused_before_torch_loads(case, tmp_path):
-    """The option checks run before the methods' modules (and torch, ~3 s) are imported: a typo costs
-    the user a fraction of a second, and the refusal is the same lone `failed` event."""
+def test_bad_options_and_data_are_refused_before_torch_loads(case, tmp_path):
+    """The option checks, then the data, reference and grid checks, run before the methods' modules (and
+    torch, ~2-3 s) are imported: a typo or a broken file costs the user a second at most, and the
+    refusal is the same lone `failed` event."""
+    import shutil
     import subprocess
     import sys
 
-    from worker_case import REPO, cli_env
+    import numpy as np
 
+    from worker_case import REPO, cli_env, write_with_bad_voxel
+
+    broken = tmp_path / "broken_case"
+    shutil.copytree(case, broken)
+    write_with_bad_voxel(case / "projections.mha", broken / "projections.mha", (3, 10, 10), np.nan)
     probe = ("import sys; from CTNeRFReconLib.cli import main; code = main(sys.argv[1:]); "
              "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded', file=sys.stderr); "
              "sys.exit(code)")
-    for args in (["--setting", "no_such_field=1"], ["--method", "no_such_method"],
-                 ["--method", "fdk", "--tv-weight", "0.1"], ["--preset", "fastest"], ["--iterations", "0"]):
-        res = subprocess.run([sys.executable, "-c", probe, "reconstruct", str(case), "--out",
-                              str(tmp_path / "refused"), *args], cwd=REPO, env=cli_env(), capture_output=True,
-                             text=True, timeout=60)
+    for data, args, words in (
+            (case, ["--setting", "no_such_field=1"], "no_such_field"),
+            (case, ["--method", "no_such_method"], "no_such_method"),
+            (case, ["--method", "fdk", "--tv-weight", "0.1"], "--tv-weight"),
+            (case, ["--preset", "fastest"], "fastest"), (case, ["--iterations", "0"], "--iterations"),
+            (broken, [], "NaN"), (tmp_path / "no_such_case", [], "no_such_case"),
+            (case, ["--reference", tmp_path / "no_such_ct.nrrd"], "no_such_ct"),
+            (case, ["--grid-size", "0", "4", "4"], "grid")):
+        res = subprocess.run([sys.executable, "-c", probe, "reconstruct", str(data), "--out",
+                              str(tmp_path / "refused"), *map(str, args)], cwd=REPO, env=cli_env(),
+                             capture_output=True, text=True, timeout=60)
         assert res.returncode == ExitCode.BAD_INPUT, (args, res.stderr)
-        assert "torch not loaded" in res.stderr, (args, res.stderr)
+        assert words in res.stderr and "torch not loaded" in res.stderr, (data, args, res.stderr)
         assert not (tmp_path / "refused" / "volume.nrrd").exists()
 
 
