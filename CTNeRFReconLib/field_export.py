@@ -203,7 +203,7 @@ def _trained_field(run_dir: Path, ck_path: Path, info: dict | None, device: str)
     ctx = RunContext(device=device, seed=int(ck["seed"]), run_dir=run_dir)
     trainer = NerfTrainer(scan, out_grid, cfg, ctx)
     try:
-        restore_trainer(trainer, ck_path)
+        restore_trainer(trainer, ck_path, ck)
     except ScanFormatError as exc:
         raise _NoField(exc.field, exc.problem, exc.fix) from None
     trainer.factors.eval()

@@ -67,8 +67,9 @@ def register(name: str):
     return deco
 
 
-BUILTIN_METHODS = ("fdk", "nerf")
-"""The methods this package ships; their modules (and torch) load only when one is asked for."""
+BUILTIN_METHODS = {"fdk": ".fdk", "nerf": ".nerf.method"}
+"""The methods this package ships and the module that registers each; the modules (and torch) load
+only when a method is asked for."""
 
 
 def check_method_name(name: str) -> str:
@@ -94,5 +95,7 @@ def method_names() -> list[str]:
 
 def _load_builtin_methods():
     # imported lazily so that `info`, the option checks and the Slicer bridge stay light
-    from . import fdk  # noqa: F401
-    from .nerf import method  # noqa: F401
+    import importlib
+
+    for module in BUILTIN_METHODS.values():
+        importlib.import_module(module, __package__)

@@ -313,9 +313,12 @@ def check_trainer_checkpoint(ck: dict, path, scan, grid, cfg, seed: int, fingerp
                   config=asdict(cfg), seed=int(seed))
 
 
-def restore_trainer(trainer, path) -> None:
-    """Read `path`, check it against the trainer's run, and load it into the trainer."""
-    ck = read_checkpoint(path, map_location=trainer.device)
+def restore_trainer(trainer, path, ck: dict | None = None) -> None:
+    """Read `path`, check it against the trainer's run, and load it into the trainer. `ck`: the
+    checkpoint of `path` already read with read_checkpoint (the field export needs its configuration
+    before a trainer exists), so it is not read a second time."""
+    if ck is None:
+        ck = read_checkpoint(path, map_location=trainer.device)
     check_trainer_checkpoint(ck, path, trainer.scan, trainer.grid, trainer.cfg, trainer.ctx.seed,
                              _fingerprint_of(trainer))
     try:

@@ -417,15 +417,23 @@ def _hang_guard(seconds: float):
     signal.signal(signal.SIGALRM, on_alarm)
 
 
+def count_finding(counts: dict, target: Target, data: bytes | None, kind: str, detail: str,
+                  per_kind: int = 1) -> None:
+    """Count one finding into a campaign's stats and save its input (once per kind, save_finding)."""
+    counts["findings"] += 1
+    counts["kinds"][kind] = counts["kinds"].get(kind, 0) + 1
+    saved = None if data is None else save_finding(target, data, kind, detail, per_kind=per_kind)
+    if saved:
+        counts["new_findings"].append(saved.name)
+
+
 def tally(counts: dict, target: Target, data: bytes, outcome, info) -> None:
-    """Count one execution's outcome into a campaign's stats; a finding is saved (once) as it comes."""
+    """Count one execution's outcome into a campaign's stats; a finding is saved as it comes."""
     counts["executions"] += 1
-    counts[outcome if outcome != Outcome.FINDING else "findings"] += 1
     if outcome == Outcome.FINDING:
-        counts["kinds"][info[0]] = counts["kinds"].get(info[0], 0) + 1
-        saved = save_finding(target, data, *info)
-        if saved:
-            counts["new_findings"].append(saved.name)
+        count_finding(counts, target, data, *info)
+    else:
+        counts[outcome] += 1
 
 
 def run_mutation(target: Target, seconds: float, timeout: float, seed: int = 0, current: Path | None = None) -> dict:
@@ -585,12 +593,8 @@ def _save_last_input(target: Target, work: Path, kind: str, detail: str, stats: 
     """Save as a finding the input a dead atheris child was reading (its case folder is in case_dir)."""
     case_dir = work / "case_dir"
     last = Path(case_dir.read_text()) / target.fuzzed if case_dir.exists() else None
-    stats["findings"] += 1
-    stats["kinds"][kind] = stats["kinds"].get(kind, 0) + 1
-    if last is not None and last.exists():
-        saved = save_finding(target, last.read_bytes(), kind, detail, per_kind=10)
-        if saved:
-            stats["new_findings"].append(saved.name)
+    data = last.read_bytes() if last is not None and last.exists() else None
+    count_finding(stats, target, data, kind, detail, per_kind=10)
 
 
 def _child_env() -> dict:
