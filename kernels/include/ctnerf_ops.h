@@ -5,8 +5,9 @@
 
 // Per-operator headers instead of <ATen/ATen.h>, as PyTorch's own kernels include them: the tensor
 // class, the dtype dispatch and the four factory functions used here. The CUDA source's headers are
-// a third less to parse (about 240 000 preprocessed lines instead of 340 000): the nvcc check of the
-// CI went from 44 to 36 s on two busy cores, and a build on a GPU machine parses the same headers.
+// a third less to parse (about 240 000 preprocessed lines instead of 340 000). On 2 cores the nvcc
+// check of the CI went from 44 to 36 s and the CPU build from 13.0 to 9.6 s; a build on a GPU machine
+// parses the same headers.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
