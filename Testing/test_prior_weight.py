@@ -7,7 +7,7 @@ import pytest
 from CTNeRFReconLib.data import ScanData
 from CTNeRFReconLib.methods import RunContext
 from CTNeRFReconLib.nerf.config import NerfConfig
-from CTNeRFReconLib.nerf.prior_weight import projection_noise_variance
+from CTNeRFReconLib.nerf.prior_weight import noise_law
 from CTNeRFReconLib.nerf.train import NerfTrainer
 
 from nerf_case import small_phantom_case
@@ -44,10 +44,10 @@ def test_noise_variance_is_recovered_from_the_projections(clean):
     hit = np.ones(scan.projections.shape, dtype=bool)
     for i0 in (1e3, 2e4):
         truth = float(np.exp(scan.projections.astype(np.float64)).mean()) / i0  # Poisson: var p = exp(p) / I0
-        est = projection_noise_variance(_with_photons(scan, i0).projections, hit)
+        est = noise_law(_with_photons(scan, i0).projections, hit).mean_variance
         assert est == pytest.approx(truth, rel=0.15), (i0, est, truth)
     # exact projections: no noise in air, so none at all (the phantom's edges are not mistaken for it)
-    assert projection_noise_variance(scan.projections, hit) < 1e-3 / 2e4
+    assert noise_law(scan.projections, hit).mean_variance < 1e-3 / 2e4
 
 
 def test_without_air_the_whole_projection_is_used(fine):
@@ -56,9 +56,9 @@ def test_without_air_the_whole_projection_is_used(fine):
     offset = ScanData(scan.projections + 1.0, scan.geometry, "synthetic", "<offset>")
     hit = np.ones(scan.projections.shape, dtype=bool)
     for sigma in (0.03, 0.06):
-        est = projection_noise_variance(_with_noise(offset, sigma).projections, hit)
+        est = noise_law(_with_noise(offset, sigma).projections, hit).mean_variance
         assert est == pytest.approx(sigma ** 2, rel=0.2), (sigma, est ** 0.5)
-    assert projection_noise_variance(scan.projections, np.zeros_like(hit)) == 0.0
+    assert noise_law(scan.projections, np.zeros_like(hit)).mean_variance == 0.0
 
 
 def test_tv_weight_grows_with_noise_and_with_fewer_rays(clean):

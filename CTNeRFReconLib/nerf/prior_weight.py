@@ -63,13 +63,6 @@ def air_pixels(view: np.ndarray, threshold: float) -> np.ndarray:
     return ndimage.median_filter(np.asarray(view, dtype=np.float32), size=5) < threshold
 
 
-def projection_noise_variance(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
-                              min_air_pixels: int = 1000) -> float:
-    """Mean noise variance of the line integrals (views, rows, cols) over the pixels whose ray crosses
-    the volume (`hit`, same shape). 0.0 when nothing is usable. See `noise_law`."""
-    return noise_law(projections, hit, max_views, min_air_pixels).mean_variance
-
-
 @dataclass(frozen=True)
 class NoiseLaw:
     """What the projections say about their own noise."""
