@@ -25,6 +25,8 @@ geometry need gradients the reference path is used, since the kernels do not pro
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -33,7 +35,7 @@ from .kernels import cpu_grad_mode, kernels_available
 
 __all__ = ["grid_line_integrals", "joseph_line_integrals", "vm_line_integrals", "grid_line_integrals_reference",
            "joseph_line_integrals_reference", "vm_line_integrals_reference", "total_variation",
-           "total_variation_reference", "jitter_offsets", "kernels_available", "FusedInputError"]
+           "total_variation_reference", "tv_penalty_reference", "jitter_offsets", "kernels_available", "FusedInputError"]
 
 _MASK32 = 0xFFFFFFFF
 _MUL1 = 0x7FEB352D
@@ -389,13 +391,27 @@ def vm_line_integrals(planes: torch.Tensor, lines: torch.Tensor, basis: torch.Te
 
 
 # -- (c) total variation ---------------------------------------------------------------------------
-def total_variation_reference(volume: torch.Tensor) -> torch.Tensor:
-    """PyTorch path of `total_variation`: the sum over axes of the mean |forward difference|."""
+def _check_edge(edge: float) -> float:
+    edge = float(edge)
+    if not math.isfinite(edge) or edge < 0:
+        raise FusedInputError(f"the TV edge scale must be finite and >= 0 (0: plain TV), got {edge}")
+    return edge
+
+
+def tv_penalty_reference(diff: torch.Tensor, edge: float) -> torch.Tensor:
+    """phi(d) of `total_variation`: |d| for plain TV (edge 0), else edge * log(1 + |d| / edge)."""
+    return diff.abs() if edge <= 0 else edge * torch.log1p(diff.abs() / edge)
+
+
+def total_variation_reference(volume: torch.Tensor, edge: float = 0.0) -> torch.Tensor:
+    """PyTorch path of `total_variation`: the sum over axes of the mean phi(forward difference)."""
+    edge = _check_edge(edge)
     total = volume.reshape(-1)[0] * 0.0  # a zero that keeps the graph when no axis has differences
     for dim in range(3):
         n = volume.shape[dim]
         if n > 1:
-            total = total + (volume.narrow(dim, 1, n - 1) - volume.narrow(dim, 0, n - 1)).abs().mean()
+            diff = volume.narrow(dim, 1, n - 1) - volume.narrow(dim, 0, n - 1)
+            total = total + tv_penalty_reference(diff, edge).mean()
     return total
 
 
@@ -403,24 +419,28 @@ class TotalVariation(torch.autograd.Function):
     """Fused forward and backward of the anisotropic TV (one pass each, no temporaries)."""
 
     @staticmethod
-    def forward(ctx, volume):
+    def forward(ctx, volume, edge):
         ctx.save_for_backward(volume)
-        return torch.ops.ctnerf.tv_l1(volume)
+        ctx.edge = edge
+        return torch.ops.ctnerf.tv(volume, edge)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         (volume,) = ctx.saved_tensors
-        return torch.ops.ctnerf.tv_l1_backward(grad_out.contiguous(), volume)
+        return torch.ops.ctnerf.tv_backward(grad_out.contiguous(), volume, ctx.edge), None
 
 
-def total_variation(volume: torch.Tensor) -> torch.Tensor:
-    """Anisotropic total variation of a (z, y, x) volume: for each axis the mean absolute forward
-    difference, summed (an axis of length 1 adds 0). A 0-dim tensor, differentiable in the volume.
-    Why fused: three differences, their absolute values and the backward's signs are five passes
-    and four temporaries of the volume's size in PyTorch; the kernel reads each voxel's neighbours
-    once (ctnerf_render.h, (c))."""
+def total_variation(volume: torch.Tensor, edge: float = 0.0) -> torch.Tensor:
+    """Anisotropic total variation of a (z, y, x) volume: for each axis the mean penalty of the
+    forward differences, summed (an axis of length 1 adds 0). The penalty is |d| with `edge` 0
+    (plain TV), else edge * log(1 + |d| / edge): TV for differences well below the edge scale,
+    logarithmic above it, so edges keep their contrast (ctnerf_render.h, (c)). A 0-dim tensor,
+    differentiable in the volume.
+    Why fused: three differences, their penalties and the backward's slopes are five passes and
+    four temporaries of the volume's size in PyTorch; the kernel reads each voxel's neighbours once."""
     _check_volume(volume)
+    edge = _check_edge(edge)
     if kernels_available(volume.device):
-        return TotalVariation.apply(volume)
-    return total_variation_reference(volume)
+        return TotalVariation.apply(volume, edge)
+    return total_variation_reference(volume, edge)

@@ -35,7 +35,7 @@ CPU_GRAD_ENV = "CTNERF_CPU_GRAD"
 MODES = ("auto", "cpu", "cuda", "off")
 CPU_GRAD_MODES = {"auto": 0, "buffers": 1, "atomics": 2}
 OPS = ("grid_line_integrals", "grid_line_integrals_backward", "joseph_line_integrals",
-       "joseph_line_integrals_backward", "tv_l1", "tv_l1_backward", "vm_line_integrals",
+       "joseph_line_integrals_backward", "tv", "tv_backward", "vm_line_integrals",
        "vm_line_integrals_backward")
 
 
@@ -235,10 +235,10 @@ def _register_fakes() -> None:
     def joseph_fake(volume, origin_xyz, spacing_xyz, origins, *rest):
         return volume.new_empty((origins.shape[0],))
 
-    def tv_fake(volume):
+    def tv_fake(volume, edge):
         return volume.new_empty(())
 
-    def tv_bwd_fake(grad_out, volume):
+    def tv_bwd_fake(grad_out, volume, edge):
         return torch.empty_like(volume, memory_format=torch.contiguous_format)
 
     fakes = (grid_fake, grid_bwd_fake, joseph_fake, grid_bwd_fake, tv_fake, tv_bwd_fake, vm_fake, vm_bwd_fake)

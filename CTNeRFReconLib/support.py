@@ -279,6 +279,18 @@ def air_masks(projections: np.ndarray, threshold: float) -> np.ndarray:
     return ndimage.binary_erosion(air, structure=np.ones((1, 3, 3), dtype=bool), border_value=1)
 
 
+def detector_edges_cut(projections: np.ndarray, threshold: float, min_fraction: float = 0.01) -> list[str]:
+    """The detector's edges ("columns-", "columns+", "rows-", "rows+") along which the object goes on
+    beyond the detector: at least `min_fraction` of that edge's pixels, over all views, see more than
+    air (their 3x3 mean above the carving threshold). An object wider than the field of view cuts the
+    column edges, one longer than the detector along the axis (or a table) the row edges. Its material
+    beyond the detector is still in the line integrals, which no volume inside the field of view fits."""
+    p = projections  # only the strips are read (and converted): a large scan is never copied whole
+    outer = {"columns-": _box3(p[:, :, :2])[:, :, 0], "columns+": _box3(p[:, :, -2:])[:, :, -1],
+             "rows-": _box3(p[:, :2, :])[:, 0, :], "rows+": _box3(p[:, -2:, :])[:, -1, :]}
+    return [name for name, pixels in outer.items() if float((pixels > threshold).mean()) >= min_fraction]
+
+
 def _view_affine(geometry: ConeBeamGeometry, view: int) -> tuple[np.ndarray, float]:
     """(3, 4) rows [col_num, row_num, w] and the depth sign: a world point p lands at detector
     (col, row) = (col_num . [p, 1], row_num . [p, 1]) / (w . [p, 1]) (in mm from the detector centre).

@@ -116,6 +116,7 @@ def test_nerf_settings_from_the_command_line_are_checked_before_any_work(case, t
                         (["--setting", "no_such_field=1"], ("unknown nerf setting", "no_such_field")),
                         (["--setting", "iterations=abc"], ("iterations", "not a whole number")),
                         (["--setting", "coarse_levels=[4,\"x\"]"], ("coarse_levels", "list of numbers")),
+                        (["--setting", "tv_edge=-0.1"], ("tv_edge", "below 0")),
                         (["--method", "fdk", "--no-prior"], ("--no-prior", "nerf only")),
                         (["--method", "fdk", "--setting", "iterations=3"], ("--setting", "nerf only"))):
         out = tmp_path / "refused"

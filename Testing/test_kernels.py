@@ -5,6 +5,7 @@ a GPU is visible; the CUDA sources are compile-checked separately (test_kernels_
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -386,7 +387,9 @@ def test_opcheck_schemas_and_fake_tensors(built):
 
 # -- (c) total variation ------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-def test_tv_matches_reference_values_and_gradients(built, device):
+@pytest.mark.parametrize("edge", [0.0, 0.05])
+def test_tv_matches_reference_values_and_gradients(built, device, edge):
+    """Plain TV (edge 0) and the edge-scaled log penalty, kernel against the PyTorch path."""
     need_device(device)
     g = torch.Generator().manual_seed(4)
     for shape in ((7, 9, 11), (1, 5, 6), (4, 1, 3), (2, 3, 1), (1, 1, 1)):
@@ -395,22 +398,46 @@ def test_tv_matches_reference_values_and_gradients(built, device):
             vol[0, 0, 0] = vol.reshape(-1)[-1]  # ties: sign(0) = 0 on both paths
             a = vol.clone().requires_grad_(True)
             b = vol.clone().requires_grad_(True)
-            out = fused.TotalVariation.apply(a)
-            ref = fused.total_variation_reference(b)
+            out = fused.TotalVariation.apply(a, edge)
+            ref = fused.total_variation_reference(b, edge)
             assert out.shape == () and torch.isfinite(out)
             torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
             (out * 1.7).backward()
             (ref * 1.7).backward()
             torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol)
     # the public function takes the kernel; a constant volume has no variation
-    assert type(fused.total_variation(vol.requires_grad_(True)).grad_fn).__name__.startswith("TotalVariation")
-    assert float(fused.total_variation(torch.ones(3, 4, 5, device=device))) == 0.0
+    assert type(fused.total_variation(vol.requires_grad_(True), edge).grad_fn).__name__.startswith("TotalVariation")
+    assert float(fused.total_variation(torch.ones(3, 4, 5, device=device), edge)) == 0.0
 
 
-def test_tv_gradcheck_float64(built):
+def test_tv_edge_scale_is_tv_below_it_and_logarithmic_above(built):
+    """phi(d) = edge * log(1 + |d| / edge): a step far below the edge scale costs what plain TV
+    charges, a step 100x above it costs log(101) / 100 of that, so an edge keeps its contrast."""
+    vol = torch.zeros(2, 1, 1, dtype=torch.float64)
+    for step, ratio in ((1e-7, 1.0), (1.0, math.log(101.0) / 100.0)):
+        vol[1] = step
+        plain = float(fused.total_variation(vol, 0.0))
+        assert plain == pytest.approx(step, rel=1e-12)
+        assert float(fused.total_variation(vol, 0.01)) == pytest.approx(ratio * plain, rel=1e-5)
+    # the CPU build's own vectorised log1p (ctnerf_render.h, log1p_vec) in float, from 1e-12 to 1e7
+    worst = 0.0
+    for x in torch.logspace(-12, 7, 400, dtype=torch.float64):
+        step = torch.tensor([0.0, float(x)], dtype=torch.float32).reshape(2, 1, 1)
+        got = float(torch.ops.ctnerf.tv(step, 1.0))
+        worst = max(worst, abs(got / math.log1p(float(step[1])) - 1))
+    assert worst < 1e-6, worst
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(fused.FusedInputError, match="edge scale"):
+            fused.total_variation(vol, bad)
+        with pytest.raises(RuntimeError, match="edge scale"):
+            torch.ops.ctnerf.tv(vol, bad)
+
+
+@pytest.mark.parametrize("edge", [0.0, 0.2])
+def test_tv_gradcheck_float64(built, edge):
     vol = torch.rand((3, 4, 5), generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    assert torch.autograd.gradcheck(fused.TotalVariation.apply, (vol.requires_grad_(True),))
+    assert torch.autograd.gradcheck(lambda v: fused.TotalVariation.apply(v, edge), (vol.requires_grad_(True),))
     tests = ("test_schema", "test_faketensor")
-    torch.library.opcheck(torch.ops.ctnerf.tv_l1.default, (vol.detach(),), test_utils=tests)
-    torch.library.opcheck(torch.ops.ctnerf.tv_l1_backward.default,
-                          (torch.tensor(1.0, dtype=torch.float64), vol.detach()), test_utils=tests)
+    torch.library.opcheck(torch.ops.ctnerf.tv.default, (vol.detach(), edge), test_utils=tests)
+    torch.library.opcheck(torch.ops.ctnerf.tv_backward.default,
+                          (torch.tensor(1.0, dtype=torch.float64), vol.detach(), edge), test_utils=tests)

@@ -132,9 +132,10 @@ def _run(scan, grid, **kw):
 
 def test_nerf_beats_fdk_on_sparse_views(case):
     scan, ref = case
-    # the schedule the 3 dB margin was set with: on this tiny noisy phantom a long generator phase is the
-    # regulariser (the default refine_fraction 0.75 gives 26.15 against 26.81 dB here: docs/nerf.md)
-    nerf = _run(scan, ref.grid, iterations=250, refine_fraction=0.5, coarse_fraction=0.35)
+    # the schedule and prior the 3 dB margin was set with: on this tiny noisy phantom a long generator
+    # phase is the regulariser (the default refine_fraction 0.75 gives 26.15 against 26.81 dB here), and
+    # its analytic projections prefer plain TV (the default edge scale gives 25.54: docs/nerf.md)
+    nerf = _run(scan, ref.grid, iterations=250, refine_fraction=0.5, coarse_fraction=0.35, tv_edge=0.0)
     fdk = get_method("fdk").reconstruct(scan, ref.grid, RunContext())
     p_nerf, p_fdk = psnr3d(ref.array, nerf.array), psnr3d(ref.array, fdk.array)
     assert p_nerf > p_fdk + 3.0, (p_nerf, p_fdk)

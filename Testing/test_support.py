@@ -171,6 +171,39 @@ def test_no_air_anywhere_carves_nothing():
     assert sup.summary()["found"] is False and sup.fraction == 1.0
 
 
+def test_truncated_projections_are_recognised_and_keep_plain_tv():
+    """detector_edges_cut names the detector's edges the object goes on beyond (wider than the field of
+    view: the column edges; longer than the detector, or a table along the axis: the row edges), and
+    the trainer then keeps plain TV (the edge-scaled penalty sharpens the truncation's rim), saying why
+    in run.json; a whole object in the field of view keeps the edge scale."""
+    from CTNeRFReconLib.methods import RunContext
+    from CTNeRFReconLib.nerf.config import NerfConfig
+    from CTNeRFReconLib.nerf.train import NerfTrainer
+    from CTNeRFReconLib.support import air_statistics, detector_edges_cut
+
+    geo = _geometry()
+    grid = default_grid(geo)
+    table = ((-64.0, -1000.0, -70.0), (-58.0, 1000.0, 70.0), 0.01)
+    cases = {"whole": (_project(geo, PHANTOM), []),
+             "wide": (_project(geo, [Ellipsoid((0.0, 0.0, 0.0), (140.0, 30.0, 140.0), 0.02)]),
+                      ["columns-", "columns+"]),
+             "tall": (_project(geo, [Ellipsoid((0.0, 0.0, 0.0), (45.0, 400.0, 40.0), 0.02)]), ["rows-", "rows+"]),
+             # 140 mm wide, it also leaves the 192 mm field of view laterally in the oblique views
+             "table": (_project(geo, PHANTOM, [table]), ["columns-", "columns+", "rows-", "rows+"])}
+    for name, (proj, edges) in cases.items():
+        assert detector_edges_cut(proj, air_statistics(proj)["threshold"]) == edges, name
+    for name in ("whole", "wide"):
+        ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview"))
+        trainer = NerfTrainer(ScanData(cases[name][0], geo, "synthetic", f"<{name}>"), grid,
+                              NerfConfig.from_settings(ctx.settings), ctx)
+        report = ctx.report["tv_prior"]
+        if name == "whole":
+            assert report["plain_because"] is None and trainer.tv_edge() > 0
+        else:
+            assert "columns-, columns+" in report["plain_because"] and trainer.tv_edge() == 0.0
+            assert report["edge_attenuation"] == 0.0
+
+
 def test_nerf_on_the_default_grid_is_as_good_with_support_and_trains_fewer_voxels():
     """The whole pipeline on a small phantom without a reference grid: support on is at least as
     accurate (scored on the phantom's grid) and trains on fewer voxels."""

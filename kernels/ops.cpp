@@ -21,8 +21,8 @@ TORCH_LIBRARY(ctnerf, m) {
   m.def(
       "joseph_line_integrals_backward(Tensor grad_out, Tensor volume, Tensor origin_xyz, Tensor spacing_xyz, "
       "Tensor origins, Tensor dirs, Tensor t_near, Tensor t_far, int reduce_mode) -> Tensor");
-  m.def("tv_l1(Tensor volume) -> Tensor");
-  m.def("tv_l1_backward(Tensor grad_out, Tensor volume) -> Tensor");
+  m.def("tv(Tensor volume, float edge) -> Tensor");
+  m.def("tv_backward(Tensor grad_out, Tensor volume, float edge) -> Tensor");
   m.def(
       "vm_line_integrals(Tensor planes, Tensor lines, Tensor basis, Tensor bias, Tensor box_min, Tensor box_max, "
       "Tensor origins, Tensor dirs, Tensor t_near, Tensor t_far, int n_samples, int jitter_seed) -> Tensor");
@@ -37,8 +37,8 @@ TORCH_LIBRARY_IMPL(ctnerf, CPU, m) {
   m.impl("grid_line_integrals_backward", &ctnerf::grid_line_integrals_backward_cpu);
   m.impl("joseph_line_integrals", &ctnerf::joseph_line_integrals_cpu);
   m.impl("joseph_line_integrals_backward", &ctnerf::joseph_line_integrals_backward_cpu);
-  m.impl("tv_l1", &ctnerf::tv_l1_cpu);
-  m.impl("tv_l1_backward", &ctnerf::tv_l1_backward_cpu);
+  m.impl("tv", &ctnerf::tv_cpu);
+  m.impl("tv_backward", &ctnerf::tv_backward_cpu);
   m.impl("vm_line_integrals", &ctnerf::vm_line_integrals_cpu);
   m.impl("vm_line_integrals_backward", &ctnerf::vm_line_integrals_backward_cpu);
 }

@@ -144,14 +144,15 @@ at::Tensor joseph_line_integrals_backward_cpu(const at::Tensor& grad_out, const 
       });
 }
 
-at::Tensor tv_l1_cpu(const at::Tensor& volume) {
-  check_tv_inputs(volume);
-  TORCH_CHECK(volume.device().is_cpu(), "ctnerf: tv_l1_cpu got a ", volume.device(), " tensor");
+at::Tensor tv_cpu(const at::Tensor& volume, double edge) {
+  check_tv_inputs(volume, edge);
+  TORCH_CHECK(volume.device().is_cpu(), "ctnerf: tv_cpu got a ", volume.device(), " tensor");
   const at::Tensor vol = volume.contiguous();
   const int64_t nz = vol.size(0), ny = vol.size(1), nx = vol.size(2);
   double total = 0.0;
-  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tv_l1_cpu", [&] {
-    const TVView<scalar_t> t = make_tv_view(vol.const_data_ptr<scalar_t>(), nz, ny, nx);
+  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tv_cpu", [&] {
+    const TVView<scalar_t> t =
+        make_tv_view(vol.const_data_ptr<scalar_t>(), nz, ny, nx, static_cast<scalar_t>(edge));
     // rows of x in parallel, the rows' sums added in double: 10^7 float terms lose nothing that way
     total = at::parallel_reduce(
         0, nz * ny, 8, 0.0,
@@ -164,14 +165,15 @@ at::Tensor tv_l1_cpu(const at::Tensor& volume) {
   return at::scalar_tensor(total, vol.options());
 }
 
-at::Tensor tv_l1_backward_cpu(const at::Tensor& grad_out, const at::Tensor& volume) {
-  check_tv_inputs(volume);
-  TORCH_CHECK(grad_out.numel() == 1, "ctnerf: grad_out of tv_l1 must hold one value, got ", grad_out.sizes());
+at::Tensor tv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& volume, double edge) {
+  check_tv_inputs(volume, edge);
+  TORCH_CHECK(grad_out.numel() == 1, "ctnerf: grad_out of tv must hold one value, got ", grad_out.sizes());
   const at::Tensor vol = volume.contiguous();
   const int64_t nz = vol.size(0), ny = vol.size(1), nx = vol.size(2);
   at::Tensor grad = at::empty_like(vol, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tv_l1_backward_cpu", [&] {
-    const TVView<scalar_t> t = make_tv_view(vol.const_data_ptr<scalar_t>(), nz, ny, nx);
+  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tv_backward_cpu", [&] {
+    const TVView<scalar_t> t =
+        make_tv_view(vol.const_data_ptr<scalar_t>(), nz, ny, nx, static_cast<scalar_t>(edge));
     const scalar_t go = grad_out.item<scalar_t>();
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, nz * ny, 8, [&](int64_t begin, int64_t end) {

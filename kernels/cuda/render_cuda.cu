@@ -74,21 +74,21 @@ __global__ void joseph_backward_kernel(const T* __restrict__ grad_out, int64_t n
 }
 
 template <typename T>
-__global__ void tv_forward_kernel(const T* __restrict__ volume, int64_t nz, int64_t ny, int64_t nx,
+__global__ void tv_forward_kernel(const T* __restrict__ volume, int64_t nz, int64_t ny, int64_t nx, T edge,
                                   T* __restrict__ per_voxel) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= nz * ny * nx) return;
-  const TVView<T> t = make_tv_view(volume, nz, ny, nx);
+  const TVView<T> t = make_tv_view(volume, nz, ny, nx, edge);
   const int64_t coord[3] = {i % nx, (i / nx) % ny, i / (nx * ny)};
   per_voxel[i] = tv_voxel_value(t, i, coord);
 }
 
 template <typename T>
 __global__ void tv_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ volume, int64_t nz,
-                                   int64_t ny, int64_t nx, T* __restrict__ grad) {
+                                   int64_t ny, int64_t nx, T edge, T* __restrict__ grad) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= nz * ny * nx) return;
-  const TVView<T> t = make_tv_view(volume, nz, ny, nx);
+  const TVView<T> t = make_tv_view(volume, nz, ny, nx, edge);
   const int64_t coord[3] = {i % nx, (i / nx) % ny, i / (nx * ny)};
   grad[i] = grad_out[0] * tv_voxel_grad(t, i, coord);
 }
@@ -234,36 +234,37 @@ at::Tensor joseph_line_integrals_backward_cuda(const at::Tensor& grad_out, const
   return grad;
 }
 
-at::Tensor tv_l1_cuda(const at::Tensor& volume) {
-  check_tv_inputs(volume);
-  check_cuda(volume, "tv_l1");
+at::Tensor tv_cuda(const at::Tensor& volume, double edge) {
+  check_tv_inputs(volume, edge);
+  check_cuda(volume, "tv");
   const c10::cuda::CUDAGuard guard(volume.device());
   const at::Tensor vol = volume.contiguous();
   const int64_t n = vol.numel();
   // per-voxel terms, then ATen's reduction (accumulated in float for float input, as torch's sum)
   at::Tensor per_voxel = at::empty_like(vol, at::MemoryFormat::Contiguous);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tv_l1_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tv_cuda", [&] {
     tv_forward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
-        vol.const_data_ptr<scalar_t>(), vol.size(0), vol.size(1), vol.size(2), per_voxel.mutable_data_ptr<scalar_t>());
+        vol.const_data_ptr<scalar_t>(), vol.size(0), vol.size(1), vol.size(2), static_cast<scalar_t>(edge),
+        per_voxel.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return per_voxel.sum();
 }
 
-at::Tensor tv_l1_backward_cuda(const at::Tensor& grad_out, const at::Tensor& volume) {
-  check_tv_inputs(volume);
-  check_cuda(volume, "tv_l1_backward");
-  TORCH_CHECK(grad_out.numel() == 1, "ctnerf: grad_out of tv_l1 must hold one value, got ", grad_out.sizes());
+at::Tensor tv_backward_cuda(const at::Tensor& grad_out, const at::Tensor& volume, double edge) {
+  check_tv_inputs(volume, edge);
+  check_cuda(volume, "tv_backward");
+  TORCH_CHECK(grad_out.numel() == 1, "ctnerf: grad_out of tv must hold one value, got ", grad_out.sizes());
   const c10::cuda::CUDAGuard guard(volume.device());
   const at::Tensor vol = volume.contiguous(), gout = grad_out.reshape({1}).contiguous();
   const int64_t n = vol.numel();
   at::Tensor grad = at::empty_like(vol, at::MemoryFormat::Contiguous);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tv_l1_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(vol.scalar_type(), "tv_backward_cuda", [&] {
     tv_backward_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         gout.const_data_ptr<scalar_t>(), vol.const_data_ptr<scalar_t>(), vol.size(0), vol.size(1), vol.size(2),
-        grad.mutable_data_ptr<scalar_t>());
+        static_cast<scalar_t>(edge), grad.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;
@@ -344,8 +345,8 @@ TORCH_LIBRARY_IMPL(ctnerf, CUDA, m) {
   m.impl("grid_line_integrals_backward", &ctnerf::grid_line_integrals_backward_cuda);
   m.impl("joseph_line_integrals", &ctnerf::joseph_line_integrals_cuda);
   m.impl("joseph_line_integrals_backward", &ctnerf::joseph_line_integrals_backward_cuda);
-  m.impl("tv_l1", &ctnerf::tv_l1_cuda);
-  m.impl("tv_l1_backward", &ctnerf::tv_l1_backward_cuda);
+  m.impl("tv", &ctnerf::tv_cuda);
+  m.impl("tv_backward", &ctnerf::tv_backward_cuda);
   m.impl("vm_line_integrals", &ctnerf::vm_line_integrals_cuda);
   m.impl("vm_line_integrals_backward", &ctnerf::vm_line_integrals_backward_cuda);
 }

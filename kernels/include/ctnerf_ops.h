@@ -15,6 +15,7 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 
+#include <cmath>
 #include <tuple>
 
 namespace ctnerf {
@@ -91,10 +92,12 @@ inline void check_vm_inputs(const at::Tensor& planes, const at::Tensor& lines, c
   check_rays(planes, origins, dirs, t_near, t_far, n_samples);
 }
 
-inline void check_tv_inputs(const at::Tensor& volume) {
+inline void check_tv_inputs(const at::Tensor& volume, double edge) {
   check_floating(volume, "volume");
   TORCH_CHECK(volume.dim() == 3 && volume.numel() > 0, "ctnerf: volume must be a non-empty (Z, Y, X) tensor, got ",
               volume.sizes());
+  TORCH_CHECK(std::isfinite(edge) && edge >= 0.0, "ctnerf: the TV edge scale must be finite and >= 0 (0: plain TV), got ",
+              edge);
 }
 
 inline void check_grad_out(const at::Tensor& like, const at::Tensor& grad_out, int64_t n) {
@@ -121,8 +124,8 @@ at::Tensor joseph_line_integrals_backward_cpu(const at::Tensor& grad_out, const 
                                               const at::Tensor& origin_xyz, const at::Tensor& spacing_xyz,
                                               const at::Tensor& origins, const at::Tensor& dirs,
                                               const at::Tensor& t_near, const at::Tensor& t_far, int64_t reduce_mode);
-at::Tensor tv_l1_cpu(const at::Tensor& volume);
-at::Tensor tv_l1_backward_cpu(const at::Tensor& grad_out, const at::Tensor& volume);
+at::Tensor tv_cpu(const at::Tensor& volume, double edge);
+at::Tensor tv_backward_cpu(const at::Tensor& grad_out, const at::Tensor& volume, double edge);
 at::Tensor vm_line_integrals_cpu(const at::Tensor& planes, const at::Tensor& lines, const at::Tensor& basis,
                                  const at::Tensor& bias, const at::Tensor& box_min, const at::Tensor& box_max,
                                  const at::Tensor& origins, const at::Tensor& dirs, const at::Tensor& t_near,

@@ -19,11 +19,20 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define CTNERF_HD __host__ __device__ __forceinline__
 #else
 #define CTNERF_HD inline
+#endif
+
+// A loop summing into `acc` that the host compiler may vectorise (reassociating the sum, which
+// IEEE order forbids it otherwise); nothing under nvcc, whose device code has no such loops.
+#if defined(_OPENMP) && !defined(__CUDACC__)
+#define CTNERF_SIMD_SUM(acc) _Pragma("omp simd reduction(+ : acc)")
+#else
+#define CTNERF_SIMD_SUM(acc)
 #endif
 
 namespace ctnerf {
@@ -37,6 +46,34 @@ CTNERF_HD float log1p_(float x) { return log1pf(x); }
 CTNERF_HD double log1p_(double x) { return ::log1p(x); }
 CTNERF_HD float abs_(float x) { return fabsf(x); }
 CTNERF_HD double abs_(double x) { return ::fabs(x); }
+
+// log(1 + x) for x >= 0 in a form the host compiler vectorises. Why not log1pf: under the build's
+// portable flags (-O3, no -march, no -ffast-math) glibc's log1pf is a scalar call, and the edge-scaled
+// TV's forward took 61 ms on the abdomen's 2.3 M-voxel training grid against 2.3 ms for plain TV.
+// u = 1 + x = m 2^e with m in [sqrt(1/2), sqrt(2)) from the float's bits; log m = 2 atanh(s),
+// s = (m - 1) / (m + 1), |s| < 0.172, by its series to s^9 (relative error below 1e-8). What rounding
+// 1 + x lost, x - (u - 1) (exact), adds its first-order share (x - (u - 1)) / u, so tiny x give x. No
+// branch and no division by a selected value, either of which keeps GCC from vectorising the loop.
+// The device and double precision use the library's log1p.
+CTNERF_HD float log1p_vec(float x) {
+#if defined(__CUDA_ARCH__)
+  return log1pf(x);
+#else
+  const float u = 1.0f + x;
+  uint32_t bits;
+  std::memcpy(&bits, &u, sizeof bits);
+  bits += 0x3f800000u - 0x3f3504f3u;  // move the exponent's boundary from 1 to sqrt(1/2)
+  const float e = static_cast<float>(static_cast<int32_t>(bits >> 23) - 127);
+  bits = (bits & 0x007fffffu) + 0x3f3504f3u;
+  float m;
+  std::memcpy(&m, &bits, sizeof m);
+  const float s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+  const float log_m =
+      2.0f * s * (1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9)))));
+  return e * 0.693147180559945309f + log_m + (x - (u - 1.0f)) / u;
+#endif
+}
+CTNERF_HD double log1p_vec(double x) { return ::log1p(x); }
 
 // Scatter for private targets (a per-thread buffer, or one thread's own slot).
 struct PlainAdd {
@@ -598,11 +635,15 @@ CTNERF_HD void vm_ray_backward(const VMView<T>& v, const Ray<T>& r, int64_t n_sa
 }
 
 // ---------------------------------------------------------------------------------------------
-// (c) Anisotropic total variation of a (z, y, x) grid: the sum over the three axes of the mean
-// absolute forward difference along that axis (an axis of length 1 has no differences and adds 0).
-// Per voxel, so the CPU build runs it over slices and the CUDA build one thread per voxel; the
-// gradient of a voxel reads only its six neighbours, so it needs no scatter. sign(0) = 0, as
-// torch's abs backward.
+// (c) Anisotropic total variation of a (z, y, x) grid, with an edge scale: the sum over the three
+// axes of the mean penalty phi(d) of the forward differences d along that axis (an axis of length
+// 1 has no differences and adds 0). phi(d) = |d| when edge is 0 (plain TV); otherwise
+// phi(d) = edge * log(1 + |d| / edge), which is |d| for differences well below the edge scale and
+// grows only logarithmically above it, so a real edge pays little more than its smallest value
+// (the log penalty that reweighted-L1 minimisation approximates). phi'(d) = sign(d) / (1 + |d| /
+// edge), one formula for both (1 / edge is stored as 0 for plain TV). Per voxel, so the CPU build
+// runs it over slices and the CUDA build one thread per voxel; the gradient of a voxel reads only
+// its six neighbours, so it needs no scatter. phi'(0) = 0, as torch's abs backward.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 struct TVView {
@@ -610,10 +651,12 @@ struct TVView {
   int64_t n[3];     // (nx, ny, nz)
   int64_t stride[3];
   T inv_count[3];   // 1 / (number of differences along the axis), 0 without any
+  T edge;           // the edge scale, 0 for plain TV
+  T inv_edge;       // 1 / edge, 0 for plain TV
 };
 
 template <typename T>
-CTNERF_HD TVView<T> make_tv_view(const T* volume, int64_t nz, int64_t ny, int64_t nx) {
+CTNERF_HD TVView<T> make_tv_view(const T* volume, int64_t nz, int64_t ny, int64_t nx, T edge) {
   TVView<T> t;
   t.volume = volume;
   t.n[0] = nx;
@@ -626,6 +669,8 @@ CTNERF_HD TVView<T> make_tv_view(const T* volume, int64_t nz, int64_t ny, int64_
     const int64_t pairs = (t.n[a] - 1) * (nx * ny * nz / t.n[a]);
     t.inv_count[a] = pairs > 0 ? T(1) / static_cast<T>(pairs) : T(0);
   }
+  t.edge = edge > T(0) ? edge : T(0);
+  t.inv_edge = edge > T(0) ? T(1) / edge : T(0);
   return t;
 }
 
@@ -634,13 +679,25 @@ CTNERF_HD T sign_(T x) {
   return static_cast<T>((x > T(0)) - (x < T(0)));
 }
 
-// This voxel's forward differences, weighted: its share of the TV value.
+// phi(d), the penalty of one difference.
+template <typename T>
+CTNERF_HD T tv_penalty(const TVView<T>& t, T d) {
+  return t.inv_edge > T(0) ? t.edge * log1p_vec(abs_(d) * t.inv_edge) : abs_(d);
+}
+
+// phi'(d), its slope.
+template <typename T>
+CTNERF_HD T tv_slope(const TVView<T>& t, T d) {
+  return sign_(d) / (T(1) + abs_(d) * t.inv_edge);
+}
+
+// This voxel's forward differences, penalised and weighted: its share of the TV value.
 template <typename T>
 CTNERF_HD T tv_voxel_value(const TVView<T>& t, int64_t index, const int64_t coord[3]) {
   const T v = t.volume[index];
   T acc = T(0);
   for (int a = 0; a < 3; ++a)
-    if (coord[a] + 1 < t.n[a]) acc += abs_(t.volume[index + t.stride[a]] - v) * t.inv_count[a];
+    if (coord[a] + 1 < t.n[a]) acc += tv_penalty(t, t.volume[index + t.stride[a]] - v) * t.inv_count[a];
   return acc;
 }
 
@@ -650,25 +707,35 @@ CTNERF_HD T tv_voxel_grad(const TVView<T>& t, int64_t index, const int64_t coord
   const T v = t.volume[index];
   T g = T(0);
   for (int a = 0; a < 3; ++a) {
-    if (coord[a] + 1 < t.n[a]) g -= sign_(t.volume[index + t.stride[a]] - v) * t.inv_count[a];
-    if (coord[a] > 0) g += sign_(v - t.volume[index - t.stride[a]]) * t.inv_count[a];
+    if (coord[a] + 1 < t.n[a]) g -= tv_slope(t, t.volume[index + t.stride[a]] - v) * t.inv_count[a];
+    if (coord[a] > 0) g += tv_slope(t, v - t.volume[index - t.stride[a]]) * t.inv_count[a];
   }
   return g;
 }
 
+// sum over x in [0, count) of phi(b[x] - a[x]); the test of the edge scale hoisted out of the loop,
+// so each loop is a plain sweep the compiler vectorises.
+template <typename T>
+CTNERF_HD T tv_sweep(const TVView<T>& t, const T* a, const T* b, int64_t count) {
+  T acc = T(0);
+  if (t.inv_edge > T(0)) {
+    CTNERF_SIMD_SUM(acc)
+    for (int64_t x = 0; x < count; ++x) acc += log1p_vec(abs_(b[x] - a[x]) * t.inv_edge);
+    return acc * t.edge;
+  }
+  for (int64_t x = 0; x < count; ++x) acc += abs_(b[x] - a[x]);
+  return acc;
+}
+
 // The same TV a row of x at a time (the CPU build): the boundary tests hoisted out of the loops over
-// x, so each loop is a plain sweep the compiler vectorises. Sums of |differences| along x, y and z
-// of row (z, y), each weighted like tv_voxel_value.
+// x. Sums of phi(differences) along x, y and z of row (z, y), each weighted like tv_voxel_value.
 template <typename T>
 CTNERF_HD T tv_row_value(const TVView<T>& t, int64_t z, int64_t y) {
   const int64_t nx = t.n[0];
   const T* r = t.volume + (z * t.n[1] + y) * nx;
-  T ax = T(0), ay = T(0), az = T(0);
-  for (int64_t x = 0; x + 1 < nx; ++x) ax += abs_(r[x + 1] - r[x]);
-  if (y + 1 < t.n[1])
-    for (int64_t x = 0; x < nx; ++x) ay += abs_(r[x + t.stride[1]] - r[x]);
-  if (z + 1 < t.n[2])
-    for (int64_t x = 0; x < nx; ++x) az += abs_(r[x + t.stride[2]] - r[x]);
+  const T ax = tv_sweep(t, r, r + 1, nx - 1);
+  const T ay = y + 1 < t.n[1] ? tv_sweep(t, r, r + t.stride[1], nx) : T(0);
+  const T az = z + 1 < t.n[2] ? tv_sweep(t, r, r + t.stride[2], nx) : T(0);
   return ax * t.inv_count[0] + ay * t.inv_count[1] + az * t.inv_count[2];
 }
 
@@ -680,19 +747,19 @@ CTNERF_HD void tv_row_grad(const TVView<T>& t, int64_t z, int64_t y, T grad_out,
   for (int64_t x = 0; x < nx; ++x) out[x] = T(0);
   const T wx = t.inv_count[0], wy = t.inv_count[1], wz = t.inv_count[2];
   for (int64_t x = 0; x + 1 < nx; ++x) {
-    const T s = sign_(r[x + 1] - r[x]) * wx;
+    const T s = tv_slope(t, r[x + 1] - r[x]) * wx;
     out[x] -= s;
     out[x + 1] += s;
   }
   const int64_t sy = t.stride[1], sz = t.stride[2];
   if (y + 1 < t.n[1])
-    for (int64_t x = 0; x < nx; ++x) out[x] -= sign_(r[x + sy] - r[x]) * wy;
+    for (int64_t x = 0; x < nx; ++x) out[x] -= tv_slope(t, r[x + sy] - r[x]) * wy;
   if (y > 0)
-    for (int64_t x = 0; x < nx; ++x) out[x] += sign_(r[x] - r[x - sy]) * wy;
+    for (int64_t x = 0; x < nx; ++x) out[x] += tv_slope(t, r[x] - r[x - sy]) * wy;
   if (z + 1 < t.n[2])
-    for (int64_t x = 0; x < nx; ++x) out[x] -= sign_(r[x + sz] - r[x]) * wz;
+    for (int64_t x = 0; x < nx; ++x) out[x] -= tv_slope(t, r[x + sz] - r[x]) * wz;
   if (z > 0)
-    for (int64_t x = 0; x < nx; ++x) out[x] += sign_(r[x] - r[x - sz]) * wz;
+    for (int64_t x = 0; x < nx; ++x) out[x] += tv_slope(t, r[x] - r[x - sz]) * wz;
   for (int64_t x = 0; x < nx; ++x) out[x] *= grad_out;
 }
 
