@@ -58,6 +58,9 @@ def test_the_trainer_charges_its_tv_with_the_configured_edge_scale():
     from CTNeRFReconLib.nerf.train import NerfTrainer
     from nerf_case import small_phantom_case
 
+    for bad in (-0.1, float("nan"), float("inf")):  # refused with the setting's name, before any work
+        with pytest.raises(ValueError, match="tv_edge"):
+            NerfConfig.from_settings({"tv_edge": bad})
     scan, ref = small_phantom_case(views=8, det=32, n=16)
     losses = {}
     for edge in (0.0, 0.03):

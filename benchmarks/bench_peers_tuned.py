@@ -57,7 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rtk_reference import add_case_options, case_for, case_name, run_peer  # noqa: E402
+from rtk_reference import add_case_options, case_for, run_peer  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 BENCH = HERE.parent / "shared" / "bench"
@@ -210,7 +210,7 @@ def main(argv=None):
     load_start = os.getloadavg()
     t_start = time.time()
     case = case_for(a, a.views)
-    name = case_name(a.ct, a.views, a.det, a.pitch, a.i0)
+    name = case.name
     reference = case / "reference.nrrd"
     tmp = Path(tempfile.mkdtemp(prefix="peers_tuned_"))
     log = sys.stdout

@@ -47,8 +47,8 @@ PARTS = ("generator", "materialise", "integrate", "tv", "optimiser", "step")
 
 def case_at(args, det: int, views: int) -> Path:
     pitch = round(FOV_MM / det, 4)
-    return make_case(args.ct, args.cases / case_name(args.ct, views, det, pitch, args.i0), views=views, det=det,
-                     pitch=pitch, i0=args.i0)
+    return make_case(args.ct, args.cases / case_name(args.ct, views, det, pitch, args.i0, args.voxel), views=views,
+                     det=det, pitch=pitch, i0=args.i0, voxel=args.voxel)
 
 
 def _timed(fn, repeats: int) -> float:

@@ -44,9 +44,8 @@ def add_case_options(parser) -> None:
 
 def case_for(args, views: int) -> Path:
     """The case that add_case_options' arguments name, at `views` views: made on first use, then reused."""
-    voxel = getattr(args, "voxel", 3.0)
-    return make_case(args.ct, args.cases / case_name(args.ct, views, args.det, args.pitch, args.i0, voxel),
-                     views=views, det=args.det, pitch=args.pitch, i0=args.i0, voxel=voxel)
+    return make_case(args.ct, args.cases / case_name(args.ct, views, args.det, args.pitch, args.i0, args.voxel),
+                     views=views, det=args.det, pitch=args.pitch, i0=args.i0, voxel=args.voxel)
 
 
 def case_name(ct_path, views: int, det: int = 240, pitch: float = 3.2, i0: float = 1e5, voxel: float = 3.0) -> str:

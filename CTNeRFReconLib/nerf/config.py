@@ -5,6 +5,7 @@ only trade time for quality.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 
@@ -158,8 +159,9 @@ class NerfConfig:
         if extra.get("ray_weighting", cfg.ray_weighting) not in RAY_WEIGHTINGS:
             raise ValueError(f"nerf setting ray_weighting: {extra['ray_weighting']!r} is not one of "
                              f"{', '.join(RAY_WEIGHTINGS)}")
-        if extra.get("tv_edge", cfg.tv_edge) < 0:
-            raise ValueError(f"nerf setting tv_edge: {extra['tv_edge']!r} is below 0 (0 gives plain TV)")
+        edge = extra.get("tv_edge", cfg.tv_edge)
+        if not (math.isfinite(edge) and edge >= 0):  # the kernel would refuse it at the first step
+            raise ValueError(f"nerf setting tv_edge: {edge!r} is below 0 or not finite (0 gives plain TV)")
         return replace(cfg, **extra)
 
 
