@@ -88,3 +88,33 @@ def test_thresholds_and_refusals(tmp_path, capsys):
     with pytest.raises(ValueError, match="no voxel is above"):
         extract_surface(Volume(np.zeros(grid.shape_zyx, np.float32), grid), 0.01)
     assert not (tmp_path / "s.vtp").exists()
+
+
+def test_bench_surface_says_which_truth_surface_is_missing_and_why():
+    # the truth: a thick ball (0.04 /mm) and a thin plate (0.03 /mm) above a 0.026 threshold; "ours"
+    # keeps the ball but leaves the plate at 0.022: the plate's surface is the missing one, and the
+    # benchmark's diagnosis must say so with both peaks
+    import sys
+    from pathlib import Path
+
+    from scipy.spatial import cKDTree
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_surface import _points, _surface_samples, missing_truth
+
+    grid = VolumeGrid.centered((40, 40, 40), (2.0,) * 3)
+    ball = voxelize([Ellipsoid((-15.0, 0.0, 0.0), (12.0, 12.0, 12.0), 0.04)], grid, supersample=2)
+    plate = voxelize([Ellipsoid((18.0, 0.0, 0.0), (4.0, 25.0, 25.0), 1.0)], grid, supersample=2) > 0.5
+    truth, ours = ball.copy(), ball.copy()
+    truth[plate], ours[plate] = 0.03, 0.022
+    truth_vol, ours_vol = Volume(truth, grid), Volume(ours, grid)
+    truth_poly, ours_poly = extract_surface(truth_vol, 0.026), extract_surface(ours_vol, 0.026)
+    points = _points(truth_poly)
+    distance = cKDTree(_surface_samples(ours_poly)).query(points)[0]
+    m = missing_truth(points, distance, truth_vol, ours_vol, voxel_mm=2.0)
+    on_plate = points[:, 0] > 5.0
+    assert 0.2 < m["missing_fraction"] < 0.9
+    assert abs(m["missing_fraction"] - on_plate.mean()) < 0.05  # the missing surface is the plate's
+    assert abs(m["missing_truth_peak_median"] - 0.03) < 1e-3
+    assert abs(m["missing_ours_peak_median"] - 0.022) < 1e-3
+    assert abs(m["found_truth_peak_median"] - 0.04) < 2e-3 and abs(m["found_ours_peak_median"] - 0.04) < 2e-3

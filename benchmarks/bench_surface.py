@@ -37,6 +37,38 @@ def _surface_samples(poly) -> np.ndarray:
                                  for u, v in ((1 / 3, 1 / 3), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5))])
 
 
+def _sample(volume, points: np.ndarray) -> np.ndarray:
+    """Trilinear values of `volume` at world points (mm), after a 3-voxel maximum filter: the peak a
+    structure reaches within one voxel, which is what decides whether it crosses the threshold."""
+    from scipy import ndimage
+
+    peak = ndimage.maximum_filter(volume.array, size=3)
+    m = np.linalg.inv(volume.grid.index_to_world_matrix())
+    idx = points @ m[:3, :3].T + m[:3, 3]
+    return ndimage.map_coordinates(peak, idx[:, ::-1].T, order=1, mode="nearest")
+
+
+def missing_truth(truth_points, truth_to_ours, reference, ours_volume, voxel_mm: float) -> dict:
+    """Where the truth's surface has no surface of ours within one voxel, and why: the share of such
+    points in the first and last tenth of the surface's axial extent (cone-beam coverage) against the
+    middle, and the peak value the truth and our volume reach there (thin structures that our
+    reconstruction leaves below the threshold show as a lower peak of ours)."""
+    missing = truth_to_ours > voxel_mm
+    z = truth_points[:, 2]
+    lo, hi = np.percentile(z, [0, 100])
+    ends = (z < lo + 0.1 * (hi - lo)) | (z > hi - 0.1 * (hi - lo))
+    out = {"missing_fraction": float(missing.mean()),
+           "missing_fraction_axial_ends": float(missing[ends].mean()) if ends.any() else None,
+           "missing_fraction_middle": float(missing[~ends].mean()) if (~ends).any() else None}
+    if missing.any():
+        out["missing_truth_peak_median"] = float(np.median(_sample(reference, truth_points[missing])))
+        out["missing_ours_peak_median"] = float(np.median(_sample(ours_volume, truth_points[missing])))
+    if (~missing).any():
+        out["found_truth_peak_median"] = float(np.median(_sample(reference, truth_points[~missing])))
+        out["found_ours_peak_median"] = float(np.median(_sample(ours_volume, truth_points[~missing])))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -74,6 +106,12 @@ def main(argv=None) -> int:
               "hd95_truth_to_ours_mm": float(np.percentile(truth_to_ours, 95)),
               "voxel_mm": float(min(reference.grid.spacing_xyz)), "ours": surface_stats(ours),
               "truth": surface_stats(truth), "engine_note": engine.get("note")}
+    volume_file = args.run_dir / "volume.nrrd"
+    if volume_file.exists():
+        from CTNeRFReconLib.volume_io import read_volume
+
+        result["missing"] = missing_truth(_points(truth), truth_to_ours, reference, read_volume(volume_file),
+                                          result["voxel_mm"])
     print("| threshold | seconds | HD95 mm | ours -> truth / truth -> ours | mean mm | voxel mm | "
           "area ours / truth mm^2 | volume ours / truth mm^3 |")
     print("|---|---|---|---|---|---|---|---|")
@@ -81,6 +119,15 @@ def main(argv=None) -> int:
           f"{result['hd95_ours_to_truth_mm']:.2f} / {result['hd95_truth_to_ours_mm']:.2f} | "
           f"{result['mean_distance_mm']:.2f} | {result['voxel_mm']:.3g} | {result['ours']['area_mm2']:.0f} / "
           f"{result['truth']['area_mm2']:.0f} | {result['ours']['volume_mm3']:.0f} / {result['truth']['volume_mm3']:.0f} |")
+    if "missing" in result:
+        m = result["missing"]
+        print(f"truth surface farther than one voxel from ours: {100 * m['missing_fraction']:.0f} % "
+              f"({100 * m['missing_fraction_axial_ends']:.0f} % in the axial tenths at the ends, "
+              f"{100 * m['missing_fraction_middle']:.0f} % in the middle); peak within one voxel there: "
+              f"truth {m.get('missing_truth_peak_median', float('nan')):.4f}, "
+              f"ours {m.get('missing_ours_peak_median', float('nan')):.4f} /mm "
+              f"(where found: {m.get('found_truth_peak_median', float('nan')):.4f} / "
+              f"{m.get('found_ours_peak_median', float('nan')):.4f})")
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     return 0
 
