@@ -97,10 +97,8 @@ def test_bench_surface_says_which_truth_surface_is_missing_and_why():
     import sys
     from pathlib import Path
 
-    from scipy.spatial import cKDTree
-
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_surface import _points, _surface_samples, missing_truth
+    from bench_surface import _points, missing_truth, surface_distances
 
     grid = VolumeGrid.centered((40, 40, 40), (2.0,) * 3)
     ball = voxelize([Ellipsoid((-15.0, 0.0, 0.0), (12.0, 12.0, 12.0), 0.04)], grid, supersample=2)
@@ -110,8 +108,7 @@ def test_bench_surface_says_which_truth_surface_is_missing_and_why():
     truth_vol, ours_vol = Volume(truth, grid), Volume(ours, grid)
     truth_poly, ours_poly = extract_surface(truth_vol, 0.026), extract_surface(ours_vol, 0.026)
     points = _points(truth_poly)
-    distance = cKDTree(_surface_samples(ours_poly)).query(points)[0]
-    m = missing_truth(points, distance, truth_vol, ours_vol, voxel_mm=2.0)
+    m = missing_truth(points, surface_distances(ours_poly, truth_poly)[1], truth_vol, ours_vol, voxel_mm=2.0)
     on_plate = points[:, 0] > 5.0
     assert 0.2 < m["missing_fraction"] < 0.9
     assert abs(m["missing_fraction"] - on_plate.mean()) < 0.05  # the missing surface is the plate's

@@ -6,7 +6,8 @@ Runs the command a user runs (`python -m CTNeRFReconLib surface RUN_DIR --thresh
 fresh interpreter, extracts the reference's surface at the same threshold with the same code, and
 reports the symmetric 95th-percentile and mean distances between them (each surface's vertices to the
 other surface, sampled at its vertices and four points per triangle), areas and volumes, as a table
-and JSON.
+and JSON; with the run's volume.nrrd also where the truth's surface has none of ours within a voxel
+(axial ends against the middle) and the peak both volumes reach there (`missing`).
 """
 from __future__ import annotations
 
@@ -37,15 +38,28 @@ def _surface_samples(poly) -> np.ndarray:
                                  for u, v in ((1 / 3, 1 / 3), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5))])
 
 
-def _sample(volume, points: np.ndarray) -> np.ndarray:
-    """Trilinear values of `volume` at world points (mm), after a 3-voxel maximum filter: the peak a
-    structure reaches within one voxel, which is what decides whether it crosses the threshold."""
+def _peak_sampler(volume):
+    """Trilinear values at world points (mm) of `volume` after a 3-voxel maximum filter: the peak a
+    structure reaches within one voxel, which is what decides whether it crosses the threshold. The
+    filter runs once per volume; the returned function samples it."""
     from scipy import ndimage
 
     peak = ndimage.maximum_filter(volume.array, size=3)
     m = np.linalg.inv(volume.grid.index_to_world_matrix())
-    idx = points @ m[:3, :3].T + m[:3, 3]
-    return ndimage.map_coordinates(peak, idx[:, ::-1].T, order=1, mode="nearest")
+
+    def sample(points: np.ndarray) -> np.ndarray:
+        idx = points @ m[:3, :3].T + m[:3, 3]
+        return ndimage.map_coordinates(peak, idx[:, ::-1].T, order=1, mode="nearest")
+
+    return sample
+
+
+def surface_distances(ours, truth) -> tuple[np.ndarray, np.ndarray]:
+    """(each of our vertices to the truth's surface, each of the truth's vertices to ours), in mm; the
+    surface a vertex is measured to is sampled at its vertices and four points per triangle."""
+    ours_to_truth = cKDTree(_surface_samples(truth)).query(_points(ours))[0]
+    truth_to_ours = cKDTree(_surface_samples(ours)).query(_points(truth))[0]
+    return ours_to_truth, truth_to_ours
 
 
 def missing_truth(truth_points, truth_to_ours, reference, ours_volume, voxel_mm: float) -> dict:
@@ -60,12 +74,11 @@ def missing_truth(truth_points, truth_to_ours, reference, ours_volume, voxel_mm:
     out = {"missing_fraction": float(missing.mean()),
            "missing_fraction_axial_ends": float(missing[ends].mean()) if ends.any() else None,
            "missing_fraction_middle": float(missing[~ends].mean()) if (~ends).any() else None}
-    if missing.any():
-        out["missing_truth_peak_median"] = float(np.median(_sample(reference, truth_points[missing])))
-        out["missing_ours_peak_median"] = float(np.median(_sample(ours_volume, truth_points[missing])))
-    if (~missing).any():
-        out["found_truth_peak_median"] = float(np.median(_sample(reference, truth_points[~missing])))
-        out["found_ours_peak_median"] = float(np.median(_sample(ours_volume, truth_points[~missing])))
+    truth_peak, ours_peak = _peak_sampler(reference), _peak_sampler(ours_volume)
+    for name, where in (("missing", missing), ("found", ~missing)):
+        if where.any():
+            out[f"{name}_truth_peak_median"] = float(np.median(truth_peak(truth_points[where])))
+            out[f"{name}_ours_peak_median"] = float(np.median(ours_peak(truth_points[where])))
     return out
 
 
@@ -94,8 +107,7 @@ def main(argv=None) -> int:
     reference, units = load_reference(args.reference)
     threshold = float(engine["threshold"]) if args.threshold == "auto" else parse_threshold(args.threshold)
     truth = extract_surface(reference, threshold)
-    ours_to_truth = cKDTree(_surface_samples(truth)).query(_points(ours))[0]
-    truth_to_ours = cKDTree(_surface_samples(ours)).query(_points(truth))[0]
+    ours_to_truth, truth_to_ours = surface_distances(ours, truth)
     d = np.concatenate([ours_to_truth, truth_to_ours])
     result = {"run_dir": str(args.run_dir), "reference": str(args.reference), "threshold": args.threshold,
               "threshold_mu": threshold, "reference_units": units, "surface_command_s": round(seconds, 2),
