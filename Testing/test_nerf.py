@@ -98,17 +98,41 @@ def test_generator_output_shapes_and_determinism():
     assert torch.equal(pa, pb)
 
 
+def _first_field_spread(factors) -> tuple[float, float]:
+    """(mean, standard deviation) of the field the factors start with, over its uniform value."""
+    with torch.no_grad():
+        planes, lines = factors()
+        field = VMField(16, np.full(3, -40.0), np.full(3, 40.0), mu_scale=0.02)
+        grid = VolumeGrid((24, 24, 24), (3.0,) * 3, (-34.5,) * 3)
+        vol = field.materialize(planes.float(), lines.float(), grid)
+        uniform = field.activation(field.bias).item()
+    return vol.mean().item() / uniform, vol.std().item() / uniform
+
+
 def test_free_factors_start_as_a_nearly_uniform_field():
     """--no-prior's free factors start small (TensoRF's 0.1 scale): the initial field is nearly the
     bias's constant, not noise as strong as the object (which the baseline would spend its budget on)."""
-    factors = DirectFactors(16, 48, seed=0)
-    planes, lines = factors()
-    field = VMField(16, np.full(3, -40.0), np.full(3, 40.0), mu_scale=0.02)
-    grid = VolumeGrid((24, 24, 24), (3.0,) * 3, (-34.5,) * 3)
-    vol = field.materialize(planes, lines, grid).detach()
-    uniform = field.activation(field.bias.detach()).item()
-    assert abs(vol.mean().item() / uniform - 1) < 0.05
-    assert vol.std().item() < 0.05 * uniform, vol.std().item() / uniform
+    mean, spread = _first_field_spread(DirectFactors(16, 48, seed=0))
+    assert abs(mean - 1) < 0.05 and spread < 0.05, (mean, spread)
+
+
+def test_generated_factors_start_at_the_configured_spread():
+    """`generator_init_scale` 0.1 (for a thin slab seen by few views): the generator's first field is
+    nearly uniform as the free factors' is; at the default unit scale it is noise as strong as the
+    object, from which the 10-view slab collapses into bright slices (docs/nerf.md)."""
+    cfg = NerfConfig.from_settings({"generator_init_scale": 0.1})
+    small = FactorGenerator(16, 48, width=16, noise_channels=8, seed=0, init_scale=cfg.generator_init_scale)
+    mean, spread = _first_field_spread(small)
+    assert abs(mean - 1) < 0.05 and spread < 0.05, (mean, spread)
+    planes, lines = small()
+    assert abs(planes.std().item() - 0.1) < 0.01 and abs(lines.std().item() - 0.1) < 0.01
+    unit = FactorGenerator(16, 48, width=16, noise_channels=8, seed=0,
+                           init_scale=NerfConfig.from_settings({}).generator_init_scale)
+    _, unit_spread = _first_field_spread(unit)
+    assert unit_spread > 0.3, unit_spread
+    for bad in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="generator_init_scale"):
+            NerfConfig.from_settings({"generator_init_scale": bad})
 
 
 def test_presets_and_unknown_settings():
