@@ -53,14 +53,19 @@ def difference_volume(reference: Volume, volume: Volume) -> Volume:
     return Volume((vol - reference.array).astype(np.float32), reference.grid)
 
 
+def values_at(array: np.ndarray, grid, points_xyz: np.ndarray, mode: str = "constant") -> np.ndarray:
+    """Trilinear values of a (z, y, x) array laid out on `grid` at world points (N, 3) in mm; `mode` is
+    scipy's for points outside (constant: 0)."""
+    m = np.linalg.inv(grid.index_to_world_matrix())
+    idx = np.asarray(points_xyz, float) @ m[:3, :3].T + m[:3, 3]  # (x, y, z) index
+    return ndimage.map_coordinates(array, idx[:, ::-1].T, order=1, mode=mode)
+
+
 def line_profile(volume: Volume, start_xyz, end_xyz, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """(distance in mm, value) along a world-space segment, by trilinear interpolation."""
     start, end = np.asarray(start_xyz, float), np.asarray(end_xyz, float)
     pts = start + np.linspace(0, 1, n)[:, None] * (end - start)
-    m = np.linalg.inv(volume.grid.index_to_world_matrix())
-    idx = pts @ m[:3, :3].T + m[:3, 3]  # (x, y, z) index
-    vals = ndimage.map_coordinates(volume.array, idx[:, ::-1].T, order=1, mode="constant")
-    return np.linalg.norm(pts - start, axis=1), vals
+    return np.linalg.norm(pts - start, axis=1), values_at(volume.array, volume.grid, pts)
 
 
 def projection_psnr(measured: np.ndarray, predicted: np.ndarray) -> float:

@@ -44,14 +44,10 @@ def _peak_sampler(volume):
     filter runs once per volume; the returned function samples it."""
     from scipy import ndimage
 
+    from CTNeRFReconLib.metrics import values_at
+
     peak = ndimage.maximum_filter(volume.array, size=3)
-    m = np.linalg.inv(volume.grid.index_to_world_matrix())
-
-    def sample(points: np.ndarray) -> np.ndarray:
-        idx = points @ m[:3, :3].T + m[:3, 3]
-        return ndimage.map_coordinates(peak, idx[:, ::-1].T, order=1, mode="nearest")
-
-    return sample
+    return lambda points: values_at(peak, volume.grid, points, mode="nearest")
 
 
 def surface_distances(ours, truth) -> tuple[np.ndarray, np.ndarray]:
