@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from CTNeRFReconLib import fused
+from CTNeRFReconLib.nerf.adam import Adam
 
 
 def _denoise(noisy: torch.Tensor, weight: float, edge: float, steps: int = 400) -> torch.Tensor:
     """argmin_u mean((u - noisy)^2) + weight * TV_edge(u), by Adam (the trainer's optimiser)."""
     u = noisy.clone().requires_grad_(True)
-    opt = torch.optim.Adam([u], lr=0.02)
+    opt = Adam([u], lr=0.02)
     for it in range(steps):
         for g in opt.param_groups:
             g["lr"] = 0.02 * (1 - it / steps) + 1e-4

@@ -23,6 +23,7 @@ from ..geometry import VolumeGrid
 from ..methods import RunContext
 from ..rays import all_pixel_indices, view_rays
 from ..render import centre_bounds
+from .adam import Adam
 from .config import NerfConfig
 from .detail import DetailGrid
 from .field import VMField
@@ -320,7 +321,7 @@ class NerfTrainer:
                   dict(params=self.field.parameters(), lr=self.cfg.lr * 5)]
         if self.detail is not None:
             groups.append(dict(params=self.detail.parameters(), lr=self.cfg.detail_lr * self.field.mu_scale))
-        self.optimizer = torch.optim.Adam(groups, betas=(0.9, 0.99))
+        self.optimizer = Adam(groups, betas=(0.9, 0.99))
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
 
     def switch_to_direct(self):
@@ -428,7 +429,7 @@ class NerfTrainer:
         target = np.clip(gaussian_filter(target, 1.0), 0, None)
         target_t = torch.as_tensor(target, device=self.device)
         power = float((target_t ** 2).mean()) + 1e-12
-        opt = torch.optim.Adam(list(self.factors.parameters()) + list(self.field.parameters()),
+        opt = Adam(list(self.factors.parameters()) + list(self.field.parameters()),
                                lr=self.cfg.lr * (1 if self.cfg.use_generator else 10) * 2)
         for _ in range(self.cfg.fdk_init_iterations):
             if self.ctx.should_stop():
