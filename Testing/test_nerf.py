@@ -117,22 +117,27 @@ def test_free_factors_start_as_a_nearly_uniform_field():
 
 
 def test_generated_factors_start_at_the_configured_spread():
-    """`generator_init_scale` 0.1 (for a thin slab seen by few views): the generator's first field is
-    nearly uniform as the free factors' is; at the default unit scale it is noise as strong as the
-    object, from which the 10-view slab collapses into bright slices (docs/nerf.md)."""
-    cfg = NerfConfig.from_settings({"generator_init_scale": 0.1})
-    small = FactorGenerator(16, 48, width=16, noise_channels=8, seed=0, init_scale=cfg.generator_init_scale)
-    mean, spread = _first_field_spread(small)
-    assert abs(mean - 1) < 0.05 and spread < 0.05, (mean, spread)
-    planes, lines = small()
-    assert abs(planes.std().item() - 0.1) < 0.01 and abs(lines.std().item() - 0.1) < 0.01
-    unit = FactorGenerator(16, 48, width=16, noise_channels=8, seed=0,
-                           init_scale=NerfConfig.from_settings({}).generator_init_scale)
-    _, unit_spread = _first_field_spread(unit)
-    assert unit_spread > 0.3, unit_spread
-    for bad in (0.0, -0.1, float("nan")):
-        with pytest.raises(ValueError, match="generator_init_scale"):
-            NerfConfig.from_settings({"generator_init_scale": bad})
+    """The default start: lines at unit spread, planes at half of it, so the first field is
+    quieter than the object (at unit spread for both it is noise as strong as the object, from which
+    the 10-view slab collapses into bright slices: docs/nerf.md); `generator_plane_init_fraction`
+    0.1 (a thin slab seen by few views) is quieter still: the field's noise follows the planes' spread."""
+    def make(**settings):
+        cfg = NerfConfig.from_settings(settings)
+        return FactorGenerator(16, 48, width=16, noise_channels=8, seed=0, init_scale=cfg.generator_init_scale,
+                               plane_init_fraction=cfg.generator_plane_init_fraction)
+
+    default = make()
+    planes, lines = default()
+    assert abs(planes.std().item() - 0.5) < 0.05 and abs(lines.std().item() - 1.0) < 0.1
+    _, default_spread = _first_field_spread(default)
+    _, unit_spread = _first_field_spread(make(generator_plane_init_fraction=1.0))
+    assert unit_spread > 0.3 and default_spread < 0.6 * unit_spread, (default_spread, unit_spread)
+    mean, thin_spread = _first_field_spread(make(generator_plane_init_fraction=0.1))
+    assert abs(mean - 1) < 0.05 and thin_spread < 0.5 * default_spread, (mean, thin_spread, default_spread)
+    for name in ("generator_init_scale", "generator_plane_init_fraction"):
+        for bad in (0.0, -0.1, float("nan")):
+            with pytest.raises(ValueError, match=name):
+                NerfConfig.from_settings({name: bad})
 
 
 def test_presets_and_unknown_settings():

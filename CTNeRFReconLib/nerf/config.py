@@ -26,17 +26,21 @@ class NerfConfig:
     noise_channels: int = 16
     """Channels of the fixed noise the generator is fed."""
     generator_init_scale: float = 1.0
-    """Standard deviation the generated planes and lines start at (their learnable output gains are
-    set to it over the untrained generator's spread). At 1 the first field is noise as strong as the
-    object; on the 10-view slab (30 slices) the generator then puts the slab's mass into one or two
-    slices within 40 steps (a rank-one layer explains the views along the slab's thin axis; only the
-    few edge-on views object), and the refinement phase spends the run removing them: 19-27 dB
-    against 33 without the prior. 0.1 (the free factors' `DirectFactors.INIT_SCALE`: a nearly uniform
-    first field) fixes that (33.1) and leaves the 25-view abdomen as it was (35.96 against 36.00), but
-    the field then grows slowly (the products scale with its square): the 45 s demo falls from 28.70
-    to 23.51 dB (0.3: 26.99) and the tests' 32^3 phantom loses about 1 dB after 250 iterations. So
-    the default stays 1; a thin slab seen by few views wants `--setting generator_init_scale=0.1`
-    (docs/nerf.md)."""
+    """Standard deviation the generated lines start at (their learnable output gain is set to it
+    over the untrained generator's spread); the planes start at `generator_plane_init_fraction` of
+    it."""
+    generator_plane_init_fraction: float = 0.5
+    """The planes' starting spread as a fraction of the lines' (0.5; it was 1 until 2026-12-03). With
+    both at unit spread the first field is noise as strong as the object, and on the 10-view slab
+    (30 slices) the generator puts the slab's mass into one or two slices within 40 steps (a
+    rank-one layer explains the views along the slab's thin axis; only the few edge-on views object):
+    18.85 dB after 1560 iterations against 33 without the prior. Shrinking both to 0.1 fixes that
+    (33.18) but the field then grows slowly, the products scaling with the start's square (the 45 s
+    demo fell from 28.70 to 23.51 dB). Shrinking the planes alone scales the products with the
+    planes' start, not its square: the slab scores 32.62 at 0.5 (32.00 at 0.3, 33.14 at 0.1), the
+    demo's 320 iterations 28.66 / 0.879 against 28.33 / 0.870 at 1, the tests' 32^3 phantom after
+    250 iterations 0.1 dB less (26.44 against 26.54, three seeds); docs/nerf.md, "The generator's
+    first field". A thin slab seen by few views may want 0.1."""
     use_generator: bool = True
     """Deep image prior (ZeroRF). False optimises the planes and lines directly (TensoRF)."""
     refine_fraction: float = 0.75
@@ -171,10 +175,11 @@ class NerfConfig:
         if extra.get("ray_weighting", cfg.ray_weighting) not in RAY_WEIGHTINGS:
             raise ValueError(f"nerf setting ray_weighting: {extra['ray_weighting']!r} is not one of "
                              f"{', '.join(RAY_WEIGHTINGS)}")
-        scale = extra.get("generator_init_scale", cfg.generator_init_scale)
-        if not (math.isfinite(scale) and scale > 0):  # zero gains would leave the generator's weights no gradient
-            raise ValueError(f"nerf setting generator_init_scale: {scale!r} is not a positive number (the default "
-                             "is 1; 0.1 for a thin slab seen by few views)")
+        for name, hint in (("generator_init_scale", "the default is 1"),
+                           ("generator_plane_init_fraction", "the default is 0.5; 0.1 for a thin slab seen by few views")):
+            scale = extra.get(name, getattr(cfg, name))
+            if not (math.isfinite(scale) and scale > 0):  # zero gains would leave the generator's weights no gradient
+                raise ValueError(f"nerf setting {name}: {scale!r} is not a positive number ({hint})")
         edge = extra.get("tv_edge", cfg.tv_edge)
         if not (math.isfinite(edge) and edge >= 0):  # the kernel would refuse it at the first step
             raise ValueError(f"nerf setting tv_edge: {edge!r} is below 0 or not finite (0 gives plain TV)")

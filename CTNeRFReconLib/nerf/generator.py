@@ -62,7 +62,7 @@ class FactorGenerator(nn.Module):
     """Generates planes (3, C, R, R) and lines (3, C, R) from fixed noise."""
 
     def __init__(self, channels: int, resolution: int, width: int = 64, noise_channels: int = 16,
-                 seed: int = 0, init_scale: float = 1.0):
+                 seed: int = 0, init_scale: float = 1.0, plane_init_fraction: float = 1.0):
         super().__init__()
         g = torch.Generator().manual_seed(int(seed) + 7919)
         n_up = max(1, min(4, int(math.log2(max(resolution, 4))) - 3))
@@ -72,12 +72,13 @@ class FactorGenerator(nn.Module):
             torch.manual_seed(int(seed))
             self.planes_net = _FactorGenerator(2, 3 * channels, resolution, width, noise_channels, n_up, g)
             self.lines_net = _FactorGenerator(1, 3 * channels, resolution, width, noise_channels, n_up, g)
-        # learnable output gains: planes and lines start at a spread of init_scale whatever the depth
+        # learnable output gains: the lines start at a spread of init_scale whatever the depth, the
+        # planes at plane_init_fraction of it (NerfConfig.generator_plane_init_fraction says why)
         self.plane_gain = nn.Parameter(torch.tensor(1.0))
         self.line_gain = nn.Parameter(torch.tensor(1.0))
         with torch.no_grad():
             p, l = self.planes_net(), self.lines_net()
-            self.plane_gain.fill_(init_scale / (p.std().item() + 1e-6))
+            self.plane_gain.fill_(init_scale * plane_init_fraction / (p.std().item() + 1e-6))
             self.line_gain.fill_(init_scale / (l.std().item() + 1e-6))
 
     def forward(self):

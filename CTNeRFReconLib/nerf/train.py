@@ -173,7 +173,8 @@ class NerfTrainer:
         self.field = VMField(cfg.channels, box_min, box_max, mu_scale).to(self.device)
         if cfg.use_generator:
             self.factors = FactorGenerator(cfg.channels, res, cfg.generator_width, cfg.noise_channels,
-                                           seed=ctx.seed, init_scale=cfg.generator_init_scale).to(self.device)
+                                           seed=ctx.seed, init_scale=cfg.generator_init_scale,
+                                           plane_init_fraction=cfg.generator_plane_init_fraction).to(self.device)
             self.phase = "generator"
         else:
             self.factors = DirectFactors(cfg.channels, res, seed=ctx.seed).to(self.device)
