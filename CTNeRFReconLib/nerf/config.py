@@ -39,8 +39,8 @@ class NerfConfig:
     demo fell from 28.70 to 23.51 dB). Shrinking the planes alone scales the products with the
     planes' start, not its square: the slab scores 32.62 at 0.5 (32.00 at 0.3, 33.14 at 0.1), the
     demo's 320 iterations 28.66 / 0.879 against 28.33 / 0.870 at 1, the tests' 32^3 phantom after
-    250 iterations 0.1 dB less (26.44 against 26.54, three seeds); docs/nerf.md, "The generator's
-    first field". A thin slab seen by few views may want 0.1."""
+    250 iterations 0.1 dB less (26.44 against 26.54, three seeds); docs/nerf.md, "The planes start
+    at half the lines' spread". A thin slab seen by few views may want 0.1."""
     use_generator: bool = True
     """Deep image prior (ZeroRF). False optimises the planes and lines directly (TensoRF)."""
     refine_fraction: float = 0.75
