@@ -91,7 +91,8 @@ class Adam:
         number and size (ValueError otherwise), as torch requires."""
         saved = sd["param_groups"]
         if len(saved) != len(self.param_groups):
-            raise ValueError(f"the optimiser state has {len(saved)} parameter groups, this model {len(self.param_groups)}")
+            raise ValueError(f"the optimiser state has {len(saved)} parameter groups, "
+                             f"this model {len(self.param_groups)}")
         if any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, self.param_groups)):
             raise ValueError("the optimiser state's parameter groups differ in size from this model's")
         by_index = {}

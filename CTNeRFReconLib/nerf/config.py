@@ -176,7 +176,8 @@ class NerfConfig:
             raise ValueError(f"nerf setting ray_weighting: {extra['ray_weighting']!r} is not one of "
                              f"{', '.join(RAY_WEIGHTINGS)}")
         for name, hint in (("generator_init_scale", "the default is 1"),
-                           ("generator_plane_init_fraction", "the default is 0.5; 0.1 for a thin slab seen by few views")):
+                           ("generator_plane_init_fraction",
+                            "the default is 0.5; 0.1 for a thin slab seen by few views")):
             scale = extra.get(name, getattr(cfg, name))
             if not (math.isfinite(scale) and scale > 0):  # zero gains would leave the generator's weights no gradient
                 raise ValueError(f"nerf setting {name}: {scale!r} is not a positive number ({hint})")

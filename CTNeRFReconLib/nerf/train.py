@@ -431,7 +431,7 @@ class NerfTrainer:
         target_t = torch.as_tensor(target, device=self.device)
         power = float((target_t ** 2).mean()) + 1e-12
         opt = Adam(list(self.factors.parameters()) + list(self.field.parameters()),
-                               lr=self.cfg.lr * (1 if self.cfg.use_generator else 10) * 2)
+                   lr=self.cfg.lr * (1 if self.cfg.use_generator else 10) * 2)
         for _ in range(self.cfg.fdk_init_iterations):
             if self.ctx.should_stop():
                 break
