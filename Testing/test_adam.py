@@ -27,15 +27,19 @@ def _groups(params, lrs):
     return [dict(params=[params[0]], lr=lrs[0]), dict(params=params[1:], lr=lrs[1])]
 
 
-def _run(make_opt, params, steps, start=0, lr_of=lambda k: (0.05 / (1 + k), 0.2)):
-    opt = make_opt(params)
-    for k in range(start, start + steps):
-        for g, lr in zip(opt.param_groups, lr_of(k)):
+def _steps(opt, params, ks):
+    """Steps `ks` of the schedule: each group's learning rate set, then one step of loss k."""
+    for k in ks:
+        for g, lr in zip(opt.param_groups, (0.05 / (1 + k), 0.2)):
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
         _loss(params, k).backward()
         opt.step()
     return opt
+
+
+def _run(make_opt, params, steps):
+    return _steps(make_opt(params), params, range(steps))
 
 
 def test_the_same_steps_as_torch_adam_with_a_schedule_and_missing_gradients():
@@ -60,12 +64,7 @@ def test_a_checkpoint_moves_between_the_two_and_continues_identically(direction)
     saved = torch.load(_roundtrip(saved), weights_only=True)  # through a file, as a checkpoint goes
     resumed = second(params)
     resumed.load_state_dict(saved)
-    for k in range(12, 30):
-        for g, lr in zip(resumed.param_groups, (0.05 / (1 + k), 0.2)):
-            g["lr"] = lr
-        resumed.zero_grad(set_to_none=True)
-        _loss(params, k).backward()
-        resumed.step()
+    _steps(resumed, params, range(12, 30))
     for a, b in zip(params, straight):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), (a - b).abs().max()
 

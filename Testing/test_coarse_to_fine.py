@@ -82,7 +82,8 @@ def test_coarse_to_fine_is_as_good_as_the_full_grid_throughout():
         # the schedule and prior the thresholds were set with (a full-grid generator phase after the
         # coarse one; plain TV, which this analytic phantom prefers: docs/nerf.md, the TV's edge scale;
         # the generator's planes starting at the lines' spread: at the default half spread this phantom
-        # gives flat 23.81 / c2f 23.84 after 300 iterations, docs/nerf.md "The planes start at half the lines' spread")
+        # gives flat 23.81 / c2f 23.84 after 300 iterations, docs/nerf.md "The planes start at half the
+        # lines' spread")
         cfg = NerfConfig.from_settings(_settings(iterations=300, coarse_levels=levels, refine_fraction=0.5,
                                                  coarse_fraction=0.35, tv_edge=0.0,
                                                  generator_plane_init_fraction=1.0))
