@@ -108,7 +108,7 @@ def profile_one(case: Path, variant: str, repeats: int, extra: dict | None = Non
             trainer.integrate(vol, o, d, tn, tf, jitter_seed=1).sum().backward()
 
         def tv():
-            _tv(vol).backward()
+            _tv(vol, trainer.tv_edge(), fused_kernel=trainer._kernel is not None).backward()
 
         def optimiser():
             for group in trainer.optimizer.param_groups:
