@@ -11,7 +11,7 @@ import pytest
 from CTNeRFReconLib.methods import RunContext
 from CTNeRFReconLib.metrics import psnr3d
 from CTNeRFReconLib.nerf.config import NerfConfig
-from CTNeRFReconLib.nerf.levels import COST_SHARES, LevelSchedule
+from CTNeRFReconLib.nerf.levels import COST_SHARES, FROZEN_VOXEL_FACTOR, LevelSchedule
 from CTNeRFReconLib.nerf.train import NerfTrainer, TimeBudget, coarser_grid
 
 from nerf_case import small_phantom_case
@@ -117,11 +117,16 @@ def test_the_cost_model_charges_the_generator_only_in_its_phase():
     refinement phase at the same ray batch; a coarse one costs about half (measured: 113 of 237 ms)."""
     scan, ref = small_phantom_case(views=8, det=24, n=20)
     cfg = NerfConfig.from_settings(_settings(iterations=400, coarse_levels=(2.0,), coarse_fraction=0.2,
-                                             refine_fraction=0.5, curriculum_fraction=0.1))
+                                             refine_fraction=0.5, curriculum_fraction=0.1,
+                                             freeze_field_fraction=0.25))
     trainer = NerfTrainer(scan, ref.grid, cfg, RunContext(device="cpu", settings={}))
     cost = trainer.iteration_cost(np.arange(400), 400)
-    coarse, generator_full, refine = cost[50], cost[150], cost[250]
-    assert refine == pytest.approx(1.0 - COST_SHARES[cfg.integrator].generator)
+    coarse, generator_full, refine, frozen = cost[50], cost[150], cost[250], cost[350]
+    shares = COST_SHARES[cfg.integrator]
+    assert refine == pytest.approx(1.0 - shares.generator)
     assert generator_full == pytest.approx(1.0)
     assert 0.45 < coarse < 0.6
-    assert trainer.refine_start == 200 and np.all(cost[200:] == refine)
+    assert trainer.refine_start == 200 and np.all(cost[200:300] == refine)
+    # the last quarter has the field frozen: no materialising, no optimiser step for the factors
+    assert frozen == pytest.approx(shares.integration + FROZEN_VOXEL_FACTOR * shares.voxels)
+    assert np.all(cost[300:] == frozen) and frozen < refine

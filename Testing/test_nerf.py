@@ -146,6 +146,8 @@ def test_presets_and_unknown_settings():
         NerfConfig.from_settings({"iteratons": 5})
     with pytest.raises(ValueError, match="unknown preset"):
         NerfConfig.from_settings({"preset": "ultra"})
+    with pytest.raises(ValueError, match="freeze_field_fraction: 1.5 is not between 0 and 1"):
+        NerfConfig.from_settings({"freeze_field_fraction": 1.5})
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +203,40 @@ def test_resume_continues_the_loss_curve(case, tmp_path):
     # the resumed curve is the uninterrupted curve (CPU determinism)
     assert [i for i, _ in hist] == [i for i, _ in straight]
     np.testing.assert_allclose([l for _, l in hist], [l for _, l in straight], rtol=1e-5)
+
+
+def test_a_frozen_field_stops_learning_while_the_detail_grid_goes_on(case):
+    """The last quarter of this run has the VM field frozen (config.freeze_field_fraction): from
+    iteration 30 on the factors and the decoder stay as they were and only the detail grid moves, and
+    the output is the frozen field plus the detail, clipped at zero, on the grid."""
+    scan, ref = case
+    cfg = NerfConfig.from_settings({**FAST, "iterations": 40, "fdk_init_iterations": 0, "refine_fraction": 0.5,
+                                    "freeze_field_fraction": 0.25})
+    seen = {}
+
+    def should_stop():  # called by the loop before each iteration's step
+        t = seen["trainer"]
+        if t.state.iteration == 30:
+            seen["frozen_before"] = t._frozen_field is not None
+        if t.state.iteration == 31:  # iteration 30 ran frozen
+            seen["factors"] = [p.detach().clone() for p in [*t.factors.parameters(), *t.field.parameters()]]
+            seen["detail"] = t.detail.values.detach().clone()
+        return False
+
+    trainer = NerfTrainer(scan, ref.grid, cfg, RunContext(device="cpu", should_stop=should_stop))
+    seen["trainer"] = trainer
+    assert trainer._freeze_start_of(40) == 30
+    vol = trainer.run()
+    assert seen["frozen_before"] is False and trainer._frozen_field is not None
+    after = [*trainer.factors.parameters(), *trainer.field.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(seen["factors"], after))
+    assert not torch.equal(seen["detail"], trainer.detail.values)  # the detail went on learning
+    with torch.no_grad():
+        expected = (trainer._frozen_field + trainer.detail.values).clamp_min(0.0)
+        if trainer._support_mask is not None:
+            expected = expected * trainer._support_mask
+    np.testing.assert_allclose(trainer.volume_on(trainer.grid).numpy(), expected.numpy(), atol=1e-6)
+    assert np.isfinite(vol.array).all()
 
 
 def test_cancel_returns_a_complete_volume(case):

@@ -86,19 +86,28 @@ def profile_one(case: Path, variant: str, repeats: int, extra: dict | None = Non
     o, d, tn, tf = (t[idx] for t in trainer.rays)
     full = len(trainer.levels.factors)
     stages = ([("coarse", 0)] if trainer.levels.active else []) + [("full", full), ("refine", full)]
+    frozen_share = _frozen_share(cfg)
+    if frozen_share > 0:
+        stages.append(("frozen", full))  # the end of the refinement phase: the field frozen (train.py)
     rows = []
     for stage, level in stages:
         trainer._set_level(level)
-        if stage == "refine":
+        if stage in ("refine", "frozen"):
             trainer.switch_to_direct()
+        if stage == "frozen":
+            trainer.freeze_field()
 
         def generator():
+            if trainer._frozen_field is not None:
+                return  # the factors take no gradient any more
             planes, lines = trainer.factors()
             (planes.sum() + lines.sum()).backward()
 
         planes, lines = (t.detach() for t in trainer.factors())
 
         def materialise():
+            if trainer._frozen_field is not None:
+                return  # computed once when the field froze
             p, l = planes.clone().requires_grad_(), lines.clone().requires_grad_()
             trainer.field.materialize(p, l, trainer.level_grid).sum().backward()
 
@@ -113,10 +122,11 @@ def profile_one(case: Path, variant: str, repeats: int, extra: dict | None = Non
         def optimiser():
             for group in trainer.optimizer.param_groups:
                 for p in group["params"]:
-                    p.grad = torch.zeros_like(p)
+                    p.grad = torch.zeros_like(p) if p.requires_grad else None
             trainer.optimizer.step()
 
-        it = {"coarse": 10, "full": trainer.refine_start - 1, "refine": trainer.refine_start}[stage]
+        it = {"coarse": 10, "full": trainer.refine_start - 1, "refine": trainer.refine_start,
+              "frozen": trainer.iterations - 1}[stage]
         row = dict(stage=stage, level_grid=list(trainer.level_grid.shape_xyz), samples_per_ray=trainer.n_samples,
                    generator=_timed(generator, repeats), materialise=_timed(materialise, repeats),
                    integrate=_timed(integrate, repeats), tv=_timed(tv, repeats),
@@ -127,14 +137,22 @@ def profile_one(case: Path, variant: str, repeats: int, extra: dict | None = Non
                 training_grid=list(trainer.grid.shape_xyz), training_voxels=trainer.grid.n_voxels,
                 rays=len(trainer.targets), rays_per_batch=n_rays, setup_s=setup_s, levels=rows,
                 coarse_fraction=trainer.levels.boundaries(1000)[-1] / 1000 if trainer.levels.active else 0.0,
-                refine_fraction=cfg.refine_fraction, integrator=cfg.integrator,
+                refine_fraction=cfg.refine_fraction, frozen_fraction=frozen_share, integrator=cfg.integrator,
                 peak_memory_mb=round(peak_mb, 1), threads=torch.get_num_threads())
+
+
+def _frozen_share(cfg) -> float:
+    """The fraction of a run's iterations with the field frozen (NerfTrainer._freeze_start_of)."""
+    if cfg.freeze_field_fraction <= 0 or not cfg.detail_grid:
+        return 0.0
+    return min(cfg.freeze_field_fraction, cfg.refine_fraction if cfg.use_generator else 1.0)
 
 
 def mean_step_ms(row: dict) -> float:
     """A whole run's mean step: each stage's share of the iterations at its cost (the ray curriculum aside)."""
-    share = {"coarse": row["coarse_fraction"], "refine": row["refine_fraction"]}
-    share["full"] = 1.0 - share["coarse"] - share["refine"]
+    frozen = row.get("frozen_fraction", 0.0)
+    share = {"coarse": row["coarse_fraction"], "refine": row["refine_fraction"] - frozen, "frozen": frozen}
+    share["full"] = 1.0 - share["coarse"] - row["refine_fraction"]
     return round(sum(share[lv["stage"]] * lv["step"] for lv in row["levels"]), 1)
 
 
@@ -149,7 +167,8 @@ def profile_in_child(case: Path, variant: str, repeats: int, extra: dict | None 
 
 def print_profiles(rows: list[dict]):
     print("\nper-iteration cost (ms, forward + backward), default grid; before = whole box, full grid; "
-          "after = support, coarse level then full level; refine = the direct phase with the detail grid")
+          "after = support, coarse level then full level; refine = the direct phase with the detail grid, "
+          "frozen = its last part with the field frozen (only the detail grid learns)")
     head = f"{'case':28s} {'variant':7s} {'stage':6s} {'output':>13s} {'training':>13s} {'level grid':>13s} {'smp':>4s} " + \
            " ".join(f"{p:>10s}" for p in PARTS) + f" {'mean step':>9s} {'peak MB':>8s}"
     print(head)

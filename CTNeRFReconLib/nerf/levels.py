@@ -49,6 +49,15 @@ COST_SHARES = {
 }
 
 
+FROZEN_VOXEL_FACTOR = 0.2
+"""The voxels' share of a step with the field frozen, relative to one that learns it: no materialising
+forwards or backwards and no optimiser step for the factors; the TV term and the detail grid's
+optimiser step as before. `benchmarks/bench_scaling.py`'s profile of the 25-view abdomen's default
+grid on 2 CPU cores (benchmarks/results/freeze/profile_abdomen_25v.json): materialising 49.2, TV 12.2
+and the optimiser 11.7 ms of a refinement step against TV 11.9 and the optimiser 5.4 ms of a frozen
+one, 17 of 73 ms; 25 of 118 ms on a slower host the day before. A fifth to a quarter."""
+
+
 @dataclass(frozen=True)
 class LevelSchedule:
     """Voxel-size factors of the coarse levels (coarsest first; the full grid, factor 1, comes after)
@@ -82,14 +91,16 @@ class LevelSchedule:
         return self.factors[level] if level < len(self.factors) else 1.0
 
     @staticmethod
-    def relative_cost(factor, rays=1.0, generator=True, integrator: str = "joseph"):
+    def relative_cost(factor, rays=1.0, generator=True, integrator: str = "joseph", frozen=False):
         """Cost of an iteration on a grid `factor` times coarser, relative to a full-grid generator-phase
         iteration at the largest ray batch: `rays` is the batch as a fraction of that, `generator` whether
-        the generator runs (the generator phase), `integrator` whose shares (COST_SHARES). Numbers or
-        numpy arrays (one per iteration)."""
+        the generator runs (the generator phase), `integrator` whose shares (COST_SHARES), `frozen`
+        whether the field is frozen (only the detail grid learns: FROZEN_VOXEL_FACTOR of the voxels'
+        share). Numbers or numpy arrays (one per iteration)."""
         shares = COST_SHARES[integrator]
         f = np.maximum(1.0, np.asarray(factor, dtype=float))
         gen = np.asarray(generator, dtype=float)
+        voxels = shares.voxels * np.where(np.asarray(frozen, dtype=bool), FROZEN_VOXEL_FACTOR, 1.0)
         cost = (shares.generator * gen + shares.integration * np.asarray(rays, dtype=float) / f
-                + shares.voxels / f ** 3)
+                + voxels / f ** 3)
         return float(cost) if cost.ndim == 0 else cost

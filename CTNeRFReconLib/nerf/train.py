@@ -181,6 +181,8 @@ class NerfTrainer:
             self.phase = "direct"
         self.detail: DetailGrid | None = None
         """Dense detail added to the field in the direct (refinement) phase; see detail.py."""
+        self._frozen_field: torch.Tensor | None = None
+        """The field's volume on the training grid once it is frozen (`freeze_field`), else None."""
         if self.phase == "direct" and cfg.detail_grid:
             self.detail = DetailGrid(self.grid, device=self.device)
         self._make_optimizer()
@@ -314,7 +316,8 @@ class NerfTrainer:
         for k, end in reversed(list(enumerate(self.levels.boundaries(planned)))):
             factor[it < end] = self.levels.factor(k)
         generator = cfg.use_generator & (it < self._refine_start_of(planned))
-        return LevelSchedule.relative_cost(factor, rays, generator, cfg.integrator)
+        frozen = it >= self._freeze_start_of(planned)
+        return LevelSchedule.relative_cost(factor, rays, generator, cfg.integrator, frozen)
 
     def _make_optimizer(self):
         lr = self.cfg.lr * (1 if self.phase == "generator" else 10)
@@ -337,6 +340,33 @@ class NerfTrainer:
         if self.cfg.detail_grid:
             self.detail = DetailGrid(self.grid, device=self.device)
         self._make_optimizer()
+
+    def freeze_field(self):
+        """From here on only the detail grid learns: the VM field's volume on the training grid is
+        computed once and kept, its factors and decoder stop taking gradients (the optimiser skips a
+        parameter without one). Called again after a resume, it recomputes the same volume from the
+        restored factors."""
+        if self._frozen_field is not None or self.phase != "direct":
+            return
+        if self.level_grid is not self.grid:
+            raise RuntimeError("the field freezes on the full training grid only")
+        with torch.no_grad():
+            planes, lines = self.factors()
+            self._frozen_field = self.field.materialize(planes.float(), lines.float(), self.grid)
+        for p in [*self.factors.parameters(), *self.field.parameters()]:
+            p.requires_grad_(False)
+            p.grad = None
+
+    def _freeze_start_of(self, planned: int) -> int:
+        """The iteration where the field freezes under a plan of `planned` iterations: the last
+        `freeze_field_fraction` of the plan, never before the refinement phase (planned + 1: never)."""
+        f = self.cfg.freeze_field_fraction
+        if f <= 0 or not self.cfg.detail_grid:
+            return planned + 1
+        refine = self._refine_start_of(planned) if self.cfg.use_generator else 0
+        if refine > planned:
+            return planned + 1
+        return max(refine, int(round(planned * (1.0 - f))))
 
     @property
     def iterations(self) -> int:
@@ -408,7 +438,10 @@ class NerfTrainer:
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_amp):
             planes, lines = self.factors()
         grid = self.level_grid
-        vol = self.field.materialize(planes.float(), lines.float(), grid)
+        if self._frozen_field is not None:
+            vol = self._frozen_field  # computed once (freeze_field); no gradient flows into the field
+        else:
+            vol = self.field.materialize(planes.float(), lines.float(), grid)
         if self.detail is not None:
             if grid is not self.grid:
                 raise RuntimeError("the detail grid lives on the full training grid only")
@@ -596,6 +629,8 @@ class NerfTrainer:
                 break
             if it >= self.refine_start:
                 self.switch_to_direct()
+            if it >= self._freeze_start_of(self.iterations):
+                self.freeze_field()
             self._update_level(it)
             n = self.batch_size(it)
             try:
