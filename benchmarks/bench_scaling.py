@@ -86,7 +86,7 @@ def profile_one(case: Path, variant: str, repeats: int, extra: dict | None = Non
     o, d, tn, tf = (t[idx] for t in trainer.rays)
     full = len(trainer.levels.factors)
     stages = ([("coarse", 0)] if trainer.levels.active else []) + [("full", full), ("refine", full)]
-    frozen_share = _frozen_share(cfg)
+    frozen_share = max(0, 1000 - trainer._freeze_start_of(1000)) / 1000  # the trainer's own rule
     if frozen_share > 0:
         stages.append(("frozen", full))  # the end of the refinement phase: the field frozen (train.py)
     rows = []
@@ -139,13 +139,6 @@ def profile_one(case: Path, variant: str, repeats: int, extra: dict | None = Non
                 coarse_fraction=trainer.levels.boundaries(1000)[-1] / 1000 if trainer.levels.active else 0.0,
                 refine_fraction=cfg.refine_fraction, frozen_fraction=frozen_share, integrator=cfg.integrator,
                 peak_memory_mb=round(peak_mb, 1), threads=torch.get_num_threads())
-
-
-def _frozen_share(cfg) -> float:
-    """The fraction of a run's iterations with the field frozen (NerfTrainer._freeze_start_of)."""
-    if cfg.freeze_field_fraction <= 0 or not cfg.detail_grid:
-        return 0.0
-    return min(cfg.freeze_field_fraction, cfg.refine_fraction if cfg.use_generator else 1.0)
 
 
 def mean_step_ms(row: dict) -> float:

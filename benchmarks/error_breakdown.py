@@ -1,11 +1,11 @@
 """Where a reconstruction's error lies, against the ground truth, scored as the referee scores.
 
 The referee's PSNR3D is one number; deciding what to improve needs to know which voxels carry the
-squared error. This script resamples the volume onto the reference grid exactly as
-../shared/bench/score.py does (world coordinates, linear, zero outside), keeps the same interior
-(`--margin`), and splits the squared error by
+squared error. This script resamples the volume onto the reference grid as
+../shared/bench/score.py does (`volume_io.resample_to_grid`: world coordinates, linear, zero
+outside), keeps the same interior (`--margin`), and splits the squared error by
 
-* attenuation band of the truth (air, lung and fat, soft tissue, contrast, bone),
+* attenuation band of the truth (air, gas and partial volume, fat, soft tissue, contrast, bone),
 * edges against flat regions (the truth's gradient magnitude, Gaussian sigma 1 voxel, above or
   below its 90th / 50th percentile),
 * frequency (the error's low-pass part, Gaussian sigma 2 voxels, against the rest),
@@ -23,8 +23,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage as ndi
+
+from CTNeRFReconLib.volume_io import read_volume, resample_to_grid
 
 BANDS = [("air", -np.inf, 1e-4), ("gas, partial volume", 1e-4, 0.010), ("fat, low soft", 0.010, 0.017),
          ("soft tissue", 0.017, 0.022), ("contrast", 0.022, 0.030), ("bone", 0.030, np.inf)]
@@ -33,9 +34,9 @@ BANDS = [("air", -np.inf, 1e-4), ("gas, partial volume", 1e-4, 0.010), ("fat, lo
 
 def on_reference_grid(reference: Path, volume: Path) -> tuple[np.ndarray, np.ndarray]:
     """The truth and the volume resampled onto its grid, as score.py does (z, y, x arrays)."""
-    ref = sitk.ReadImage(str(reference), sitk.sitkFloat32)
-    vol = sitk.Resample(sitk.ReadImage(str(volume), sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, 0.0)
-    return sitk.GetArrayFromImage(ref).astype(np.float64), sitk.GetArrayFromImage(vol).astype(np.float64)
+    truth = read_volume(reference)
+    ours = resample_to_grid(read_volume(volume), truth.grid)
+    return truth.array.astype(np.float64), ours.array.astype(np.float64)
 
 
 def breakdown(truth: np.ndarray, ours: np.ndarray, margin: int) -> dict:

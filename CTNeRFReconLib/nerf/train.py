@@ -434,13 +434,13 @@ class NerfTrainer:
 
     def _training_volume(self) -> torch.Tensor:
         """The field on the current level's grid (differentiable), zero outside the support."""
-        use_amp = self.cfg.amp and self.device.type == "cuda"
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            planes, lines = self.factors()
         grid = self.level_grid
         if self._frozen_field is not None:
             vol = self._frozen_field  # computed once (freeze_field); no gradient flows into the field
         else:
+            use_amp = self.cfg.amp and self.device.type == "cuda"
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                planes, lines = self.factors()
             vol = self.field.materialize(planes.float(), lines.float(), grid)
         if self.detail is not None:
             if grid is not self.grid:
