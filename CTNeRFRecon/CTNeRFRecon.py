@@ -124,6 +124,18 @@ class CTNeRFRecon(ScriptedLoadableModule):
             "conventions.")
         # Sample Data lists the demo scan; it is simulated, not downloaded (see registerSampleData)
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", registerLayouts)
+
+
+def registerLayouts() -> None:
+    """Register the module's view layouts when Slicer starts: a scene saved in one of them stores only
+    its id, and a layout id without a description leaves the view area empty when the scene loads."""
+    layoutManager = slicer.app.layoutManager()
+    if layoutManager is None or LIBRARY_ROOT is None:  # no main window (e.g. --no-main-window), or no library
+        return
+    from CTNeRFReconLib.slicer_bridge import layouts
+
+    layouts.register_layouts(layoutManager.layoutLogic().GetLayoutNode())
 
 
 def registerSampleData() -> None:
@@ -202,7 +214,13 @@ def _is_set(path) -> bool:
 @parameterNodeGuiConnector
 class _PathLineEditToStrConnector(GuiConnector):
     """A ctkPathLineEdit bound to a ``str`` field. Slicer's own connector binds pathlib.Path, whose
-    empty value reads back as '.', so an empty field showed '.'; here empty stays empty."""
+    empty value reads back as '.', so an empty field showed '.'; here empty stays empty.
+
+    It listens to the text of the path's editor, not to ``currentPathChanged``: CTK emits that only
+    for text its validator accepts, and with no name filters the validator's pattern is ``.+``
+    (ctkPathLineEdit::updateHasValidInput, ctk::nameFiltersToRegularExpression), so clearing a field
+    never reached the node and its last character (``/``) stayed there as the path.
+    """
 
     @staticmethod
     def canRepresent(widget, datatype) -> bool:
@@ -218,11 +236,16 @@ class _PathLineEditToStrConnector(GuiConnector):
         super().__init__()
         self._widget = widget
 
+    def _editor(self):
+        """The path's editable combo box (ctkPathLineEdit makes one unless its history button is off;
+        its editTextChanged follows every edit of the text, empty included)."""
+        return self._widget.comboBox()
+
     def _connect(self):
-        self._widget.currentPathChanged.connect(self.changed)
+        self._editor().editTextChanged.connect(self.changed)
 
     def _disconnect(self):
-        self._widget.currentPathChanged.disconnect(self.changed)
+        self._editor().editTextChanged.disconnect(self.changed)
 
     def widget(self):
         return self._widget
@@ -231,7 +254,12 @@ class _PathLineEditToStrConnector(GuiConnector):
         return str(self._widget.currentPath or "")
 
     def write(self, value) -> None:
-        self._widget.currentPath = str(value or "")
+        # the wrapper writes every field back after each change; setting the same text again would
+        # move the cursor to the end on every keystroke (QLineEdit::setText), as Slicer's own
+        # QLineEditToStrConnector notes, so only a different value is written
+        text = str(value or "")
+        if text != self.read():
+            self._widget.currentPath = text
 
 
 #
@@ -249,7 +277,9 @@ class _ExitGuard(qt.QObject):
     """Asks before Slicer's main window closes while a reconstruction runs.
 
     Slicer offers no veto on quitting to modules; an event filter on the main window sees its close
-    event before qSlicerMainWindow::closeEvent does, and can ignore it.
+    event before qSlicerMainWindow::closeEvent does, and can ignore it. A yes here does not stop the
+    run: closeEvent asks next whether to save a modified scene and may still cancel the exit, and the
+    run must go on then. The run stops when Slicer really quits (cleanup(), on the module's unload).
     """
 
     def __init__(self, widget):
@@ -361,23 +391,26 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        """Application exit or module reload: stop the worker, drop observers."""
+        """Application exit or module reload: stop the worker, unbind the GUI, drop observers."""
         self._stopSession("Slicer is closing the module")
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNode = None
         if self._exitGuard is not None and slicer.util.mainWindow() is not None:
             slicer.util.mainWindow().removeEventFilter(self._exitGuard)
         self._exitGuard = None
         self.removeObservers()
 
     def enter(self) -> None:
-        """The module is shown: make sure the parameter node exists and is bound."""
+        """The module is shown: make sure the parameter node exists and is bound (a no-op when the
+        panel is still bound to it from the last visit)."""
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        """The module is hidden: unbind the GUI (the run goes on; the timer keeps polling)."""
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        """The module is hidden. The GUI stays bound to its parameter node (the run goes on; the timer
+        keeps polling): Slicer 5.10's disconnectGui leaves the wrapper's own ModifiedEvent observer on
+        the node (parameterNodeWrapper/wrapper.py, fixed in 5.12), so unbinding here and binding a new
+        wrapper on every enter() would leave one more observer, and its wrapper, on each visit."""
 
     def onSceneStartClose(self, caller, event) -> None:
         """The scene is about to close (this cannot be refused): stop the run before its nodes go away;
@@ -402,7 +435,11 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
 
     def setParameterNode(self, inputParameterNode) -> None:
-        """Bind the GUI to a parameter node (two-way, through connectGui)."""
+        """Bind the GUI to a parameter node (two-way, through connectGui). Binding the MRML node the GUI
+        is bound to already changes nothing: logic.getParameterNode() returns a new wrapper each time."""
+        if (self._parameterNode is not None and inputParameterNode is not None
+                and self._parameterNode.parameterNode is inputParameterNode.parameterNode):
+            return
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
@@ -936,15 +973,13 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             composite.SetLinkedControl(True)
 
     def confirmStopForExit(self) -> bool:
-        """Slicer is about to quit while a run is active: ask; on yes stop it (its folder keeps the volume)."""
+        """Slicer is about to quit while a run is active: may it stop the run? Only asks: the run is
+        stopped by cleanup() once the application really quits (its folder keeps the volume)."""
         folder = self._session.run_dir
-        if not slicer.util.confirmOkCancelDisplay(
-                "A reconstruction is still running. Stop it and exit?\n\n"
-                f"Its last volume stays in {folder}; Open run folder loads it and Resume continues it.",
-                "CTNeRFRecon"):
-            return False
-        self._stopSession("Slicer is exiting")
-        return True
+        return bool(slicer.util.confirmOkCancelDisplay(
+            "A reconstruction is still running. Stop it and exit?\n\n"
+            f"Its last volume stays in {folder}; Open run folder loads it and Resume continues it.",
+            "CTNeRFRecon"))
 
     def _stopSession(self, reason: str = "the scene was closed") -> None:
         """Scene close or application exit: stop the worker (its run folder keeps the last volume)
@@ -962,6 +997,11 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._commandJob is not None:
             self._commandJob[0].stop()
             self._commandJob = None
+        # a check of the engine's Python or a scan summary still on its thread finishes by itself; its
+        # result is dropped: the action waiting for the check (a run, the demo) was asked for in the
+        # scene that is going, and must not start later in another one
+        self._probeJob = None
+        self._describeJob = None
         self._session = None
         self._busy = ""
 
@@ -1425,9 +1465,14 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def showTable(tableNode) -> None:
-        """Show a table node in a table view (switching to a layout with one, keeping a plot view)."""
+        """Show a table node in a table view (switching to a layout with one; from the module's monitor,
+        the monitor with a table row, so the loss chart stays on screen)."""
+        from CTNeRFReconLib.slicer_bridge import layouts
+
         layoutManager = slicer.app.layoutManager()
-        layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
+        layouts.register_layouts(layoutManager.layoutLogic().GetLayoutNode())
+        layoutManager.setLayout(layouts.layout_with_table(layoutManager.layout,
+                                                          slicer.modules.tables.logic().GetLayoutWithTable))
         selectionNode = slicer.app.applicationLogic().GetSelectionNode()
         selectionNode.SetActiveTableID(tableNode.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()

@@ -227,3 +227,74 @@ def test_widget_never_waits_on_a_process(tree):
     for node in ast.walk(_widget_class(tree)):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
             assert node.func.attr not in ("wait", "loadDemoData", "processEvents"), ast.unparse(node)
+
+
+def _method(cls: ast.ClassDef, name: str) -> ast.FunctionDef:
+    for node in cls.body:
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+    raise AssertionError(f"{cls.name} has no method {name}")
+
+
+def _calls(node: ast.AST) -> set[str]:
+    """Names of the methods and functions called anywhere under `node`."""
+    return {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+            for n in ast.walk(node) if isinstance(n, ast.Call)}
+
+
+def test_path_fields_follow_every_edit_and_keep_the_cursor(tree):
+    """ctkPathLineEdit emits currentPathChanged only for text its validator accepts, and with no name
+    filters the pattern is `.+` (CTK ctkPathLineEdit::updateHasValidInput, ctkUtils.cpp), so an emptied
+    field never reached the node. And the wrapper writes every field back after each change: setting the
+    same text again moves the cursor to the end on every keystroke (Slicer's QLineEditToStrConnector
+    guards against it for the same reason)."""
+    connector = _classes(tree)["_PathLineEditToStrConnector"]
+    for name in ("_connect", "_disconnect"):
+        text = ast.unparse(_method(connector, name))
+        assert "currentPathChanged" not in text and "editTextChanged" in text, text
+    assert "comboBox()" in ast.unparse(_method(connector, "_editor"))
+    write = _method(connector, "write")
+    guards = [n for n in ast.walk(write) if isinstance(n, ast.If) and isinstance(n.test, ast.Compare)
+              and isinstance(n.test.ops[0], ast.NotEq)]
+    assert guards and "currentPath" in ast.unparse(guards[0].body[0]), ast.unparse(write)
+    assert not [n for n in write.body if "currentPath =" in ast.unparse(n) and n not in guards], \
+        "the path is written only when it differs"
+
+
+def test_the_exit_question_does_not_stop_the_run(tree):
+    """qSlicerMainWindow::closeEvent runs after the event filter and asks whether to save a modified
+    scene, where the user can still cancel the exit: the run must then go on. It is stopped in
+    cleanup(), which Slicer calls when it unloads the module at the real exit."""
+    widget = _widget_class(tree)
+    assert "_stopSession" not in _calls(_method(widget, "confirmStopForExit"))
+    assert "_stopSession" not in _calls(_classes(tree)["_ExitGuard"])
+    assert "_stopSession" in _calls(_method(widget, "cleanup"))
+
+
+def test_the_panel_stays_bound_to_its_parameter_node(tree):
+    """Slicer 5.10's disconnectGui leaves the wrapper's ModifiedEvent observer behind (wrapper.py, fixed in
+    5.12 by 16069d367e), and logic.getParameterNode() makes a new wrapper each time: unbinding in exit()
+    and binding a new wrapper in enter() would pile up observers and wrappers on every visit."""
+    widget = _widget_class(tree)
+    assert "disconnectGui" not in _calls(_method(widget, "exit"))
+    set_node = _method(widget, "setParameterNode")
+    first = set_node.body[1] if isinstance(set_node.body[0], ast.Expr) else set_node.body[0]
+    assert isinstance(first, ast.If) and isinstance(first.body[0], ast.Return), ast.unparse(first)
+    assert "parameterNode is inputParameterNode.parameterNode" in ast.unparse(first.test)
+
+
+def test_closing_the_scene_drops_pending_actions(tree):
+    """A check of an external interpreter runs on a thread with the action to start after it (a run, the
+    demo); when the scene closes meanwhile, that action must not start later in the next scene."""
+    stop = ast.unparse(_method(_widget_class(tree), "_stopSession"))
+    assert "self._probeJob = None" in stop and "self._describeJob = None" in stop
+
+
+def test_module_layouts_are_registered_at_startup(tree):
+    """A saved scene keeps only the layout id (vtkMRMLLayoutNode::WriteXML): the descriptions must be on
+    the layout node before any scene loads, so the module registers them when Slicer has started."""
+    connects = [ast.unparse(n) for n in ast.walk(_classes(tree)["CTNeRFRecon"])
+                if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "connect"]
+    assert "slicer.app.connect('startupCompleted()', registerLayouts)" in connects, connects
+    register = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "registerLayouts")
+    assert "register_layouts" in _calls(register)

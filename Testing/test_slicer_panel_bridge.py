@@ -72,6 +72,60 @@ def test_the_module_layouts_are_registered_and_hold_3d_chart_and_slices(scene):
     assert scene.GetNumberOfNodesByClass("vtkMRMLViewNode") >= 1
 
 
+def _view_classes(scene) -> dict[str, int]:
+    return {cls: scene.GetNumberOfNodesByClass(cls)
+            for cls in ("vtkMRMLViewNode", "vtkMRMLPlotViewNode", "vtkMRMLTableViewNode", "vtkMRMLSliceNode")}
+
+
+def test_show_table_from_the_monitor_keeps_the_chart_and_the_3d_view(scene):
+    """Slicer's GetLayoutWithTable sends any layout it does not know to Four-Up Table, which has no plot
+    view: from the monitor, the table would hide the loss chart. The monitor gets its own table row."""
+    slicers_choice = slicer.vtkSlicerTablesLogic.GetLayoutWithTable
+    assert slicers_choice(layouts.MONITOR_LAYOUT_ID) == slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView
+    assert layouts.layout_with_table(layouts.MONITOR_LAYOUT_ID, slicers_choice) == layouts.MONITOR_TABLE_LAYOUT_ID
+    assert layouts.layout_with_table(layouts.MONITOR_TABLE_LAYOUT_ID, slicers_choice) == layouts.MONITOR_TABLE_LAYOUT_ID
+    four_up = slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView
+    assert layouts.layout_with_table(four_up, slicers_choice) == slicers_choice(four_up)
+    logic = slicer.vtkMRMLLayoutLogic()
+    logic.SetMRMLScene(scene)
+    layouts.select_layout(scene, layouts.MONITOR_TABLE_LAYOUT_ID)
+    views = _view_classes(scene)
+    assert all(views[cls] >= 1 for cls in views), views
+    assert scene.GetFirstNodeByClass("vtkMRMLTableViewNode").GetLayoutName() == "TableView1"
+
+
+@pytest.mark.parametrize("layout_id", [layouts.MONITOR_LAYOUT_ID, layouts.SIDE_BY_SIDE_LAYOUT_ID,
+                                       layouts.MONITOR_TABLE_LAYOUT_ID])
+def test_a_scene_saved_in_a_module_layout_reopens_with_it(tmp_path, layout_id):
+    """A saved scene keeps only the layout's id: in a new session the description must be registered
+    before the scene loads (the module does it at start-up), else the view area stays empty."""
+    def new_application_scene():
+        s = slicer.vtkMRMLScene()
+        slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(s)
+        logic = slicer.vtkMRMLLayoutLogic()  # as the layout manager makes it at start-up
+        logic.SetMRMLScene(s)
+        return s, logic
+
+    saved, saved_logic = new_application_scene()
+    layouts.select_layout(saved, layout_id)
+    path = tmp_path / "scene.mrml"
+    saved.SetURL(str(path))
+    saved.Commit()
+    assert f'currentViewArrangement="{layout_id}"' in path.read_text()
+    assert layouts.LAYOUTS[layout_id] not in path.read_text(), "the description is not saved with the scene"
+
+    for registered in (False, True):
+        scene, logic = new_application_scene()
+        if registered:  # what CTNeRFRecon.registerLayouts does when Slicer starts
+            layouts.register_layouts(logic.GetLayoutNode())
+        scene.SetURL(str(path))
+        scene.Import()
+        layout_node = logic.GetLayoutNode()
+        assert layout_node.GetViewArrangement() == layout_id
+        description = layout_node.GetCurrentLayoutDescription() or ""
+        assert (description == layouts.LAYOUTS[layout_id]) is registered, (registered, description[:80])
+
+
 def test_side_by_side_puts_each_volume_in_its_own_linked_view(scene):
     volumes = []
     for name, value in (("recon", 1.0), ("reference", 2.0), ("difference", -1.0)):

@@ -8,9 +8,15 @@
   reconstruction, the reference and the difference, each with its own background volume and linked
   (one slice offset, zoom and pan for the three), above the usual three views of the reconstruction.
 
+* **Monitor with table** (:data:`MONITOR_TABLE_LAYOUT_ID`): the monitor with a table view below, where
+  *Show table* puts the comparison's scores. Slicer's ``GetLayoutWithTable`` maps every layout it does
+  not know to "Four-Up Table", which has no plot view: from the monitor it would hide the loss chart.
+
 Layouts are XML descriptions that the layout node keeps by id; in Slicer the layout manager makes
 the views (slice nodes named by their ``singletontag``, with a slice composite node each) when the
-arrangement is selected. Ids are plain integers above Slicer's own (which stay below 1000).
+arrangement is selected. Ids are plain integers above Slicer's own (which stay below 1000). A scene
+saved in one of them keeps only the id (vtkMRMLLayoutNode writes ``currentViewArrangement``, not the
+description), so the module registers them when Slicer starts, before any scene is loaded.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from .views import slice_composite_nodes
 
 MONITOR_LAYOUT_ID = 7301
 SIDE_BY_SIDE_LAYOUT_ID = 7302
+MONITOR_TABLE_LAYOUT_ID = 7303
 
 SIDE_BY_SIDE_VIEWS = ("CTNeRFReconOutput", "CTNeRFReconReference", "CTNeRFReconDifference")
 """Layout names (singleton tags) of the side-by-side row: reconstruction | reference | difference."""
@@ -42,17 +49,24 @@ def _standard_slice_row() -> str:
             + "</layout></item>")
 
 
-MONITOR_LAYOUT_XML = (
-    '<layout type="vertical">'
+_MONITOR_ROWS = (
     '<item><layout type="horizontal">'
     '<item><view class="vtkMRMLViewNode" singletontag="1">'
     '<property name="viewlabel" action="default">1</property></view></item>'
     '<item><view class="vtkMRMLPlotViewNode" singletontag="PlotView1">'
     '<property name="viewlabel" action="default">P</property></view></item>'
     '</layout></item>'
-    + _standard_slice_row()
-    + '</layout>')
+    + _standard_slice_row())
+
+MONITOR_LAYOUT_XML = '<layout type="vertical">' + _MONITOR_ROWS + '</layout>'
 """3D view | loss chart over Red | Yellow | Green."""
+
+MONITOR_TABLE_LAYOUT_XML = (
+    '<layout type="vertical">' + _MONITOR_ROWS
+    + '<item><view class="vtkMRMLTableViewNode" singletontag="TableView1">'
+    '<property name="viewlabel" action="default">T</property></view></item>'
+    '</layout>')
+"""The monitor over a table view (Slicer's own table layouts name theirs TableView1 too)."""
 
 SIDE_BY_SIDE_LAYOUT_XML = (
     '<layout type="vertical">'
@@ -66,9 +80,14 @@ SIDE_BY_SIDE_LAYOUT_XML = (
 """Reconstruction | reference | difference (axial, linked) over Red | Yellow | Green."""
 
 
+LAYOUTS = {MONITOR_LAYOUT_ID: MONITOR_LAYOUT_XML, SIDE_BY_SIDE_LAYOUT_ID: SIDE_BY_SIDE_LAYOUT_XML,
+           MONITOR_TABLE_LAYOUT_ID: MONITOR_TABLE_LAYOUT_XML}
+"""The module's layouts by id."""
+
+
 def register_layouts(layout_node) -> None:
-    """Add (or refresh) both layout descriptions on the scene's layout node."""
-    for layout_id, xml in ((MONITOR_LAYOUT_ID, MONITOR_LAYOUT_XML), (SIDE_BY_SIDE_LAYOUT_ID, SIDE_BY_SIDE_LAYOUT_XML)):
+    """Add (or refresh) the module's layout descriptions on the scene's layout node."""
+    for layout_id, xml in LAYOUTS.items():
         if layout_node.IsLayoutDescription(layout_id):
             layout_node.SetLayoutDescription(layout_id, xml)
         else:
@@ -88,6 +107,15 @@ def select_layout(scene, layout_id: int) -> None:
     layout_node = layout_node_of(scene)
     register_layouts(layout_node)
     layout_node.SetViewArrangement(int(layout_id))
+
+
+def layout_with_table(current: int, slicer_choice) -> int:
+    """The layout to switch to for showing a table from layout `current`: the monitor gets its table
+    row (the chart stays on screen), a layout with a table keeps it, any other is Slicer's choice
+    (`slicer_choice(current)`: vtkSlicerTablesLogic.GetLayoutWithTable)."""
+    if current in (MONITOR_LAYOUT_ID, MONITOR_TABLE_LAYOUT_ID):
+        return MONITOR_TABLE_LAYOUT_ID
+    return int(slicer_choice(current))
 
 
 def show_chart(scene, chart_node) -> int:
