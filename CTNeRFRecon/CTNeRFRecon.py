@@ -571,20 +571,27 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                           + " (Show projections offers to install it)")
             return
         self.ui.scanInfoLabel.text = "reading the scan..."
-        self._describeJob = _BackgroundCall(self.logic.describeScan, path)
+        if self._describeJob is not None:
+            self._describeJob[1].kill()  # an earlier path's reading: its answer is not wanted any more
+        try:
+            self._describeJob = (path, self.logic.startDescribe(path))
+        except ValueError as exc:  # Slicer's Python could not be started: said where the summary goes
+            self._describeJob = None
+            self.ui.scanInfoLabel.text = f"Summary not available: {exc}"
+            return
         self._timer.start()
 
     def _finishDescribe(self) -> None:
-        job = self._describeJob
-        if job is None or not job.done:
+        if self._describeJob is None or not self._describeJob[1].poll():
             return
+        path, job = self._describeJob
         self._describeJob = None
-        if job.args[0] != self._describedPath:
+        if path != self._describedPath:
             return  # the path changed while it was read
-        if job.error is not None:
-            self.ui.scanInfoLabel.text = f"Not readable as projection data: {job.error}"
-        else:
-            self.ui.scanInfoLabel.text = job.result
+        try:
+            self.ui.scanInfoLabel.text = self.logic.finishDescribe(job.result())
+        except ValueError as exc:
+            self.ui.scanInfoLabel.text = f"Not readable as projection data: {exc}"
 
     # ------------------------------------------------------------------------------ engine
 
@@ -1001,14 +1008,20 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # result is dropped: the action waiting for the check (a run, the demo) was asked for in the
         # scene that is going, and must not start later in another one
         self._probeJob = None
-        self._describeJob = None
+        if self._describeJob is not None:
+            self._describeJob[1].kill()
+            self._describeJob = None
         self._session = None
         self._busy = ""
 
 
 class _BackgroundCall:
     """``function(*args)`` on a daemon thread; ``done``, ``result`` and ``error`` are read by the GUI
-    timer. Only for work that touches no Qt and no MRML (reading files, asking a subprocess)."""
+    timer. Only for work that touches no Qt and no MRML and mostly waits (asking a subprocess): Slicer's
+    main thread holds Python's GIL whenever it is not running Python (PythonQt runs without thread
+    support), so a thread gets the interpreter only in the moments the main thread runs Python, and a
+    long C++ call made from a thread (reading a file with SimpleITK) holds the GIL and freezes the GUI
+    at its next Python call. Work of that kind runs in a subprocess (EngineCommand)."""
 
     def __init__(self, function, *args):
         self.args = args
@@ -1198,10 +1211,25 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
         set_window(node, preset)
 
     def describeScan(self, dataPath) -> str:
-        """One line on what the engine understood of the data (format, views, detector, angles, distances)."""
+        """One line on what the engine understood of the data (format, views, detector, angles, distances),
+        read here (blocks until the scan is read: for the console; the panel uses startDescribe)."""
         from CTNeRFReconLib.slicer_bridge.projections import describe_scan, load_scan_file
 
         return describe_scan(load_scan_file(self._checkedDataPath(dataPath)))
+
+    def startDescribe(self, dataPath):
+        """Read the scan for its one-line summary in a subprocess of Slicer's own Python (the same reading
+        as describeScan, without holding the GUI while a large stack loads); poll the returned command,
+        then finishDescribe(command.result())."""
+        from CTNeRFReconLib.slicer_bridge.commands import info_args
+
+        return self._command(info_args(self._checkedDataPath(dataPath)), None)
+
+    @staticmethod
+    def finishDescribe(result: dict) -> str:
+        from CTNeRFReconLib.slicer_bridge.projections import describe_summary
+
+        return describe_summary(result)
 
     def showProjections(self, dataPath):
         """The projection stack as a volume node (one view per axial slice)."""

@@ -98,7 +98,10 @@ def _add_info(sub):
     p = sub.add_parser("info", help="show what was detected in a scan (format, geometry, default grid)")
     p.add_argument("data", type=Path, metavar="DATA")
     p.add_argument("--projections", type=Path, metavar="FILE")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--json", action="store_true", help="print JSON (one line) instead of text")
+    p.add_argument("--no-support", action="store_true",
+                   help="skip carving the object's support (seconds on large scans; needs torch): only what the "
+                        "files say")
 
 
 def _add_demo(sub):
@@ -170,8 +173,9 @@ def _simulate(args) -> int:
     return ExitCode.OK
 
 
-def info_dict(scan) -> dict:
-    """What `info --json` prints: the scan's summary plus the default output grid."""
+def info_dict(scan, support: bool = True) -> dict:
+    """What `info --json` prints: the scan's summary plus the default output grid, and the object's
+    support carved on the output grid unless `support` is False."""
     from .fov import default_grid, pitch_at_isocentre
 
     out = scan.summary()
@@ -184,7 +188,7 @@ def info_dict(scan) -> dict:
         out["default_grid"] = None
         out["notes"] = list(out.get("notes", [])) + [str(exc)]
     grid = scan.grid or (scan.reference.grid if scan.reference is not None else None) or grid
-    if grid is not None:
+    if grid is not None and support:
         from .support import object_support
 
         # what nerf would carve: voxels of that grid some view shows in air (support.py)
@@ -204,9 +208,9 @@ def _info(args) -> int:
     from .formats import describe, load_scan
 
     scan = load_scan(args.data, projections=args.projections)
-    details = info_dict(scan)
+    details = info_dict(scan, support=not args.no_support)
     if args.json:
-        print(json.dumps(to_json_value(details), indent=2))
+        print(json.dumps(to_json_value(details)))  # one line: what a caller reads (slicer_bridge.commands)
         return ExitCode.OK
     print(describe(scan)["description"])
     for note in details.get("notes", [])[len(scan.summary().get("notes", [])):]:

@@ -59,10 +59,12 @@ class ScanData:
     def summary(self) -> dict:
         g = self.geometry
         dist = np.linalg.norm(g.sources - g.det_centers, axis=1)
+        sid = np.linalg.norm(g.sources, axis=1)  # the source's distance from the frame's origin, the isocentre
         info = dict(format=self.source_format, path=self.source_path, views=self.n_views,
                     detector_rows_cols=list(g.det_shape), pixel_pitch_mm=list(g.pixel_pitch),
                     frame=g.frame, parallel=g.parallel,
                     source_detector_mm=[float(dist.min()), float(dist.max())],
+                    source_isocentre_mm=[float(sid.min()), float(sid.max())],
                     projection_range=[float(self.projections.min()), float(self.projections.max())])
         if g.angles is not None:
             info["angles_deg"] = [float(np.degrees(g.angles.min())), float(np.degrees(g.angles.max()))]

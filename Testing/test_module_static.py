@@ -298,3 +298,13 @@ def test_module_layouts_are_registered_at_startup(tree):
     assert "slicer.app.connect('startupCompleted()', registerLayouts)" in connects, connects
     register = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "registerLayouts")
     assert "register_layouts" in _calls(register)
+
+
+def test_the_scan_summary_is_read_in_a_subprocess(tree):
+    """Slicer's main thread holds the GIL outside Python (PythonQt without thread support), so a thread
+    that reads a large stack through SimpleITK freezes the GUI at its next Python call: the summary is
+    read by `info` in a subprocess (Testing/test_slicer_panel_bridge.py runs that subprocess)."""
+    widget = _widget_class(tree)
+    start = _method(widget, "_startDescribe")
+    assert "_BackgroundCall" not in _calls(start) and "startDescribe" in _calls(start)
+    assert "info_args" in _calls(_method(_classes(tree)["CTNeRFReconLogic"], "startDescribe"))

@@ -249,6 +249,42 @@ except ScanFormatError as exc:
     assert "refused:" in done.stdout and "PyYAML" in done.stdout and "pip install pyyaml" in done.stdout
 
 
+SLICER_PYTHON_LACKS = ("torch", "yaml", "skimage", "matplotlib", "tqdm")
+"""What Slicer's own Python does not ship that the engine uses (it ships numpy, scipy and SimpleITK)."""
+
+
+def test_the_panels_scan_summary_is_read_in_a_subprocess_of_a_python_without_the_engine(case, tmp_path):
+    """The panel reads a scan for its summary in a subprocess (`info --json --no-support`): a thread would
+    hold Slicer's GIL through a long SimpleITK read and freeze the GUI. That subprocess runs in Slicer's
+    own Python, which lacks the engine's torch and more, and must say the same as reading in place."""
+    from CTNeRFReconLib.formats import load_scan
+    from CTNeRFReconLib.slicer_bridge.commands import EngineCommand, info_args
+    from CTNeRFReconLib.slicer_bridge.projections import describe_scan, describe_summary
+
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"for name in {SLICER_PYTHON_LACKS!r}:\n"
+        "    sys.modules[name] = None  # import fails, as in Slicer's own Python\n")
+    env = dict(__import__("os").environ, PYTHONPATH=str(blocker))
+    command = EngineCommand(info_args(case), WorkerConfig(env=env)).start()
+    result = command.wait(timeout=120)
+    assert "support" not in result, "the summary carves nothing (torch, seconds on a large scan)"
+    assert describe_summary(result) == describe_scan(load_scan(case))
+    assert "source-isocentre 300 mm" in describe_summary(result)
+
+    from CTNeRFReconLib.slicer_bridge.worker import worker_environment
+
+    for name in SLICER_PYTHON_LACKS:  # the stand-in for Slicer's Python really lacks them
+        probe = subprocess.run([sys.executable, "-c", f"import {name}"], env=worker_environment(env),
+                               capture_output=True, text=True, timeout=60)
+        assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, (name, probe.stderr[-300:])
+    broken = EngineCommand(info_args(tmp_path / "no_such_scan"), WorkerConfig(env=env)).start()
+    with pytest.raises(ValueError, match="no_such_scan"):
+        broken.wait(timeout=120)
+
+
 def test_the_panels_field_tools_run_in_the_engine_and_land_in_the_scene(scene, case, tmp_path):
     """Make surface, Export region and Projection check as the panel runs them: engine commands in a
     subprocess, their results as a model node (in RAS), a volume node and a picture node."""

@@ -1,8 +1,10 @@
-"""Short engine commands on a run folder (surface, export, check), run without blocking the panel.
+"""Short engine commands (surface, export, check on a run folder; info on a scan), run without blocking
+the panel.
 
-These commands need the engine (torch, the trained field), so, like a reconstruction, they run in
-the engine's interpreter as ``python -m CTNeRFReconLib COMMAND RUN_DIR ... --json``; their one-line
-JSON result is read from stdout. :class:`EngineCommand` starts one and is polled from a GUI timer;
+The run-folder commands need the engine (torch, the trained field), so, like a reconstruction, they
+run in the engine's interpreter as ``python -m CTNeRFReconLib COMMAND RUN_DIR ... --json``; ``info``
+needs no torch and runs in whichever Python the caller names (the panel: Slicer's own, where it reads
+scans). Their one-line JSON result is read from stdout. :class:`EngineCommand` starts one and is polled from a GUI timer;
 :meth:`EngineCommand.result` gives the parsed result or raises ValueError with the engine's message
 (the file, the field and the fix, as every refusal of the command line reads).
 
@@ -39,6 +41,12 @@ def check_args(run_dir, out, view: int | None = None) -> list[str]:
     if view is not None:
         args += ["--view", str(int(view))]
     return args
+
+
+def info_args(data) -> list[str]:
+    """``info``: what the files of a scan say (format, views, detector, geometry), without carving the
+    object's support (seconds on a large scan, and torch), for the panel's one-line summary."""
+    return ["info", str(data), "--json", "--no-support"]
 
 
 class EngineCommand:
@@ -83,6 +91,11 @@ class EngineCommand:
 
     def stop(self):
         self.worker.stop(timeout=5)
+
+    def kill(self):
+        """End it at once, without the cancel grace that `stop` waits for (blocking): for a command whose
+        answer is not wanted any more and that writes nothing (``info``)."""
+        self.worker.kill_tree()
 
 
 def result_path(result: dict) -> Path:

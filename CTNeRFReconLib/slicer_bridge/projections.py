@@ -44,18 +44,23 @@ def describe_scan(scan: ScanData) -> str:
     """What the engine understood of a scan, in one line for the panel: format, views, detector,
     angles and distances, e.g. ``rtk: 40 views, detector 128 x 128 pixels of 2.4 mm, angles 0-351 deg,
     source-isocentre 1000 mm, source-detector 1500 mm``."""
-    g = scan.geometry
-    rows, cols = g.det_shape
-    pitch_v, pitch_u = g.pixel_pitch
+    return describe_summary(scan.summary())
+
+
+def describe_summary(summary: dict) -> str:
+    """The same line from a scan's summary (`ScanData.summary`, what ``info --json`` prints), so the
+    panel can read the scan in a subprocess and word it here."""
+    rows, cols = summary["detector_rows_cols"]
+    pitch_v, pitch_u = summary["pixel_pitch_mm"]
     pitch = f"{pitch_u:.3g} mm" if abs(pitch_u - pitch_v) < 1e-9 else f"{pitch_u:.3g} x {pitch_v:.3g} mm"
-    parts = [f"{scan.source_format}: {scan.n_views} views", f"detector {rows} x {cols} pixels of {pitch}"]
-    if g.angles is not None and len(g.angles):
-        parts.append("angles " + _span(np.degrees(g.angles), "deg"))
-    if g.parallel:
+    parts = [f"{summary['format']}: {summary['views']} views", f"detector {rows} x {cols} pixels of {pitch}"]
+    if summary.get("angles_deg"):
+        parts.append("angles " + _span(summary["angles_deg"], "deg"))
+    if summary.get("parallel"):
         parts.append("parallel beam")
     else:
-        parts.append("source-isocentre " + _span(np.linalg.norm(g.sources, axis=1), "mm"))
-        parts.append("source-detector " + _span(g.source_detector_distance(), "mm"))
+        parts.append("source-isocentre " + _span(summary["source_isocentre_mm"], "mm"))
+        parts.append("source-detector " + _span(summary["source_detector_mm"], "mm"))
     return ", ".join(parts)
 
 
