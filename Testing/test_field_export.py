@@ -128,3 +128,23 @@ def test_export_reuses_the_support_the_field_was_trained_with(nerf_run, tmp_path
     assert main(["export", str(run), "--spacing", "4", "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert "resampling volume.nrrd" in said and "support" in said and "bytes of mask" in said, said
+
+
+def test_output_grid_loss_scores_the_same_field_three_ways(nerf_run, fdk_run):
+    """benchmarks/output_grid_loss.py: volume.nrrd, the training-grid volume and the field at the
+    reference's voxel centres. This run's output grid is the reference's (given with --reference), so
+    volume.nrrd holds the field at exactly those centres and the two must score alike."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from output_grid_loss import output_grid_loss
+
+    reference = nerf_run.parent / "data" / "reference.nrrd"
+    result = output_grid_loss(nerf_run, reference, None, margin=2)
+    scores = result["scores"]
+    assert set(scores) == {"volume.nrrd", "training grid", "field at the reference's voxels"}
+    assert abs(scores["volume.nrrd"]["psnr"] - scores["field at the reference's voxels"]["psnr"]) < 0.01, scores
+    assert all(s["psnr"] > 20 for s in scores.values()), scores  # a trained field, not noise
+    with pytest.raises(SystemExit, match="checkpoint"):
+        output_grid_loss(fdk_run, reference, None, margin=2)
