@@ -1611,6 +1611,9 @@ class CTNeRFReconTest(ScriptedLoadableModuleTest):
         from CTNeRFReconLib.slicer_bridge import layouts
 
         layoutManager = slicer.app.layoutManager()
+        layoutNode = layoutManager.layoutLogic().GetLayoutNode()
+        for layoutId in layouts.LAYOUTS:  # registered when Slicer started (registerLayouts), before any use
+            self.assertTrue(layoutNode.IsLayoutDescription(layoutId), layoutId)
         logic.showSideBySide(output, reference, difference)
         for name, node in zip(layouts.SIDE_BY_SIDE_VIEWS, (output, reference, difference)):
             composite = layoutManager.sliceWidget(name).mrmlSliceCompositeNode()
@@ -1621,6 +1624,14 @@ class CTNeRFReconTest(ScriptedLoadableModuleTest):
         self.assertGreaterEqual(layoutManager.threeDViewCount, 1)  # Four-Up Plot would have none
         self.assertGreaterEqual(layoutManager.plotViewCount, 1)
         self.assertIsNotNone(layoutManager.sliceWidget("Red"))
+        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "CTNeRFRecon test table")
+        logic.showTable(table)  # from the monitor: its table row, the chart and the 3D view stay
+        slicer.app.processEvents()
+        self.assertEqual(layoutManager.layout, layouts.MONITOR_TABLE_LAYOUT_ID)
+        self.assertGreaterEqual(layoutManager.tableViewCount, 1)
+        self.assertGreaterEqual(layoutManager.plotViewCount, 1)
+        self.assertGreaterEqual(layoutManager.threeDViewCount, 1)
+        slicer.mrmlScene.RemoveNode(table)
 
     def _checkViews(self, logic, output, overlay):
         logic.showComparison(output, overlay, 0.5)
@@ -1651,6 +1662,8 @@ class CTNeRFReconTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Making the small demo data")
         folder, reference = logic.loadDemoData(small=True)
         self.assertTrue((folder / "projections.mha").exists() or any(folder.glob("*.mha")))
+        command = logic.startDescribe(folder)  # the panel's summary: `info` in a subprocess of Slicer's Python
+        self.assertEqual(logic.finishDescribe(command.wait(120)), logic.describeScan(folder))
 
         parameters = logic.getParameterNode()
         parameters.dataPath = str(folder)
