@@ -36,3 +36,15 @@ def test_blur_shows_at_the_edges_and_noise_in_the_flat_parts():
     # the truth's texture is in the flat soft tissue; noise is not correlated with it
     assert noisy["soft_flat"]["truth_texture_rms"] > 1e-4
     assert abs(noisy["soft_flat"]["texture_correlation"]) < 0.5
+
+
+def test_the_slices_picture_is_written(tmp_path):
+    from error_breakdown import slices_png
+    from PIL import Image
+
+    truth = _truth()
+    path = slices_png(truth, ndi.gaussian_filter(truth, 1.2), tmp_path / "slices.png")
+    with Image.open(path) as image:
+        assert image.size[0] > 600 and image.size[1] > 400
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert pixels.std() > 20, "a blank picture"

@@ -14,7 +14,11 @@ and reports, in the flat soft tissue, the truth's own texture (its difference fr
 beside ours and their correlation: texture the data cannot resolve is error no smoothing removes.
 It also scores the volume after Gaussian smoothing, to say whether noise or blur dominates.
 
-    python benchmarks/error_breakdown.py REFERENCE.nrrd RUN_DIR/volume.nrrd --out results.json
+    python benchmarks/error_breakdown.py REFERENCE.nrrd RUN_DIR/volume.nrrd --out results.json \
+        [--png slices.png]
+
+`--png` draws the middle axial and coronal slices of the truth, ours and ours minus truth (a look at
+what the numbers summarise: staircasing, blurred bone, isolated extrema).
 """
 from __future__ import annotations
 
@@ -74,14 +78,46 @@ def breakdown(truth: np.ndarray, ours: np.ndarray, margin: int) -> dict:
         smoothed_psnr={str(s): psnr(ndi.gaussian_filter(ours, s)) for s in (0.4, 0.6, 0.8)})
 
 
+def slices_png(truth: np.ndarray, ours: np.ndarray, path: Path) -> Path:
+    """Middle axial and coronal slices: truth, ours (soft-tissue window) and the signed error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = dict(cmap="gray", vmin=0.012, vmax=0.030)  # 1/mm: fat to bone's edge, about -350 to +650 HU
+    limit = 0.004
+    fig, axes = plt.subplots(2, 3, figsize=(13, 8))
+    for row, (cut, name) in enumerate(((np.s_[truth.shape[0] // 2], "axial"), (np.s_[:, truth.shape[1] // 2], "coronal"))):
+        a, b = truth[cut], ours[cut]
+        axes[row, 0].imshow(a, **window)
+        axes[row, 0].set_title(f"truth, {name}")
+        axes[row, 1].imshow(b, **window)
+        axes[row, 1].set_title(f"ours, {name}")
+        image = axes[row, 2].imshow(b - a, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        axes[row, 2].set_title("ours - truth (1/mm)")
+        fig.colorbar(image, ax=axes[row, 2], fraction=0.04)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=64)
+    plt.close(fig)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("reference", type=Path)
     ap.add_argument("volume", type=Path)
     ap.add_argument("--margin", type=int, default=2, help="voxels inside the reference box (score.py --margin)")
     ap.add_argument("--out", type=Path, help="JSON file to write")
+    ap.add_argument("--png", type=Path, help="PNG of the middle slices: truth, ours, error")
     a = ap.parse_args()
-    res = dict(reference=str(a.reference), volume=str(a.volume), **breakdown(*on_reference_grid(a.reference, a.volume), a.margin))
+    truth, ours = on_reference_grid(a.reference, a.volume)
+    res = dict(reference=str(a.reference), volume=str(a.volume), **breakdown(truth, ours, a.margin))
+    if a.png:
+        print(f"wrote {slices_png(truth, ours, a.png)}")
     print(f"PSNR3D {res['psnr']} (margin {a.margin})\n")
     print(f"{'band of the truth':20s} {'voxels':>7s} {'sq. error':>9s} {'rms 1/mm':>9s} {'bias 1/mm':>10s}")
     for b in res["bands"]:
