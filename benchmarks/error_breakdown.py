@@ -88,7 +88,8 @@ def slices_png(truth: np.ndarray, ours: np.ndarray, path: Path) -> Path:
     window = dict(cmap="gray", vmin=0.012, vmax=0.030)  # 1/mm: fat to bone's edge, about -350 to +650 HU
     limit = 0.004
     fig, axes = plt.subplots(2, 3, figsize=(13, 8))
-    for row, (cut, name) in enumerate(((np.s_[truth.shape[0] // 2], "axial"), (np.s_[:, truth.shape[1] // 2], "coronal"))):
+    cuts = ((np.s_[truth.shape[0] // 2], "axial"), (np.s_[:, truth.shape[1] // 2], "coronal"))
+    for row, (cut, name) in enumerate(cuts):
         a, b = truth[cut], ours[cut]
         axes[row, 0].imshow(a, **window)
         axes[row, 0].set_title(f"truth, {name}")

@@ -4,9 +4,10 @@ the panel.
 The run-folder commands need the engine (torch, the trained field), so, like a reconstruction, they
 run in the engine's interpreter as ``python -m CTNeRFReconLib COMMAND RUN_DIR ... --json``; ``info``
 needs no torch and runs in whichever Python the caller names (the panel: Slicer's own, where it reads
-scans). Their one-line JSON result is read from stdout. :class:`EngineCommand` starts one and is polled from a GUI timer;
-:meth:`EngineCommand.result` gives the parsed result or raises ValueError with the engine's message
-(the file, the field and the fix, as every refusal of the command line reads).
+scans). Their one-line JSON result is read from stdout. :class:`EngineCommand` starts one and is
+polled from a GUI timer; :meth:`EngineCommand.result` gives the parsed result or raises ValueError
+with the engine's message (the file, the field and the fix, as every refusal of the command line
+reads).
 
 The argument builders name each command's options once (see CTNeRFReconLib/cli_field.py).
 """
