@@ -15,6 +15,7 @@ Environment:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import shutil
@@ -110,6 +111,15 @@ class BuildPlan:
         return f"ctnerf_kernels_{self.variant}" + ("_debug" if self.debug else "")
 
 
+def source_key(src: Path) -> str:
+    """A short key of the kernels' source folder, which names its build folder. torch's loader rebuilds
+    when the build's sources or flags change, and the flags name the source folder (its include path):
+    two copies of the library sharing one build folder (an installed Slicer extension and a checkout, or
+    a CI clone beside it) rebuilt each other's kernels at every switch, 17 s on 2 cores, inside a timed
+    run. One folder per source location; a changed source in the same place still rebuilds there."""
+    return hashlib.sha1(str(Path(src).resolve()).encode("utf-8")).hexdigest()[:10]
+
+
 def plan_build(mode: str | None = None) -> BuildPlan:
     """Choose the variant for this process: CUDA when asked for or possible, else CPU."""
     mode = kernel_mode() if mode is None else mode
@@ -131,7 +141,7 @@ def plan_build(mode: str | None = None) -> BuildPlan:
         sources += sorted((src / "cuda").glob("*.cu"))
     tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info.major}{sys.version_info.minor}"
     variant = "cuda" if want_cuda else "cpu"
-    build_dir = cache_root() / tag / (variant + ("_debug" if debug else ""))
+    build_dir = cache_root() / tag / (variant + ("_debug" if debug else "") + "-" + source_key(src))
     return BuildPlan(variant=variant, sources=tuple(sources), include_dir=src / "include", build_dir=build_dir,
                      debug=debug, cflags=tuple(opt + openmp), ldflags=tuple(openmp),
                      cuda_cflags=tuple(opt + (["-lineinfo"] if not debug else ["-G"])))

@@ -441,3 +441,17 @@ def test_tv_gradcheck_float64(built, edge):
     torch.library.opcheck(torch.ops.ctnerf.tv.default, (vol.detach(), edge), test_utils=tests)
     torch.library.opcheck(torch.ops.ctnerf.tv_backward.default,
                           (torch.tensor(1.0, dtype=torch.float64), vol.detach(), edge), test_utils=tests)
+
+
+def test_each_copy_of_the_sources_builds_in_its_own_folder(tmp_path, monkeypatch):
+    """torch rebuilds when the build flags change, and they name the source folder: two copies of the
+    library sharing one build folder (an installed extension and a checkout, a CI clone) rebuilt each
+    other's kernels at every switch (17 s on 2 cores). Each source folder has its own build folder."""
+    mine = kernels.plan_build("cpu").build_dir
+    assert kernels.plan_build("cpu").build_dir == mine, "the same sources, the same folder: built once"
+    copy = tmp_path / "kernels"
+    shutil.copytree(kernels.source_dir(), copy)
+    monkeypatch.setattr(kernels, "source_dir", lambda: copy)
+    theirs = kernels.plan_build("cpu").build_dir
+    assert theirs != mine and theirs.parent == mine.parent
+    assert kernels.cache_root() in mine.parents

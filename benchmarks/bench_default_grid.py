@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_nerf import PeakRSS  # noqa: E402
+from bench_nerf import PeakRSS, prebuild_kernels  # noqa: E402
 from CTNeRFReconLib.metrics import score_volumes  # noqa: E402
 from CTNeRFReconLib.volume_io import read_volume  # noqa: E402
 from rtk_reference import add_case_options, case_for  # noqa: E402
@@ -165,6 +165,7 @@ def main(argv=None):
         raise SystemExit(f"{a.ct}: CT not found; pass --ct")
     a.out.mkdir(parents=True, exist_ok=True)
     case = case_for(a, a.views)
+    prebuild_kernels()
     rows = []
     for name in a.variants:
         row = run_variant(case, name, a.out, a.nerf_args.split(), a.score_py, a.margin, a.curve_every)

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_default_grid import referee_score  # noqa: E402
+from bench_nerf import prebuild_kernels  # noqa: E402
 from rtk_reference import case_name, make_case  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
@@ -181,6 +182,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {sorted(variants)} (or --define NAME=ARGS)")
     a.out.mkdir(parents=True, exist_ok=True)
+    prebuild_kernels()
     path = a.out / "results.json"
     doc = json.loads(path.read_text()) if path.exists() else dict(results=[])
     doc.update(cpu_count=os.cpu_count(), time_limit_s=a.time_limit, seed=a.seed,

@@ -217,6 +217,9 @@ def main(argv=None):
 
     extra = parse_setting_overrides(args.setting)  # the command line's own --setting rule
     args.out.mkdir(parents=True, exist_ok=True)
+    from bench_nerf import prebuild_kernels
+
+    prebuild_kernels()
     configs = [(det, args.grid_views) for det in args.dets] + [(args.view_det, v) for v in args.views]
     configs = list(dict.fromkeys(configs))
     result = dict(cpu_count=os.cpu_count(), load_average_start=os.getloadavg(), fov_mm=FOV_MM, settings=extra,
