@@ -575,7 +575,7 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._describeJob[1].kill()  # an earlier path's reading: its answer is not wanted any more
         try:
             self._describeJob = (path, self.logic.startDescribe(path))
-        except ValueError as exc:  # Slicer's Python could not be started: said where the summary goes
+        except ValueError as exc:  # Slicer's Python could not be started: said in the summary's place
             self._describeJob = None
             self.ui.scanInfoLabel.text = f"Summary not available: {exc}"
             return
@@ -1004,9 +1004,9 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._commandJob is not None:
             self._commandJob[0].stop()
             self._commandJob = None
-        # a check of the engine's Python or a scan summary still on its thread finishes by itself; its
-        # result is dropped: the action waiting for the check (a run, the demo) was asked for in the
-        # scene that is going, and must not start later in another one
+        # a check of the engine's Python still on its thread finishes by itself and its result is
+        # dropped: the action waiting for it (a run, the demo) was asked for in the scene that is going
+        # and must not start later in another one; a scan summary's subprocess is ended
         self._probeJob = None
         if self._describeJob is not None:
             self._describeJob[1].kill()
