@@ -95,16 +95,24 @@ def _save(image, path: Path):
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=6))
 
 
-def slices_png(volume: Volume, path, reference: Volume | None = None, title: str = "") -> Path:
-    """Mid slices of the volume; with a reference (on the same grid): reference, volume, difference."""
+def slices_png(volume: Volume, path, reference: Volume | None = None, title: str = "", *,
+               window: tuple[float, float] | None = None, difference_limit: float | None = None) -> Path:
+    """Mid slices of the volume; with a reference (on the same grid): reference, volume, difference.
+
+    `window` is the grey range (default 0 to the 99.5th percentile of the reference, else the volume)
+    and `difference_limit` the difference's +- range (default half the grey range's top): a tight
+    window shows soft-tissue error that the full range hides (benchmarks/error_breakdown.py --png)."""
     from PIL import Image, ImageDraw
 
     rows = [("reconstruction", volume)]
     if reference is not None:
         diff = Volume(volume.array - reference.array, volume.grid)
         rows = [("reference", reference), ("reconstruction", volume), ("difference", diff)]
-    window_src = reference.array if reference is not None else volume.array
-    vmax = float(np.percentile(window_src, 99.5)) or float(window_src.max()) or 1.0
+    if window is None:
+        window_src = reference.array if reference is not None else volume.array
+        window = (0.0, float(np.percentile(window_src, 99.5)) or float(window_src.max()) or 1.0)
+    vmin, vmax = window
+    limit = vmax / 2 if difference_limit is None else difference_limit
     font, small = _font(12), _font(11)
     slices = [_mid_slices(vol) for _, vol in rows]
     extents = [max(hi - lo for lo, hi in (s[4], s[5])) for s in slices[0]]
@@ -126,7 +134,7 @@ def slices_png(volume: Volume, path, reference: Volume | None = None, title: str
         is_diff = name == "difference"
         x = pad
         for (stitle, img, xa, ya, xr, yr), (w, h), cw in zip(panels, sizes, col_w):
-            rgb = _diverging(img, vmax / 2) if is_diff else _gray(img, 0.0, vmax)
+            rgb = _diverging(img, limit) if is_diff else _gray(img, vmin, vmax)
             tile = Image.fromarray(np.ascontiguousarray(rgb[::-1])).resize((w, h), Image.NEAREST)  # second axis up
             draw.text((x, y), f"{name}: {stitle}", fill=_FG, font=font)
             top = y + 18 + (row_h - h)
@@ -139,7 +147,7 @@ def slices_png(volume: Volume, path, reference: Volume | None = None, title: str
         bar = Image.fromarray(_colour_bar(bar_h, is_diff))
         top = y + 18
         canvas.paste(bar, (x, top))
-        lo, hi = (-vmax / 2, vmax / 2) if is_diff else (0.0, vmax)
+        lo, hi = (-limit, limit) if is_diff else (vmin, vmax)
         draw.text((x + 18, top - 2), _fmt(hi), fill=_FG, font=small)
         draw.text((x + 18, top + bar_h // 2 - 6), _fmt((lo + hi) / 2), fill=_FG, font=small)
         draw.text((x + 18, top + bar_h - 12), _fmt(lo), fill=_FG, font=small)

@@ -42,8 +42,12 @@ def test_the_slices_picture_is_written(tmp_path):
     from error_breakdown import slices_png
     from PIL import Image
 
+    from CTNeRFReconLib.data import Volume
+    from CTNeRFReconLib.geometry import VolumeGrid
+
     truth = _truth()
-    path = slices_png(truth, ndi.gaussian_filter(truth, 1.2), tmp_path / "slices.png")
+    grid = VolumeGrid.centered(truth.shape[::-1], (3.0, 3.0, 3.0))
+    path = slices_png(Volume(truth, grid), Volume(ndi.gaussian_filter(truth, 1.2), grid), tmp_path / "slices.png")
     with Image.open(path) as image:
         assert image.size[0] > 600 and image.size[1] > 400
         pixels = np.asarray(image.convert("L"), dtype=float)

@@ -9,6 +9,7 @@ library's import without PyYAML (Slicer's own Python has none).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_a_scene_saved_in_a_module_layout_reopens_with_it(tmp_path, layout_id):
         logic.SetMRMLScene(s)
         return s, logic
 
-    saved, saved_logic = new_application_scene()
+    saved, _ = new_application_scene()
     layouts.select_layout(saved, layout_id)
     path = tmp_path / "scene.mrml"
     saved.SetURL(str(path))
@@ -267,7 +268,7 @@ def test_the_panels_scan_summary_is_read_in_a_subprocess_of_a_python_without_the
         "import sys\n"
         f"for name in {SLICER_PYTHON_LACKS!r}:\n"
         "    sys.modules[name] = None  # import fails, as in Slicer's own Python\n")
-    env = dict(__import__("os").environ, PYTHONPATH=str(blocker))
+    env = dict(os.environ, PYTHONPATH=str(blocker))
     command = EngineCommand(info_args(case), WorkerConfig(env=env)).start()
     result = command.wait(timeout=120)
     assert "support" not in result, "the summary carves nothing (torch, seconds on a large scan)"

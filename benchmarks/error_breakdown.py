@@ -17,8 +17,9 @@ It also scores the volume after Gaussian smoothing, to say whether noise or blur
     python benchmarks/error_breakdown.py REFERENCE.nrrd RUN_DIR/volume.nrrd --out results.json \
         [--png slices.png]
 
-`--png` draws the middle axial and coronal slices of the truth, ours and ours minus truth (a look at
-what the numbers summarise: staircasing, blurred bone, isolated extrema).
+`--png` draws the middle slices of the truth, ours and ours minus truth, as the run folder's preview
+does but in a soft-tissue window (a look at what the numbers summarise: staircasing, blurred bone,
+isolated extrema).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from CTNeRFReconLib import previews
+from CTNeRFReconLib.data import Volume
 from CTNeRFReconLib.volume_io import read_volume, resample_to_grid
 
 BANDS = [("air", -np.inf, 1e-4), ("gas, partial volume", 1e-4, 0.010), ("fat, low soft", 0.010, 0.017),
@@ -36,11 +39,10 @@ BANDS = [("air", -np.inf, 1e-4), ("gas, partial volume", 1e-4, 0.010), ("fat, lo
 """Bands of the truth's attenuation (1/mm; water 0.0183 at the referee's energy)."""
 
 
-def on_reference_grid(reference: Path, volume: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The truth and the volume resampled onto its grid, as score.py does (z, y, x arrays)."""
+def on_reference_grid(reference: Path, volume: Path) -> tuple[Volume, Volume]:
+    """The truth and the volume resampled onto its grid, as score.py does."""
     truth = read_volume(reference)
-    ours = resample_to_grid(read_volume(volume), truth.grid)
-    return truth.array.astype(np.float64), ours.array.astype(np.float64)
+    return truth, resample_to_grid(read_volume(volume), truth.grid)
 
 
 def breakdown(truth: np.ndarray, ours: np.ndarray, margin: int) -> dict:
@@ -78,33 +80,11 @@ def breakdown(truth: np.ndarray, ours: np.ndarray, margin: int) -> dict:
         smoothed_psnr={str(s): psnr(ndi.gaussian_filter(ours, s)) for s in (0.4, 0.6, 0.8)})
 
 
-def slices_png(truth: np.ndarray, ours: np.ndarray, path: Path) -> Path:
-    """Middle axial and coronal slices: truth, ours (soft-tissue window) and the signed error."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    window = dict(cmap="gray", vmin=0.012, vmax=0.030)  # 1/mm: fat to bone's edge, about -350 to +650 HU
-    limit = 0.004
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8))
-    cuts = ((np.s_[truth.shape[0] // 2], "axial"), (np.s_[:, truth.shape[1] // 2], "coronal"))
-    for row, (cut, name) in enumerate(cuts):
-        a, b = truth[cut], ours[cut]
-        axes[row, 0].imshow(a, **window)
-        axes[row, 0].set_title(f"truth, {name}")
-        axes[row, 1].imshow(b, **window)
-        axes[row, 1].set_title(f"ours, {name}")
-        image = axes[row, 2].imshow(b - a, cmap="RdBu_r", vmin=-limit, vmax=limit)
-        axes[row, 2].set_title("ours - truth (1/mm)")
-        fig.colorbar(image, ax=axes[row, 2], fraction=0.04)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=64)
-    plt.close(fig)
-    return path
+def slices_png(truth: Volume, ours: Volume, path: Path) -> Path:
+    """The middle slices of the truth, ours and ours minus truth (previews.slices_png, the run folder's
+    preview) in a soft-tissue window and a difference range that show errors of about 30 HU."""
+    return previews.slices_png(ours, path, truth, "ours against the truth (1/mm)",
+                               window=(0.012, 0.030), difference_limit=0.004)
 
 
 def main():
@@ -116,7 +96,8 @@ def main():
     ap.add_argument("--png", type=Path, help="PNG of the middle slices: truth, ours, error")
     a = ap.parse_args()
     truth, ours = on_reference_grid(a.reference, a.volume)
-    res = dict(reference=str(a.reference), volume=str(a.volume), **breakdown(truth, ours, a.margin))
+    res = dict(reference=str(a.reference), volume=str(a.volume),
+               **breakdown(truth.array.astype(np.float64), ours.array.astype(np.float64), a.margin))
     if a.png:
         print(f"wrote {slices_png(truth, ours, a.png)}")
     print(f"PSNR3D {res['psnr']} (margin {a.margin})\n")
