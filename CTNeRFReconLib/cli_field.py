@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from .phantom import MU_WATER
+from .surface import DECIMATE, SMOOTH_ITERATIONS
 
 
 def _common(p, out_help: str):
@@ -40,9 +41,12 @@ def add_parsers(sub):
     p.add_argument("--threshold", default="auto", metavar="T",
                    help="auto (Otsu inside the object's support), an attenuation in 1/mm (0.026), Hounsfield "
                         f"units (300HU), bone (+300 HU) or skin (-500 HU); HU use mu_water {MU_WATER} /mm")
-    p.add_argument("--smooth", type=int, default=20, metavar="N", help="windowed-sinc smoothing iterations (0: none)")
-    p.add_argument("--decimate", type=float, default=0.5, metavar="F",
-                   help="fraction of the triangles to remove, in [0, 1) (default 0.5)")
+    p.add_argument("--smooth", type=int, default=SMOOTH_ITERATIONS, metavar="N",
+                   help=f"windowed-sinc smoothing iterations (0: none; default {SMOOTH_ITERATIONS}: light, since a "
+                        "field's iso-surface is already sub-voxel and smoothing thins shells)")
+    p.add_argument("--decimate", type=float, default=DECIMATE, metavar="F",
+                   help=f"fraction of the triangles to remove, in [0, 1) (default {DECIMATE}; topology kept, an error "
+                        "bound of a quarter voxel)")
     p = sub.add_parser("check", help="rendered against measured projections of a run (projection_check.png)",
                        description="Forward-project RUN_DIR's volume through every view, plot the residual (RMSE) "
                                    "per view over the angle and show one view measured, rendered and their "
