@@ -110,10 +110,8 @@ class NerfConfig:
     before). 'poisson': on the 25-view abdomen's default grid +0.62 dB at `--time-limit 60` (34.06 to
     34.68), +0.08 at 180 s, +0.11 on the 40-view slab at 60 s, the same on the 10-view finehead
     (docs/nerf.md). Without air in the views (no noise law to measure) it is least squares."""
-    tv_strength: float = 6.52
-    """kappa of the data-derived TV weight (used when tv_weight is None): nerf/prior_weight.py. 12.9 before
-    the weight gained its grid factor (h / d)^2 (2026-12-06); 12.9 * (2.133 / 3)^2 keeps the weights of
-    the grids it was fitted on (the 25-view abdomen's 3 mm reference grid, rays 2.133 mm apart)."""
+    tv_strength: float = 12.9
+    """kappa of the data-derived TV weight (used when tv_weight is None): nerf/prior_weight.py."""
     tv_edge: float = 0.03
     """Edge scale of the TV penalty, as a fraction of the attenuation scale (the decoder's, the 99.5th
     percentile of the FDK volume): a difference d between neighbours pays |d| well below it, as in

@@ -11,16 +11,7 @@ photon noise sigma^2 plus the part of the line integrals no voxel model fits, ta
 fraction epsilon of their size (s^2 = sigma^2 + epsilon^2 P, with P the mean squared line integral).
 In the trainer's units (MSE / P + weight * TV_mean / mu_scale) this is
 
-    weight = kappa * (sigma^2 / P + epsilon^2) * N_voxels / N_rays * (h / d)^2,
-
-h the training grid's voxel and d the spacing of the rays at the isocentre (the detector pitch there).
-The last factor keeps the prior the same continuum TV whatever grid it is written on: the sum of
-|differences| over the voxels is the continuum TV divided by h^2, so without it a grid refined by a
-factor r got r^3 more weight instead of r. The 40-view, 160 px abdomen case of 2026-12-06 showed it: its
-default grid (2.13 mm) got 0.0083 where the 3 mm grid got 0.0028, and 0.0028 on the 2.13 mm grid gave
-+0.7 dB (docs/nerf.md). d makes the factor a pure number and fixes where kappa was fitted: on the
-25-view abdomen's 3 mm reference grid (d = 2.13 mm), so kappa is the old 12.9 times (2.13 / 3)^2 and
-the weights there are as before.
+    weight = kappa * (sigma^2 / P + epsilon^2) * N_voxels / N_rays.
 
 A single weight tuned on one scan does not carry over: the weight chosen earlier on the 25-view
 abdomen (0.02) over-smoothed the 30-slice abdomen slab (40 views, ~25x less photon noise) by 6 dB,
@@ -115,10 +106,8 @@ def poisson_ray_weights(targets, air_variance: float, model_error: float, target
 
 
 def tv_weight_from_data(strength: float, model_error: float, noise_variance: float, n_voxels: int,
-                        n_rays: int, target_power: float, voxel_mm: float = 1.0, ray_spacing_mm: float = 1.0) -> float:
-    """weight = strength * (noise_variance / target_power + model_error^2) * n_voxels / n_rays
-    * (voxel_mm / ray_spacing_mm)^2."""
-    grid_factor = (voxel_mm / ray_spacing_mm) ** 2
+                        n_rays: int, target_power: float) -> float:
+    """weight = strength * (noise_variance / target_power + model_error^2) * n_voxels / n_rays."""
     if n_rays <= 0 or target_power <= 0:
-        return strength * model_error ** 2 * grid_factor
-    return strength * (noise_variance / target_power + model_error ** 2) * n_voxels / n_rays * grid_factor
+        return strength * model_error ** 2
+    return strength * (noise_variance / target_power + model_error ** 2) * n_voxels / n_rays

@@ -19,7 +19,6 @@ import torch
 
 from .. import fused
 from ..data import ScanData, Volume
-from ..fov import pitch_at_isocentre
 from ..geometry import VolumeGrid
 from ..methods import RunContext
 from ..rays import all_pixel_indices, view_rays
@@ -206,20 +205,15 @@ class NerfTrainer:
         self.noise_variance = noise.mean_variance
         self.ray_weights = self._ray_weights(noise)
         """Per-ray weights of the data term (None: least squares, every ray alike)."""
-        self.voxel_mm = float(np.prod(self.grid.spacing_xyz) ** (1.0 / 3.0))
-        self.ray_spacing_mm = pitch_at_isocentre(scan.geometry)
-        """The training voxel and the rays' spacing at the isocentre: the TV weight's grid factor."""
         self.tv_weight = cfg.tv_weight
         """The TV weight in use: the configured one, else derived from the noise and the sampling."""
         if self.tv_weight is None:
             self.tv_weight = tv_weight_from_data(cfg.tv_strength, cfg.model_error, self.noise_variance,
-                                                 self.grid.n_voxels, len(self.targets), self.target_power,
-                                                 self.voxel_mm, self.ray_spacing_mm)
+                                                 self.grid.n_voxels, len(self.targets), self.target_power)
         self._plain_tv_because = self._edge_scale_unsafe(scan)
         """Why the TV stays plain despite `tv_edge` (the object goes on beyond the detector), or None."""
         self.ctx.report["tv_prior"] = {"weight": self.tv_weight,
                                        "weight_from": "data" if cfg.tv_weight is None else "setting",
-                                       "voxel_mm": self.voxel_mm, "ray_spacing_mm": self.ray_spacing_mm,
                                        "edge": cfg.tv_edge, "edge_attenuation": self.tv_edge(),
                                        "plain_because": self._plain_tv_because}
         self.target_peak = float(proj.max())
