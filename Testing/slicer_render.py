@@ -106,7 +106,8 @@ def require_offscreen():
         pytest.skip(problem)
 
 
-def _grab(window) -> np.ndarray:
+def grab(window) -> np.ndarray:
+    """A rendered vtkRenderWindow's pixels: RGB rows, row 0 at the top as on screen."""
     from vtkmodules.util import numpy_support
     from vtkmodules.vtkRenderingCore import vtkWindowToImageFilter
 
@@ -192,7 +193,7 @@ class SliceView:
         if self.mapper.GetInputConnection(0, 0) is not connection:
             self.mapper.SetInputConnection(connection)
         self.window.Render()
-        return _grab(self.window)
+        return grab(self.window)
 
 
 @dataclass
@@ -208,7 +209,7 @@ class ThreeDView:
 
     def render(self) -> np.ndarray:
         self.window.Render()
-        return _grab(self.window)
+        return grab(self.window)
 
     def reset_camera(self, zoom: float = 1.0):
         """Centre the camera on what is shown, from its current direction (Slicer's 'Center view')."""

@@ -9,28 +9,28 @@ other panel is a surface file as `surface` writes it (or `bench_surface.py --out
 DIR/surface.vtp). All panels share one camera (anterior, the scanner's +y towards the viewer, as a
 coronal slice is seen), so what one lacks against the truth shows at a glance. Rendered offscreen with
 VTK (EGL with Mesa's software OpenGL where there is no display: Debian packages libegl1 libegl-mesa0
-libgl1-mesa-dri).
+libgl1-mesa-dri), read back and saved by the tests' offscreen tooling (Testing/slicer_render.py).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "Testing"))
+
+import slicer_render  # noqa: E402  (sets VTK's offscreen window to EGL before VTK renders)
 
 
 def render_panels(panels: list[tuple[str, object]], panel_px: tuple[int, int] = (400, 460)) -> np.ndarray:
     """An RGB image (rows, columns, 3) of the surfaces in a row, one camera for all, titled."""
     import vtkmodules.vtkRenderingFreeType  # noqa: F401  (titles)
     import vtkmodules.vtkRenderingOpenGL2  # noqa: F401
-    from vtkmodules.util import numpy_support
     from vtkmodules.vtkRenderingCore import (vtkActor, vtkCamera, vtkPolyDataMapper, vtkRenderer, vtkRenderWindow,
-                                             vtkTextActor, vtkWindowToImageFilter)
+                                             vtkTextActor)
 
     window = vtkRenderWindow()
     window.SetOffScreenRendering(1)
@@ -65,15 +65,7 @@ def render_panels(panels: list[tuple[str, object]], panel_px: tuple[int, int] = 
         renderer.ResetCameraClippingRange()
         window.AddRenderer(renderer)
     window.Render()
-    grab = vtkWindowToImageFilter()
-    grab.SetInput(window)
-    grab.SetInputBufferTypeToRGB()
-    grab.ReadFrontBufferOff()
-    grab.Update()
-    image = grab.GetOutput()
-    nx, ny, _ = image.GetDimensions()
-    rgb = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(ny, nx, -1)[:, :, :3]
-    return np.ascontiguousarray(rgb[::-1])
+    return slicer_render.grab(window)
 
 
 def main(argv=None) -> int:
@@ -84,8 +76,6 @@ def main(argv=None) -> int:
                         help="a surface file to show beside the truth's (repeatable)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    from skimage.io import imsave
-
     from CTNeRFReconLib.reference import load_reference
     from CTNeRFReconLib.surface import extract_surface, parse_threshold, read_surface
 
@@ -95,9 +85,7 @@ def main(argv=None) -> int:
     for item in args.surface:
         title, _, path = item.rpartition("=")
         panels.append((title or Path(path).parent.name, read_surface(path)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    imsave(args.out, render_panels(panels), check_contrast=False)
-    print(f"wrote {args.out}")
+    print(f"wrote {slicer_render.save_png(render_panels(panels), args.out)}")
     return 0
 
 
