@@ -204,6 +204,29 @@ def test_truncated_projections_are_recognised_and_keep_plain_tv():
             assert report["edge_attenuation"] == 0.0
 
 
+def test_noisy_air_is_measured_as_noise_and_not_read_as_a_truncated_object():
+    """On a scan with few photons the air's noise is wider than the histogram bins around the air level;
+    its estimate must come from the air peak itself. It once came out 0 at 1e4 photons here, the
+    threshold fell to 1 % of p99, and noisy air along every edge read as an object beyond the detector
+    (plain TV for a whole object in the field of view)."""
+    from CTNeRFReconLib.support import air_statistics, detector_edges_cut
+
+    geo = _geometry()
+    rng = np.random.default_rng(0)
+    whole = _project(geo, PHANTOM)
+    wide = _project(geo, [Ellipsoid((0.0, 0.0, 0.0), (140.0, 30.0, 140.0), 0.02)])
+    for i0 in (9e4, 1e4, 3e3):
+        def noisy(p):
+            counts = rng.poisson(i0 * np.exp(-p.astype(np.float64))).clip(1, None)
+            return (-np.log(counts / i0)).astype(np.float32)
+        stats = air_statistics(noisy(whole))
+        # log-transformed Poisson counts in air: variance 1 / I0
+        assert stats["noise_sigma"] == pytest.approx(i0 ** -0.5, rel=0.15), (i0, stats)
+        assert detector_edges_cut(noisy(whole), stats["threshold"]) == [], i0
+        wide_noisy = noisy(wide)
+        assert detector_edges_cut(wide_noisy, air_statistics(wide_noisy)["threshold"]) == ["columns-", "columns+"], i0
+
+
 def test_nerf_on_the_default_grid_is_as_good_with_support_and_trains_fewer_voxels():
     """The whole pipeline on a small phantom without a reference grid: support on is at least as
     accurate (scored on the phantom's grid) and trains on fewer voxels."""

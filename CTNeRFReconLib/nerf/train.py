@@ -19,6 +19,7 @@ import torch
 
 from .. import fused
 from ..data import ScanData, Volume
+from ..fov import pitch_at_isocentre
 from ..geometry import VolumeGrid
 from ..methods import RunContext
 from ..rays import all_pixel_indices, view_rays
@@ -212,10 +213,15 @@ class NerfTrainer:
                                                  self.grid.n_voxels, len(self.targets), self.target_power)
         self._plain_tv_because = self._edge_scale_unsafe(scan)
         """Why the TV stays plain despite `tv_edge` (the object goes on beyond the detector), or None."""
+        # the training voxel h and the rays' spacing d at the isocentre, for reading the weight: the best
+        # weight's dependence on h / d was swept in docs/nerf.md ("The TV weight on a finer grid, swept")
+        voxel_mm = float(np.prod(self.grid.spacing_xyz) ** (1.0 / 3.0))
+        ray_spacing_mm = pitch_at_isocentre(scan.geometry)
         self.ctx.report["tv_prior"] = {"weight": self.tv_weight,
                                        "weight_from": "data" if cfg.tv_weight is None else "setting",
                                        "edge": cfg.tv_edge, "edge_attenuation": self.tv_edge(),
-                                       "plain_because": self._plain_tv_because}
+                                       "plain_because": self._plain_tv_because,
+                                       "voxel_mm": round(voxel_mm, 4), "ray_spacing_mm": round(ray_spacing_mm, 4)}
         self.target_peak = float(proj.max())
         chords = (self.rays[3] - self.rays[2])
         self._chord_98 = float(torch.quantile(chords[::max(1, len(chords) // 100000)], 0.98))
@@ -251,9 +257,11 @@ class NerfTrainer:
         if self.support is None:
             self.ctx.report["support"] = {"found": False, "reason": "turned off (support=False)",
                                           "training_grid_shape_xyz": list(self.grid.shape_xyz),
+                                          "training_spacing_mm": [round(float(v), 4) for v in self.grid.spacing_xyz],
                                           "training_voxels": self.grid.n_voxels}
             return
         info = dict(self.support.summary(), training_grid_shape_xyz=list(self.grid.shape_xyz),
+                    training_spacing_mm=[round(float(v), 4) for v in self.grid.spacing_xyz],
                     training_voxels=self.grid.n_voxels)
         self.ctx.report["support"] = info
         if self.support.found:
