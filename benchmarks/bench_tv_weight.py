@@ -32,8 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_default_grid import projections_only, referee_score  # noqa: E402
 from bench_nerf import prebuild_kernels  # noqa: E402
-from CTNeRFReconLib.formats import load_scan  # noqa: E402
-from CTNeRFReconLib.fov import pitch_at_isocentre  # noqa: E402
 from rtk_reference import add_case_options, case_for  # noqa: E402
 
 
@@ -60,11 +58,12 @@ def run_one(case: Path, grid: str, weight: float | None, iterations: int, out: P
         raise RuntimeError(f"{label}: the output grid came from '{run['grid'].get('source')}', not the {expected}")
     report = run.get("method_report") or {}
     tv = report.get("tv_prior") or {}
-    support = report.get("support") or {}
     score = referee_score(score_py, case / "reference.nrrd", run_dir / "volume.nrrd", margin)
-    return dict(grid=grid, weight=tv.get("weight"), weight_from=tv.get("weight_from"),
-                plain_tv_because=tv.get("plain_because"), training_grid=support.get("training_grid_shape_xyz"),
-                training_voxel_mm=_training_voxel(support), output_grid=run["grid"]["shape_xyz"],
+    return dict(grid=grid, weight=tv["weight"], weight_from=tv.get("weight_from"),
+                plain_tv_because=tv.get("plain_because"),
+                training_grid=(report.get("support") or {}).get("training_grid_shape_xyz"),
+                training_voxel_mm=tv["voxel_mm"], ray_spacing_mm=tv["ray_spacing_mm"],
+                h_over_d=round(tv["voxel_mm"] / tv["ray_spacing_mm"], 3), output_grid=run["grid"]["shape_xyz"],
                 seconds=round(seconds, 1), psnr=score["psnr"], ssim=score["ssim"], scorer=score["scorer"])
 
 
@@ -89,7 +88,6 @@ def main(argv=None):
         raise SystemExit(f"{a.ct}: CT not found; pass --ct")
     a.out.mkdir(parents=True, exist_ok=True)
     case = case_for(a, a.views)
-    d = pitch_at_isocentre(load_scan(case).geometry)
     prebuild_kernels()
     rows = []
     for grid in a.grids:
@@ -102,31 +100,20 @@ def main(argv=None):
             row = run_one(case, grid, weight, a.iterations, a.out, a.score_py, a.margin)
             if w == "derived":
                 derived = row["weight"]
-            row.update(asked=w, of_derived=round(row["weight"] / derived, 3) if derived else None,
-                       h_over_d=round(row["training_voxel_mm"] / d, 3) if row["training_voxel_mm"] else None)
+            row.update(asked=w, of_derived=round(row["weight"] / derived, 3) if derived else None)
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(f"\n{case.name}: {a.iterations} iterations, scored with {rows[0]['scorer'] if rows else ''}; "
-          f"d (rays' spacing at the isocentre) = {d:.3f} mm")
+          f"d (rays' spacing at the isocentre) = {rows[0]['ray_spacing_mm'] if rows else float('nan'):.3f} mm")
     print(f"{'grid':10s} {'h / d':>6s} {'weight':>9s} {'x derived':>9s} {'PSNR3D':>7s} {'SSIM3D':>7s} {'seconds':>8s}")
     for r in rows:
-        print(f"{r['grid']:10s} {r['h_over_d'] or float('nan'):6.2f} {r['weight']:9.5f} {r['of_derived'] or float('nan'):9.2f} "
+        print(f"{r['grid']:10s} {r['h_over_d']:6.2f} {r['weight']:9.5f} {r['of_derived'] or float('nan'):9.2f} "
               f"{r['psnr']:7.2f} {r['ssim']:7.4f} {r['seconds']:8.1f}")
     path = a.out / "results.json"
     path.write_text(json.dumps(dict(cpu_count=os.cpu_count(), load_average=os.getloadavg(), case=str(case),
                                     ct=a.ct.name, views=a.views, det=a.det, pitch=a.pitch, i0=a.i0,
-                                    iterations=a.iterations, d_mm=d, results=rows), indent=1))
+                                    iterations=a.iterations, results=rows), indent=1))
     print(f"\nwrote {path}")
-
-
-def _training_voxel(support: dict) -> float | None:
-    """The training grid's voxel (mm): run.json's training_spacing_mm, else the support box over its shape."""
-    if support.get("training_spacing_mm"):
-        return max(support["training_spacing_mm"])
-    if support.get("box_lo_mm") and support.get("training_grid_shape_xyz"):
-        ext = [h - l for l, h in zip(support["box_lo_mm"], support["box_hi_mm"])]
-        return max(e / n for e, n in zip(ext, support["training_grid_shape_xyz"]))
-    return None
 
 
 def _is_float(text: str) -> bool:

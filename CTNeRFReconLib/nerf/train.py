@@ -257,11 +257,9 @@ class NerfTrainer:
         if self.support is None:
             self.ctx.report["support"] = {"found": False, "reason": "turned off (support=False)",
                                           "training_grid_shape_xyz": list(self.grid.shape_xyz),
-                                          "training_spacing_mm": [round(float(v), 4) for v in self.grid.spacing_xyz],
                                           "training_voxels": self.grid.n_voxels}
             return
         info = dict(self.support.summary(), training_grid_shape_xyz=list(self.grid.shape_xyz),
-                    training_spacing_mm=[round(float(v), 4) for v in self.grid.spacing_xyz],
                     training_voxels=self.grid.n_voxels)
         self.ctx.report["support"] = info
         if self.support.found:
