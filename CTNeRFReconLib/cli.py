@@ -192,7 +192,16 @@ def info_dict(scan, support: bool = True) -> dict:
         from .support import object_support
 
         # what nerf would carve: voxels of that grid some view shows in air (support.py)
-        out["support"] = object_support(scan.projections, scan.geometry, grid).summary()
+        carved = object_support(scan.projections, scan.geometry, grid)
+        out["support"] = carved.summary()
+        if carved.found:  # and how far nerf would train past the ends the detector cuts (axial_extension.py)
+            from .axial_extension import plan_extension
+            from .support import detector_edges_cut
+
+            extension = plan_extension(scan.geometry, detector_edges_cut(scan.projections, carved.threshold),
+                                       *carved.bounds(), grid.spacing_xyz)
+            if extension is not None:
+                out["support"]["extended"] = extension.summary()
     shipped = scan.grid or (scan.reference.grid if scan.reference is not None else None)
     if shipped is not None:
         from .formats.validate import grid_problem
@@ -229,6 +238,10 @@ def _info(args) -> int:
             if support.get("faces_reached"):
                 print(f"  it reaches the grid's {', '.join(support['faces_reached'])} face(s): the object probably "
                       "goes on beyond the grid (see reconstruct's warning for a larger box)")
+            if support.get("extended"):
+                ext = support["extended"]
+                print(f"  the detector's {', '.join(ext['edges'])} edge(s) see object: nerf trains "
+                      f"{' and '.join(f'{mm:g}' for mm in ext['mm'])} mm past the box's ends along {ext['axis']}")
         else:
             print(f"object support: none carved ({support['reason']})")
     return ExitCode.OK

@@ -166,6 +166,23 @@ class Support:
         known = ("air_level", "threshold", "noise_sigma", "air_pixel_fraction")
         return cls(grid, mask, box_index=box, **{k: stats.get(k) for k in known})
 
+    def extended(self, extension) -> "Support":
+        """This support on its grid grown by an `axial_extension.AxialExtension` (whole voxels at the two
+        ends of one world axis; axis-aligned grids), for an object that goes on past them. The new slabs
+        hold every cross-section the mask has along that axis (their union): what lies past a cut end
+        is unknown, and carving must never remove object."""
+        if self.mask is None or not self.grid.is_axis_aligned:
+            return self
+        dim = 2 - extension.axis  # the mask is stored (z, y, x)
+        section = self.mask.any(axis=dim, keepdims=True)
+        mask = np.concatenate([np.repeat(section, extension.voxels_low, axis=dim), self.mask,
+                               np.repeat(section, extension.voxels_high, axis=dim)], axis=dim)
+        grid = extension.grown(self.grid)
+        return Support(grid, mask, box_index=bounding_box(mask), reason=self.reason, air_level=self.air_level,
+                       threshold=self.threshold, noise_sigma=self.noise_sigma,
+                       air_pixel_fraction=self.air_pixel_fraction,
+                       extra=dict(self.extra, extended=extension.summary()))
+
     def mask_on(self, grid: VolumeGrid) -> np.ndarray | None:
         """The mask at another grid's voxel centres (nearest voxel; False outside this grid)."""
         if self.mask is None:

@@ -22,7 +22,10 @@ def estimate(scan, out_grid, settings: dict, device: str) -> dict:
     from .train import training_grid
 
     cfg = NerfConfig.from_settings(settings)
-    tgrid = training_grid(out_grid, cfg)  # the full box: an upper bound of the carved support's
+    # the full box: an upper bound of the carved support's box, except for the slabs a scan cut along
+    # the axis trains past its ends (axial_extension.py; 10-20 % of the axis, inside the box's margin
+    # of air on the cases measured)
+    tgrid = training_grid(out_grid, cfg)
     views, rows, cols = (int(s) for s in scan.projections.shape)
     rays = views * rows * cols
     voxels = tgrid.n_voxels

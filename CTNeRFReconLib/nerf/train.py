@@ -84,7 +84,7 @@ carve the same support once."""
 
 
 def _support_key(out_grid: VolumeGrid, full: VolumeGrid, cfg: NerfConfig):
-    return (out_grid.to_dict(), full.to_dict(), cfg.support_margin_voxels)
+    return (out_grid.to_dict(), full.to_dict(), cfg.support_margin_voxels, cfg.extend_cut_ends)
 
 
 def _grid_holding(support, full: VolumeGrid) -> VolumeGrid:
@@ -97,6 +97,20 @@ def _grid_holding(support, full: VolumeGrid) -> VolumeGrid:
     return VolumeGrid(tuple(int(v) for v in i1 - i0 + 1), full.spacing_xyz, tuple(origin))
 
 
+def _axial_extension(scan: ScanData, support, cfg: NerfConfig):
+    """How far the training grid goes on past the ends where the detector cuts the object along the
+    rotation axis (axial_extension.py), or None: `extend_cut_ends` off, no support carved, no row edge
+    cut. `support` may be extended already: its box has the same cross-section either way."""
+    if not cfg.extend_cut_ends or support is None or not support.found:
+        return None
+    from ..axial_extension import plan_extension
+    from ..support import detector_edges_cut
+
+    lo, hi = support.bounds()
+    return plan_extension(scan.geometry, detector_edges_cut(scan.projections, support.threshold), lo, hi,
+                          support.grid.spacing_xyz)
+
+
 def reuse_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, support) -> bool:
     """Use a support carved before (a checkpoint's, support.py `Support.from_plain`) for this scan,
     output grid and settings instead of carving again; False (nothing changed) when it was carved on
@@ -105,11 +119,15 @@ def reuse_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, support
     full = _grid_over(out_grid.bounds(), out_grid, cfg)
     if not cfg.support or support is None or not support.found:
         return False
-    if support.grid.to_dict() != full.to_dict():
+    extension = _axial_extension(scan, support, cfg) if support.grid.to_dict() != full.to_dict() else None
+    expected = full if extension is None else extension.grown(full)
+    if support.grid.to_dict() != expected.to_dict():
         return False
+    if extension is not None:
+        support.extra["extended"] = extension.summary()
     support.extra["reused"] = True
     _SUPPORT_CACHE[:] = [(scan.projections, scan.geometry, _support_key(out_grid, full, cfg),
-                          (support, _grid_holding(support, full)))]
+                          (support, _grid_holding(support, support.grid)))]
     return True
 
 
@@ -131,8 +149,11 @@ def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
     t0 = time.perf_counter()
     support = object_support(scan.projections, scan.geometry, full,
                              SupportSettings(margin_voxels=cfg.support_margin_voxels))
+    extension = _axial_extension(scan, support, cfg)
+    if extension is not None:
+        support = support.extended(extension)
     support.extra["seconds"] = round(time.perf_counter() - t0, 3)
-    result = (support, _grid_holding(support, full))
+    result = (support, _grid_holding(support, support.grid))
     _SUPPORT_CACHE[:] = [(scan.projections, scan.geometry, key, result)]
     return result
 
@@ -210,7 +231,7 @@ class NerfTrainer:
         """The TV weight in use: the configured one, else derived from the noise and the sampling."""
         if self.tv_weight is None:
             self.tv_weight = tv_weight_from_data(cfg.tv_strength, cfg.model_error, self.noise_variance,
-                                                 self.grid.n_voxels, len(self.targets), self.target_power)
+                                                 self._voxels_inside_box(), len(self.targets), self.target_power)
         self._plain_tv_because = self._edge_scale_unsafe(scan)
         """Why the TV stays plain despite `tv_edge` (the object goes on beyond the detector), or None."""
         # the training voxel h and the rays' spacing d at the isocentre, for reading the weight: the best
@@ -235,6 +256,18 @@ class NerfTrainer:
         self.state = TrainState(rays_per_batch=min(cfg.rays_start, len(self.targets)))
         self.fdk_volume = fdk_volume
         self._kernel = _pick_integrator(self.device, cfg.use_kernels)
+
+    def _voxels_inside_box(self) -> int:
+        """Training voxels within the output box along the rotation axis: the data-derived TV weight
+        counts these. The slabs past the cut ends (`extend_cut_ends`) only hold what the edge rows see
+        of the material there; counted, they would raise the weight of the whole volume by their share
+        (24 % on the 25-view abdomen cut to 120 rows)."""
+        extended = (self.support.extra.get("extended") or {}) if self.support is not None else {}
+        if not extended:
+            return self.grid.n_voxels
+        axis = "xyz".index(extended["axis"])
+        n_axis = self.grid.shape_xyz[axis]
+        return self.grid.n_voxels * (n_axis - sum(extended["voxels"])) // n_axis
 
     def _ray_weights(self, noise: NoiseLaw):
         """PWLS weights of the training rays, or None (least squares: asked for, or no air in the views to
@@ -268,6 +301,12 @@ class NerfTrainer:
                 f"object support carved from the projections: box {self.grid.shape_xyz} of {full.shape_xyz} voxels "
                 f"({100 * self.grid.n_voxels / full.n_voxels:.0f} % of them), the support itself "
                 f"{100 * self.support.fraction:.0f} %; the volume is zero outside it")
+            extended = self.support.extra.get("extended")
+            if extended:
+                self.ctx.on_message(
+                    f"the object goes on past the detector's {', '.join(extended['edges'])} edge(s): training "
+                    f"{' and '.join(f'{mm:g}' for mm in extended['mm'])} mm past the box's ends along "
+                    f"{extended['axis']} (the output grid is unchanged)")
             from ..support import faces_warning
             warning = faces_warning(self.support.faces_reached, out_grid)
             if warning:
@@ -542,7 +581,9 @@ class NerfTrainer:
         has to explain it with a bright rim near the cut. Plain TV holds that rim down; the edge-scaled
         penalty lets it sharpen: on the 40-view slab at 160 px (a body 366 mm wide in a 341 mm field of
         view) 26.14 against 26.79 dB at `--time-limit 180`, the loss all in the outer eighths of the width
-        while the centre gained (docs/nerf.md). Without an air level (no support carved) truncation cannot be ruled out."""
+        while the centre gained (docs/nerf.md). Row edges whose ends the training grid goes on past
+        (`extend_cut_ends`) do not count: the material there has voxels of its own. Without an air level
+        (no support carved) truncation cannot be ruled out."""
         if self.cfg.tv_edge <= 0:
             return None
         from ..support import air_statistics, detector_edges_cut
@@ -552,6 +593,9 @@ class NerfTrainer:
         if threshold is None:
             return "no air level measured in the projections, so truncation cannot be ruled out"
         cut = detector_edges_cut(scan.projections, threshold)
+        # ends the training grid goes on past (axial_extension.py) hold their own material: no rim there
+        extended = (self.support.extra.get("extended") or {}) if self.support is not None else {}
+        cut = [edge for edge in cut if edge not in extended.get("edges", ())]
         if cut:
             return f"the object goes on beyond the detector's {', '.join(cut)} edge(s) (truncated projections)"
         return None
