@@ -18,6 +18,7 @@ from CTNeRFReconLib.fov import default_grid
 from CTNeRFReconLib.geometry import circular_geometry
 from CTNeRFReconLib.methods import RunContext, get_method
 from CTNeRFReconLib.nerf.config import NerfConfig
+from CTNeRFReconLib.nerf.memory import estimate
 from CTNeRFReconLib.nerf.train import NerfTrainer, carve_support, reuse_support
 from CTNeRFReconLib.phantom import Ellipsoid, voxelize
 from CTNeRFReconLib.support import Support, air_statistics, detector_edges_cut, object_support
@@ -98,6 +99,9 @@ def test_the_trainer_trains_past_the_cut_ends_and_keeps_the_edge_scale():
     cfg = NerfConfig.from_settings(ctx.settings)
     assert reuse_support(scan, out, cfg, restored) and restored.extra["extended"] == ext
     assert carve_support(scan, out, cfg)[1].to_dict() == trainer.grid.to_dict()
+    # the memory check before the run bounds the grid the trainer grows
+    est = estimate(scan, out, dict(preset="preview"), "cpu")
+    assert est["training_grid"][1] >= trainer.grid.shape_xyz[1] > out.shape_xyz[1]
 
     off = RunContext(device="cpu", seed=0, settings=dict(preset="preview", extend_cut_ends=False))
     plain = NerfTrainer(scan, out, NerfConfig.from_settings(off.settings), off)
