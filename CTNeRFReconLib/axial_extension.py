@@ -92,11 +92,16 @@ def edge_row_slopes(geometry: ConeBeamGeometry, axis: int) -> tuple[float, float
     return low, high
 
 
-def plan_extension(geometry: ConeBeamGeometry, edges_cut: list[str], box_lo, box_hi,
-                   spacing_xyz) -> AxialExtension | None:
+def plan_extension(geometry: ConeBeamGeometry, edges_cut: list[str], box_lo, box_hi, spacing_xyz,
+                   faces_reached: list[str] | None = None) -> AxialExtension | None:
     """The extension for a scan whose projections are cut at `edges_cut` (support.detector_edges_cut's
     names), for the support's box (lo, hi in mm) tiled by voxels of `spacing_xyz`; None when no row edge
-    is cut, the rows run along no grid axis, or the rays do not climb (parallel beam)."""
+    is cut, the rows run along no grid axis, or the rays do not climb (parallel beam).
+
+    With `faces_reached` (Support.faces_reached: "y-", "y+", ...) only the ends the support reaches are
+    extended. An object that ends inside the grid can still show on an edge row, in the views where it
+    lies close to the source and its image is magnified past the detector (the 30-slice slab at 160
+    px); nothing of it lies past that end."""
     rows_cut = {name for name in edges_cut if name.startswith("rows")}
     if not rows_cut:
         return None
@@ -109,8 +114,11 @@ def plan_extension(geometry: ConeBeamGeometry, edges_cut: list[str], box_lo, box
     radius = float(np.delete(extent, axis).max()) / 2.0
     # rows- lies at -v: the low end of the axis when v points up it, the high end when down
     low_edge, high_edge = ("rows-", "rows+") if sign > 0 else ("rows+", "rows-")
-    mm_low = radius * lo_slope if low_edge in rows_cut else 0.0
-    mm_high = radius * hi_slope if high_edge in rows_cut else 0.0
+    name = "xyz"[axis]
+    low_open = faces_reached is None or f"{name}-" in faces_reached
+    high_open = faces_reached is None or f"{name}+" in faces_reached
+    mm_low = radius * lo_slope if low_edge in rows_cut and low_open else 0.0
+    mm_high = radius * hi_slope if high_edge in rows_cut and high_open else 0.0
     h = float(spacing_xyz[axis])
     n_low, n_high = int(math.ceil(mm_low / h - 1e-9)), int(math.ceil(mm_high / h - 1e-9))
     if n_low == 0 and n_high == 0:

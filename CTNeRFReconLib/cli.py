@@ -199,7 +199,7 @@ def info_dict(scan, support: bool = True) -> dict:
             from .support import detector_edges_cut
 
             extension = plan_extension(scan.geometry, detector_edges_cut(scan.projections, carved.threshold),
-                                       *carved.bounds(), grid.spacing_xyz)
+                                       *carved.bounds(), grid.spacing_xyz, carved.faces_reached)
             if extension is not None:
                 out["support"]["extended"] = extension.summary()
     shipped = scan.grid or (scan.reference.grid if scan.reference is not None else None)

@@ -63,6 +63,11 @@ def test_the_extension_is_the_edge_rays_climb_over_the_objects_radius():
     one_end = plan_extension(geo, ["rows+"], lo, hi, grid.spacing_xyz)
     assert one_end.voxels_low == 0 and one_end.voxels_high == ext.voxels_high and one_end.edges == ("rows+",)
     assert plan_extension(geo, ["columns-", "columns+"], lo, hi, grid.spacing_xyz) is None
+    # an end the support does not reach holds the object's end: nothing lies past it
+    assert plan_extension(geo, cut, lo, hi, grid.spacing_xyz, faces_reached=["x-", "x+"]) is None
+    top_only = plan_extension(geo, cut, lo, hi, grid.spacing_xyz, faces_reached=["y+"])
+    assert top_only.voxels_low == 0 and top_only.voxels_high == ext.voxels_high and top_only.edges == ("rows+",)
+    assert set(sup.faces_reached) >= {"y-", "y+"}
     assert plan_extension(geo, [], lo, hi, grid.spacing_xyz) is None
     # parallel rays do not climb; rows along no grid axis (a detector rolled 20 degrees) are left alone
     parallel = circular_geometry(SID, SDD, np.radians(np.arange(8) * 45.0), (DET, DET), (PITCH, PITCH),

@@ -108,7 +108,7 @@ def _axial_extension(scan: ScanData, support, cfg: NerfConfig):
 
     lo, hi = support.bounds()
     return plan_extension(scan.geometry, detector_edges_cut(scan.projections, support.threshold), lo, hi,
-                          support.grid.spacing_xyz)
+                          support.grid.spacing_xyz, support.faces_reached)
 
 
 def reuse_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, support) -> bool:
