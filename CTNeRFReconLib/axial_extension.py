@@ -126,3 +126,13 @@ def plan_extension(geometry: ConeBeamGeometry, edges_cut: list[str], box_lo, box
     extended = {e for e, n in ((low_edge, n_low), (high_edge, n_high)) if n > 0}
     edges = tuple(e for e in ("rows-", "rows+") if e in extended)
     return AxialExtension(axis, n_low, n_high, mm_low, mm_high, edges)
+
+
+def plan_for_scan(projections: np.ndarray, geometry: ConeBeamGeometry, threshold: float, box_lo, box_hi,
+                  spacing_xyz, faces_reached: list[str] | None = None) -> AxialExtension | None:
+    """`plan_extension` for a scan: the cut edges are the detector edges whose pixels see more than the
+    carving `threshold` (support.detector_edges_cut)."""
+    from .support import detector_edges_cut
+
+    return plan_extension(geometry, detector_edges_cut(projections, threshold), box_lo, box_hi, spacing_xyz,
+                          faces_reached)

@@ -195,11 +195,10 @@ def info_dict(scan, support: bool = True) -> dict:
         carved = object_support(scan.projections, scan.geometry, grid)
         out["support"] = carved.summary()
         if carved.found:  # and how far nerf would train past the ends the detector cuts (axial_extension.py)
-            from .axial_extension import plan_extension
-            from .support import detector_edges_cut
+            from .axial_extension import plan_for_scan
 
-            extension = plan_extension(scan.geometry, detector_edges_cut(scan.projections, carved.threshold),
-                                       *carved.bounds(), grid.spacing_xyz, carved.faces_reached)
+            extension = plan_for_scan(scan.projections, scan.geometry, carved.threshold, *carved.bounds(),
+                                      grid.spacing_xyz, carved.faces_reached)
             if extension is not None:
                 out["support"]["extended"] = extension.summary()
     shipped = scan.grid or (scan.reference.grid if scan.reference is not None else None)

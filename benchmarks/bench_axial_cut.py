@@ -34,6 +34,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_default_grid import referee_score  # noqa: E402
 from bench_nerf import prebuild_kernels  # noqa: E402
 
 VARIANTS = {"default": [], "no-extension": ["--setting", "extend_cut_ends=false"],
@@ -66,8 +67,7 @@ def cut_case(case: Path, rows: int, out: Path) -> tuple[Path, Path]:
 
 def score(score_py: Path, reference: Path, volume: Path) -> dict:
     """score.py --margin 2, and the RMS error (1/mm) by band of |y| over the reference's extent."""
-    out = json.loads(subprocess.run([sys.executable, str(score_py), str(reference), str(volume), "--margin", "2"],
-                                    capture_output=True, text=True, check=True).stdout)
+    out = referee_score(score_py, reference, volume, margin=2)
     ref = sitk.ReadImage(str(reference), sitk.sitkFloat32)
     truth = sitk.GetArrayFromImage(ref)
     ours = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(volume), sitk.sitkFloat32), ref,
@@ -76,7 +76,7 @@ def score(score_py: Path, reference: Path, volume: Path) -> dict:
     a = y / y.max()
     bands = {"inner_half": a < 0.5, "next_30pc": (a >= 0.5) & (a < 0.8), "outer_fifth": a >= 0.8}
     rms = {name: float(np.sqrt(np.mean((ours[:, sel] - truth[:, sel]) ** 2))) for name, sel in bands.items()}
-    return {"psnr": out["psnr"], "ssim": out["ssim"], "rms": rms}
+    return {"psnr": out["psnr"], "ssim": out["ssim"], "scorer": out["scorer"], "rms": rms}
 
 
 def main() -> None:

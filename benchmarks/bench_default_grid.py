@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nerf import PeakRSS, prebuild_kernels  # noqa: E402
 from CTNeRFReconLib.metrics import score_volumes  # noqa: E402
 from CTNeRFReconLib.volume_io import read_volume  # noqa: E402
-from rtk_reference import add_case_options, case_for  # noqa: E402
+from rtk_reference import add_case_options, case_for, require_ct  # noqa: E402
 
 
 def variant_args(name: str) -> list[str]:
@@ -161,8 +161,7 @@ def main(argv=None):
                     help="score every N-th snapshot for a PSNR-against-time curve (0: only the final volume)")
     ap.add_argument("--out", type=Path, default=here / "bench_results" / "default_grid")
     a = ap.parse_args(argv)
-    if not a.ct.exists():
-        raise SystemExit(f"{a.ct}: CT not found; pass --ct")
+    require_ct(a)
     a.out.mkdir(parents=True, exist_ok=True)
     case = case_for(a, a.views)
     prebuild_kernels()

@@ -41,7 +41,7 @@ from CTNeRFReconLib.fdk import FILTERS, FDKConfig, fdk  # noqa: E402
 from CTNeRFReconLib.formats import load_scan  # noqa: E402
 from CTNeRFReconLib.metrics import score_volumes  # noqa: E402
 from CTNeRFReconLib.volume_io import read_volume  # noqa: E402
-from rtk_reference import case_name, make_case, run_peer  # noqa: E402
+from rtk_reference import case_name, make_case, require_ct, run_peer  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -108,8 +108,7 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=HERE / "bench_results" / "fdk")
     ap.add_argument("--no-cli", action="store_true", help="skip timing the whole command line")
     a = ap.parse_args(argv)
-    if not a.ct.exists():
-        raise SystemExit(f"{a.ct}: CT not found; pass --ct")
+    require_ct(a)
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for views in a.views:

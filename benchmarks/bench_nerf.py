@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from CTNeRFReconLib.metrics import score_volumes  # noqa: E402
 from CTNeRFReconLib.volume_io import read_volume  # noqa: E402
-from rtk_reference import add_case_options, case_for, run_peer  # noqa: E402
+from rtk_reference import add_case_options, case_for, require_ct, run_peer  # noqa: E402
 
 
 class PeakRSS:
@@ -192,8 +192,7 @@ def main(argv=None):
                     help="cancel nerf-torch (kernels off) after this many seconds: its curve is the fused "
                          "run's, slower, so a part of it shows the time ratio (0 = no limit)")
     a = ap.parse_args(argv)
-    if not a.ct.exists():
-        raise SystemExit(f"{a.ct}: CT not found; pass --ct")
+    require_ct(a)
     prebuild_kernels()
     a.out.mkdir(parents=True, exist_ok=True)
     results = {}

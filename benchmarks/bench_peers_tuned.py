@@ -57,7 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rtk_reference import add_case_options, case_for, run_peer  # noqa: E402
+from rtk_reference import add_case_options, case_for, require_ct, run_peer  # noqa: E402
 
 HERE = Path(__file__).resolve().parents[1]
 BENCH = HERE.parent / "shared" / "bench"
@@ -198,8 +198,7 @@ def main(argv=None):
         if not path.exists():
             raise SystemExit(f"{path}: the referee's {what} is not there. It lives beside the project "
                              f"(../shared/bench, not part of the repository); pass --sweep-py / --score-py.")
-    if not a.ct.exists():
-        raise SystemExit(f"{a.ct}: CT not found; pass --ct")
+    require_ct(a)
     ours = []
     for spec in a.ours:
         label, sep, vol = spec.partition("=")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_default_grid import projections_only, referee_score  # noqa: E402
 from bench_nerf import prebuild_kernels  # noqa: E402
-from rtk_reference import add_case_options, case_for  # noqa: E402
+from rtk_reference import add_case_options, case_for, require_ct  # noqa: E402
 
 
 def run_one(case: Path, grid: str, weight: float | None, iterations: int, out: Path, score_py: Path,
@@ -84,8 +84,7 @@ def main(argv=None):
     for w in a.weights:
         if w != "derived" and not (w.startswith("x") and _is_float(w[1:])) and not _is_float(w):
             raise SystemExit(f"--weights {w}: write derived, xK (K times the derived weight) or a number")
-    if not a.ct.exists():
-        raise SystemExit(f"{a.ct}: CT not found; pass --ct")
+    require_ct(a)
     a.out.mkdir(parents=True, exist_ok=True)
     case = case_for(a, a.views)
     prebuild_kernels()

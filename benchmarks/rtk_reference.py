@@ -42,6 +42,12 @@ def add_case_options(parser) -> None:
                         help="where the RTK-made cases are kept between runs")
 
 
+def require_ct(args) -> None:
+    """Before any work: the CT that --ct names must be there (SystemExit naming it)."""
+    if not args.ct.exists():
+        raise SystemExit(f"{args.ct}: CT not found; pass --ct")
+
+
 def case_for(args, views: int) -> Path:
     """The case that add_case_options' arguments name, at `views` views: made on first use, then reused."""
     return make_case(args.ct, args.cases / case_name(args.ct, views, args.det, args.pitch, args.i0, args.voxel),

@@ -51,14 +51,13 @@ def _with_cut_ends(scan, full, cfg):
     on the 25-view abdomen cut to 120 rows the trainer's grid is 7 % larger than the full box."""
     if not (cfg.support and cfg.extend_cut_ends):
         return full
-    from ..axial_extension import plan_extension
-    from ..support import air_statistics, detector_edges_cut
+    from ..axial_extension import plan_for_scan
+    from ..support import air_statistics
 
     threshold = air_statistics(scan.projections).get("threshold")
     if threshold is None:
         return full
-    extension = plan_extension(scan.geometry, detector_edges_cut(scan.projections, threshold), *full.bounds(),
-                               full.spacing_xyz)
+    extension = plan_for_scan(scan.projections, scan.geometry, threshold, *full.bounds(), full.spacing_xyz)
     return full if extension is None else extension.grown(full)
 
 

@@ -103,12 +103,10 @@ def _axial_extension(scan: ScanData, support, cfg: NerfConfig):
     cut. `support` may be extended already: its box has the same cross-section either way."""
     if not cfg.extend_cut_ends or support is None or not support.found:
         return None
-    from ..axial_extension import plan_extension
-    from ..support import detector_edges_cut
+    from ..axial_extension import plan_for_scan
 
-    lo, hi = support.bounds()
-    return plan_extension(scan.geometry, detector_edges_cut(scan.projections, support.threshold), lo, hi,
-                          support.grid.spacing_xyz, support.faces_reached)
+    return plan_for_scan(scan.projections, scan.geometry, support.threshold, *support.bounds(),
+                         support.grid.spacing_xyz, support.faces_reached)
 
 
 def reuse_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, support) -> bool:
