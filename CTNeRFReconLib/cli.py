@@ -201,6 +201,15 @@ def info_dict(scan, support: bool = True) -> dict:
                                       grid.spacing_xyz, carved.faces_reached)
             if extension is not None:
                 out["support"]["extended"] = extension.summary()
+        if carved.threshold is not None:  # and how far past the sides, for an object wider than the field of view
+            from .lateral_extension import plan_lateral
+            from .nerf.config import NerfConfig
+            from .support import detector_edges_cut
+
+            widened = plan_lateral(scan.geometry, detector_edges_cut(scan.projections, carved.threshold), grid,
+                                   scan.projections, carved.threshold, NerfConfig().cut_sides_fraction)
+            if widened is not None:
+                out["support"]["widened"] = widened.summary()
     shipped = scan.grid or (scan.reference.grid if scan.reference is not None else None)
     if shipped is not None:
         from .formats.validate import grid_problem
@@ -243,6 +252,10 @@ def _info(args) -> int:
                       f"{' and '.join(f'{mm:g}' for mm in ext['mm'])} mm past the box's ends along {ext['axis']}")
         else:
             print(f"object support: none carved ({support['reason']})")
+        if support.get("widened"):
+            wide = support["widened"]
+            print(f"  the detector's {', '.join(wide['edges'])} edge(s) see object (wider than the field of view): "
+                  f"nerf trains {wide['mm']:g} mm past the box's sides along {' and '.join(wide['axes'])}")
     return ExitCode.OK
 
 

@@ -409,9 +409,11 @@ def carve(geometry: ConeBeamGeometry, air: np.ndarray, grid: VolumeGrid, chunk_v
 
 
 def object_support(projections: np.ndarray, geometry: ConeBeamGeometry, grid: VolumeGrid,
-                   settings: SupportSettings = SupportSettings()) -> Support:
-    """Carve the object's support on `grid` from the line integrals (views, rows, cols)."""
-    stats = air_statistics(projections, settings)
+                   settings: SupportSettings = SupportSettings(), stats: dict | None = None) -> Support:
+    """Carve the object's support on `grid` from the line integrals (views, rows, cols); `stats`:
+    their `air_statistics` with these settings when the caller has them already."""
+    if stats is None:
+        stats = air_statistics(projections, settings)
     common = dict(air_level=stats.get("air_level"), threshold=stats.get("threshold"),
                   noise_sigma=stats.get("noise_sigma"), air_pixel_fraction=stats.get("air_pixel_fraction"))
     if "reason" in stats:

@@ -79,32 +79,47 @@ def score(score_py: Path, reference: Path, volume: Path) -> dict:
     return {"psnr": out["psnr"], "ssim": out["ssim"], "scorer": out["scorer"], "rms": rms}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", type=Path, required=True, help="an RTK case folder (rtk_reference.py)")
-    ap.add_argument("--rows", type=int, required=True, help="detector rows kept (the middle ones)")
-    ap.add_argument("--variants", nargs="+", default=["default", "no-extension"], choices=sorted(VARIANTS))
+def add_common_arguments(ap: argparse.ArgumentParser):
+    """The budget, score.py and output arguments this script shares with bench_lateral_cut.py."""
     budget = ap.add_mutually_exclusive_group()
     budget.add_argument("--time-limit", type=float, default=180.0)
     budget.add_argument("--iterations", type=int, help="a fixed count instead of the time limit (the end point, "
                         "free of the host's speed)")
     ap.add_argument("--score-py", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench" / "score.py")
     ap.add_argument("--out", type=Path, required=True)
+
+
+def parse_checked(ap: argparse.ArgumentParser) -> argparse.Namespace:
     args = ap.parse_args()
     if not args.score_py.exists():
         raise SystemExit(f"the referee's score.py is not at {args.score_py}: pass --score-py")
+    return args
+
+
+def run_variant(data: Path, run: Path, args: argparse.Namespace, extra: list[str]) -> tuple[float, dict]:
+    """(seconds, run.json's method_report): our command line on `data` into `run` with the budget asked."""
+    budget = ["--iterations", str(args.iterations)] if args.iterations else ["--time-limit", f"{args.time_limit:g}"]
+    cmd = [sys.executable, "-m", "CTNeRFReconLib", "reconstruct", str(data), "--out", str(run), "--overwrite",
+           *budget, "--quiet", *extra]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+    seconds = time.perf_counter() - t0
+    return seconds, json.loads((run / "run.json").read_text())["method_report"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", type=Path, required=True, help="an RTK case folder (rtk_reference.py)")
+    ap.add_argument("--rows", type=int, required=True, help="detector rows kept (the middle ones)")
+    ap.add_argument("--variants", nargs="+", default=["default", "no-extension"], choices=sorted(VARIANTS))
+    add_common_arguments(ap)
+    args = parse_checked(ap)
     data, reference = cut_case(args.case.expanduser(), args.rows, args.out)
     prebuild_kernels()
     rows = []
     for name in args.variants:
         run = args.out / f"run_{name}"
-        budget = ["--iterations", str(args.iterations)] if args.iterations else ["--time-limit", f"{args.time_limit:g}"]
-        cmd = [sys.executable, "-m", "CTNeRFReconLib", "reconstruct", str(data), "--out", str(run), "--overwrite",
-               *budget, "--quiet", *VARIANTS[name]]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
-        seconds = time.perf_counter() - t0
-        report = json.loads((run / "run.json").read_text())["method_report"]
+        seconds, report = run_variant(data, run, args, VARIANTS[name])
         rows.append(dict(variant=name, args=VARIANTS[name], seconds=round(seconds, 1),
                          iterations=(report.get("time_budget") or {}).get("iterations_done", args.iterations),
                          training_grid=report["support"]["training_grid_shape_xyz"],

@@ -22,7 +22,7 @@ def estimate(scan, out_grid, settings: dict, device: str) -> dict:
     from .train import training_grid
 
     cfg = NerfConfig.from_settings(settings)
-    tgrid = _with_cut_ends(scan, training_grid(out_grid, cfg), cfg)  # an upper bound of the trainer's grid
+    tgrid = _grown_past_cuts(scan, training_grid(out_grid, cfg), cfg)  # an upper bound of the trainer's grid
     views, rows, cols = (int(s) for s in scan.projections.shape)
     rays = views * rows * cols
     voxels = tgrid.n_voxels
@@ -45,17 +45,22 @@ def estimate(scan, out_grid, settings: dict, device: str) -> dict:
             "training_grid": list(tgrid.shape_xyz), "rays": rays, "rays_per_batch": cfg.rays_end}
 
 
-def _with_cut_ends(scan, full, cfg):
-    """The full box (an upper bound of the carved support's box), grown past the ends the detector cuts
-    along the axis as the trainer will grow its own (axial_extension.py), with the full box's radius:
-    on the 25-view abdomen cut to 120 rows the trainer's grid is 7 % larger than the full box."""
-    if not (cfg.support and cfg.extend_cut_ends):
+def _grown_past_cuts(scan, full, cfg):
+    """The full box (an upper bound of the carved support's box), widened past its sides where the
+    object is wider than the field of view (lateral_extension.py) and grown past the ends the detector
+    cuts along the axis (axial_extension.py, with the widened box's radius), as the trainer will grow
+    its own: on the 25-view abdomen cut to 120 rows the trainer's grid is 7 % larger than the full box."""
+    if not cfg.support:
         return full
     from ..axial_extension import plan_for_scan
     from ..support import air_statistics
+    from .train import _lateral_extension
 
-    threshold = air_statistics(scan.projections).get("threshold")
-    if threshold is None:
+    lateral, stats = _lateral_extension(scan, full, cfg)
+    if lateral is not None:
+        full = lateral.grown(full)
+    threshold = (stats or air_statistics(scan.projections)).get("threshold")
+    if threshold is None or not cfg.extend_cut_ends:
         return full
     extension = plan_for_scan(scan.projections, scan.geometry, threshold, *full.bounds(), full.spacing_xyz)
     return full if extension is None else extension.grown(full)
