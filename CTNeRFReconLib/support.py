@@ -210,17 +210,21 @@ class Support:
         return out.reshape(grid.shape_zyx)
 
 
-def faces_warning(faces: list[str], grid: VolumeGrid) -> str | None:
-    """One line for the user when the support reaches the faces of `grid` (the output grid), else None."""
+def faces_warning(faces: list[str], grid: VolumeGrid, trained_past: bool = False) -> str | None:
+    """One line for the user when the support reaches the faces of `grid` (the output grid), else None;
+    `trained_past`: the training grid goes on past the box there (lateral_extension.py,
+    axial_extension.py), so the material outside has voxels of its own and no rim is to be expected."""
     if not faces:
         return None
     shape = " ".join(str(n) for n in grid.shape_xyz)
     spacing = "/".join(f"{v:.4g}" for v in sorted(set(grid.spacing_xyz)))
+    outside = ("the training grid goes on past the box there, so its material outside is trained but not output"
+               if trained_past else
+               "its material outside is still in the projections, so expect a brighter rim there")
     return (f"the object reaches the box's {', '.join(faces)} face(s): it probably goes on beyond the box "
-            "(wider than the region every view sees, or cut by the detector along the axis), and its material "
-            "outside is still in the projections, so expect a brighter rim there; to reconstruct it too, give a "
-            f"larger box (now --grid-spacing {spacing} --grid-size {shape}: raise the counts of those axes; "
-            "voxels outside the region every view sees are constrained by fewer views)")
+            f"(wider than the region every view sees, or cut by the detector along the axis), and {outside}; "
+            f"to reconstruct it too, give a larger box (now --grid-spacing {spacing} --grid-size {shape}: raise "
+            "the counts of those axes; voxels outside the region every view sees are constrained by fewer views)")
 
 
 def bounding_box(mask: np.ndarray) -> tuple:

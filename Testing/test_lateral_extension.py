@@ -90,11 +90,18 @@ def test_the_trainer_widens_the_grid_carves_it_and_counts_the_box_for_the_tv_wei
     support is taken back as it is, and the TV weight is the one of the voxels inside the output box."""
     scan = _scan(WIDE)
     out = default_grid(scan.geometry)
-    ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview"))
+    said = []
+    ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview"), on_message=said.append)
     cfg = NerfConfig.from_settings(ctx.settings)
     trainer = NerfTrainer(scan, out, cfg, ctx)
     wide = ctx.report["support"]["widened"]
     assert wide["axes"] == "xz" and wide["voxels"] > 0 and "extended" not in ctx.report["support"]
+    assert any(m.startswith(f"the object is wider than the field of view (the detector's columns-, columns+ "
+                            f"edge(s) see it): training {wide['mm']:g} mm past the box's sides") for m in said), said
+    # the support reaches the widened grid's sides: the warning says they are trained, not that a rim is coming
+    assert {"x-", "x+", "z-", "z+"} <= set(trainer.support.faces_reached)
+    warnings = [m for m in said if m.startswith("warning: the object reaches the box's x-, x+, z-, z+")]
+    assert len(warnings) == 1 and "trained but not output" in warnings[0] and "rim" not in warnings[0], said
     (olo, ohi), (tlo, thi) = out.bounds(), trainer.grid.bounds()
     assert tlo[0] < olo[0] - 1 and thi[2] > ohi[2] + 1  # the training box goes past the field of view
     assert tlo[1] >= olo[1] - 1e-6 and thi[1] <= ohi[1] + 1e-6  # not along the axis: the rows see air

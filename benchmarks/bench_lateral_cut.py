@@ -4,7 +4,8 @@ without training past the field of view's sides (CTNeRFReconLib/lateral_extensio
 
 Takes an RTK case made by rtk_reference.py (the whole object on the detector) and keeps only the middle
 `--cols` columns of its projections (`--cols 0`: the case as it is), so the object goes on past the
-detector's left and right edges. Each variant runs our command line on that scan without a reference
+detector's left and right edges (`--rows N` also keeps only the middle rows: a body longer than the
+detector as well). Each variant runs our command line on that scan without a reference
 (the default grid: the box every view sees, narrower than the object) and is scored with the
 referee's score.py (`--margin 2`) against the ground truth cut to the default grid's in-plane extent
 (what lies outside it is not in the output), and by the RMS error in rings of the distance from the
@@ -48,9 +49,10 @@ RINGS = {"r<0.5": (0.0, 0.5), "0.5-0.8": (0.5, 0.8), "0.8-1": (0.8, 1.0), "box c
 """Rings of the in-plane distance from the rotation axis over the field of view's radius."""
 
 
-def cut_case(case: Path, cols: int, out: Path):
+def cut_case(case: Path, cols: int, out: Path, rows: int = 0):
     """(data folder, reference cut to the default grid in-plane, the field of view's radius in mm, the
-    rotation axis's world axis): the case's middle `cols` columns."""
+    rotation axis's world axis): the case's middle `cols` columns, and its middle `rows` rows when
+    given (the reference then cut to the grid's extent along the axis too, as bench_axial_cut.py does)."""
     from CTNeRFReconLib.axial_extension import detector_axis
     from CTNeRFReconLib.fov import default_grid
     from CTNeRFReconLib.formats import load_scan
@@ -61,8 +63,13 @@ def cut_case(case: Path, cols: int, out: Path):
     n_cols = proj.GetSize()[0]
     if cols and not 0 < cols < n_cols:
         raise SystemExit(f"--cols must be between 1 and the case's {n_cols} columns (or 0), got {cols}")
+    n_rows = proj.GetSize()[1]
+    if rows and not 0 < rows < n_rows:
+        raise SystemExit(f"--rows must be between 1 and the case's {n_rows} rows (or 0), got {rows}")
     first = (n_cols - cols) // 2 if cols else 0
-    sitk.WriteImage(proj[first:first + (cols or n_cols), :, :], str(data / "projections.mha"))
+    first_row = (n_rows - rows) // 2 if rows else 0
+    sitk.WriteImage(proj[first:first + (cols or n_cols), first_row:first_row + (rows or n_rows), :],
+                    str(data / "projections.mha"))  # the origin follows the crop
     shutil.copy(case / "geometry.xml", data / "geometry.xml")
     geometry = load_scan(data).geometry
     grid = default_grid(geometry)
@@ -72,7 +79,7 @@ def cut_case(case: Path, cols: int, out: Path):
     index = []
     for a in range(3):
         w = ref.GetOrigin()[a] + ref.GetSpacing()[a] * np.arange(ref.GetSize()[a])
-        keep = np.arange(len(w)) if a == axis else np.nonzero((w >= lo[a]) & (w <= hi[a]))[0]
+        keep = np.arange(len(w)) if a == axis and not rows else np.nonzero((w >= lo[a]) & (w <= hi[a]))[0]
         index.append(slice(int(keep[0]), int(keep[-1]) + 1))
     cut = out / "reference_cut.nrrd"
     sitk.WriteImage(ref[index[0], index[1], index[2]], str(cut))
@@ -100,10 +107,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", type=Path, required=True, help="an RTK case folder (rtk_reference.py)")
     ap.add_argument("--cols", type=int, required=True, help="detector columns kept (the middle ones; 0: all)")
+    ap.add_argument("--rows", type=int, default=0, help="detector rows kept too (the middle ones; 0: all): "
+                    "a body both wider than the field of view and longer than the detector")
     ap.add_argument("--variants", nargs="+", default=["default", "no-widening"], choices=sorted(VARIANTS))
     add_common_arguments(ap)
     args = parse_checked(ap)
-    data, reference, radius, axis = cut_case(args.case.expanduser(), args.cols, args.out)
+    data, reference, radius, axis = cut_case(args.case.expanduser(), args.cols, args.out, args.rows)
     prebuild_kernels()
     rows = []
     for name in args.variants:
@@ -116,6 +125,7 @@ def main() -> None:
                          tv_prior=report["tv_prior"], **score(args.score_py, reference, run / "volume.nrrd", radius, axis)))
         slices_png(*on_reference_grid(reference, run / "volume.nrrd"), args.out / f"slices_{name}.png")
     print(f"{args.case.name}, " + (f"middle {args.cols} columns" if args.cols else "all columns")
+          + (f" and {args.rows} rows" if args.rows else "")
           + f" (field of view radius {radius:.1f} mm), default grid, "
           + (f"{args.iterations} iterations" if args.iterations else f"--time-limit {args.time_limit:g}")
           + ", score.py --margin 2 on the truth cut to the grid")
@@ -126,7 +136,7 @@ def main() -> None:
         print(f"{r['variant']:12s} {r['psnr']:7.2f} {r['ssim']:7.3f} {r['iterations']:6d} {r['seconds']:8.1f}  "
               f"{'x'.join(map(str, r['training_grid'] or [])):>14s}  {wide:>19s}  "
               + " / ".join(f"{1e3 * r['rms'][k]:.2f}" if k in r["rms"] else "-" for k in RINGS))
-    result = dict(case=str(args.case), cols=args.cols, fov_radius_mm=radius, time_limit_s=None if args.iterations
+    result = dict(case=str(args.case), cols=args.cols, rows=args.rows, fov_radius_mm=radius, time_limit_s=None if args.iterations
                   else args.time_limit, iterations=args.iterations, cpu_count=os.cpu_count(),
                   load_average=list(os.getloadavg()), scorer="score.py --margin 2", results=rows)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))

@@ -337,9 +337,13 @@ class NerfTrainer:
                     f"{' and '.join(f'{mm:g}' for mm in extended['mm'])} mm past the box's ends along "
                     f"{extended['axis']} (the output grid is unchanged)")
             from ..support import faces_warning
-            warning = faces_warning(self.support.faces_reached, out_grid)
-            if warning:
-                self.ctx.on_message("warning: " + warning)
+            trained_past = self._faces_trained_past()
+            faces = self.support.faces_reached
+            for group, past in (([f for f in faces if f not in trained_past], False),
+                                ([f for f in faces if f in trained_past], True)):
+                warning = faces_warning(group, out_grid, trained_past=past)
+                if warning:
+                    self.ctx.on_message("warning: " + warning)
         else:
             self.ctx.on_message(f"no object support carved: {self.support.reason}")
         widened = self.support.extra.get("widened")
@@ -348,6 +352,18 @@ class NerfTrainer:
                 f"the object is wider than the field of view (the detector's {', '.join(widened['edges'])} "
                 f"edge(s) see it): training {widened['mm']:g} mm past the box's sides along "
                 f"{' and '.join(widened['axes'])} (the output grid is unchanged)")
+
+    def _faces_trained_past(self) -> set[str]:
+        """The grid faces ("x-", ...) the training grid goes on past: the in-plane ones where it was
+        widened (lateral_extension.py), the ends along the axis that were extended (axial_extension.py)."""
+        extra = self.support.extra if self.support is not None else {}
+        faces = set()
+        if extra.get("widened"):
+            faces |= {axis + sign for axis in extra["widened"]["axes"] for sign in "-+"}
+        if extra.get("extended"):
+            ext = extra["extended"]
+            faces |= {ext["axis"] + sign for sign, n in zip("-+", ext["voxels"]) if n > 0}
+        return faces
 
     def support_mask_on(self, grid: VolumeGrid, dilate: int = 0) -> torch.Tensor | None:
         """The support as a float mask on any grid (cached), or None when there is none; `dilate`
