@@ -96,15 +96,23 @@ def parse_checked(ap: argparse.ArgumentParser) -> argparse.Namespace:
     return args
 
 
-def run_variant(data: Path, run: Path, args: argparse.Namespace, extra: list[str]) -> tuple[float, dict]:
-    """(seconds, run.json's method_report): our command line on `data` into `run` with the budget asked."""
+def run_row(data: Path, args: argparse.Namespace, name: str, extra: list[str]) -> tuple[dict, Path]:
+    """(the table row's run facts, the run folder): our command line on `data` with the budget asked and
+    the variant's `extra` arguments, into args.out / run_NAME, and what its run.json says of the
+    budget, the training grid and the extensions."""
+    run = args.out / f"run_{name}"
     budget = ["--iterations", str(args.iterations)] if args.iterations else ["--time-limit", f"{args.time_limit:g}"]
     cmd = [sys.executable, "-m", "CTNeRFReconLib", "reconstruct", str(data), "--out", str(run), "--overwrite",
            *budget, "--quiet", *extra]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
     seconds = time.perf_counter() - t0
-    return seconds, json.loads((run / "run.json").read_text())["method_report"]
+    report = json.loads((run / "run.json").read_text())["method_report"]
+    support = report["support"]
+    return dict(variant=name, args=extra, seconds=round(seconds, 1),
+                iterations=(report.get("time_budget") or {}).get("iterations_done", args.iterations),
+                training_grid=support.get("training_grid_shape_xyz"), widened=support.get("widened"),
+                extended=support.get("extended"), tv_prior=report["tv_prior"]), run
 
 
 def main() -> None:
@@ -118,13 +126,8 @@ def main() -> None:
     prebuild_kernels()
     rows = []
     for name in args.variants:
-        run = args.out / f"run_{name}"
-        seconds, report = run_variant(data, run, args, VARIANTS[name])
-        rows.append(dict(variant=name, args=VARIANTS[name], seconds=round(seconds, 1),
-                         iterations=(report.get("time_budget") or {}).get("iterations_done", args.iterations),
-                         training_grid=report["support"]["training_grid_shape_xyz"],
-                         extended=report["support"].get("extended"), tv_prior=report["tv_prior"],
-                         **score(args.score_py, reference, run / "volume.nrrd")))
+        row, run = run_row(data, args, name, VARIANTS[name])
+        rows.append(dict(row, **score(args.score_py, reference, run / "volume.nrrd")))
     print(f"{args.case.name}, middle {args.rows} rows, default grid, "
           + (f"{args.iterations} iterations" if args.iterations else f"--time-limit {args.time_limit:g}")
           + ", score.py --margin 2 on the truth cut to the grid")
@@ -133,7 +136,7 @@ def main() -> None:
     for r in rows:
         ext = "-" if not r["extended"] else " / ".join(f"{v:g}" for v in r["extended"]["mm"])
         print(f"{r['variant']:14s} {r['psnr']:7.2f} {r['ssim']:7.3f} {r['iterations']:6d} {r['seconds']:8.1f}  "
-              f"{'x'.join(map(str, r['training_grid'])):>14s}  {ext:>18s}  "
+              f"{'x'.join(map(str, r['training_grid'] or [])):>14s}  {ext:>18s}  "
               + " / ".join(f"{1e3 * r['rms'][k]:.2f}" for k in ("inner_half", "next_30pc", "outer_fifth")))
     result = dict(case=str(args.case), rows=args.rows, time_limit_s=None if args.iterations else args.time_limit,
                   iterations=args.iterations, cpu_count=os.cpu_count(),

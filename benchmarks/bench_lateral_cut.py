@@ -37,7 +37,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_axial_cut import add_common_arguments, parse_checked, run_variant  # noqa: E402
+from bench_axial_cut import add_common_arguments, parse_checked, run_row  # noqa: E402
 from bench_default_grid import referee_score  # noqa: E402
 from bench_nerf import prebuild_kernels  # noqa: E402
 from error_breakdown import on_reference_grid, slices_png  # noqa: E402
@@ -116,13 +116,8 @@ def main() -> None:
     prebuild_kernels()
     rows = []
     for name in args.variants:
-        run = args.out / f"run_{name}"
-        seconds, report = run_variant(data, run, args, VARIANTS[name])
-        rows.append(dict(variant=name, args=VARIANTS[name], seconds=round(seconds, 1),
-                         iterations=(report.get("time_budget") or {}).get("iterations_done", args.iterations),
-                         training_grid=report["support"].get("training_grid_shape_xyz"),
-                         widened=report["support"].get("widened"), extended=report["support"].get("extended"),
-                         tv_prior=report["tv_prior"], **score(args.score_py, reference, run / "volume.nrrd", radius, axis)))
+        row, run = run_row(data, args, name, VARIANTS[name])
+        rows.append(dict(row, **score(args.score_py, reference, run / "volume.nrrd", radius, axis)))
         slices_png(*on_reference_grid(reference, run / "volume.nrrd"), args.out / f"slices_{name}.png")
     print(f"{args.case.name}, " + (f"middle {args.cols} columns" if args.cols else "all columns")
           + (f" and {args.rows} rows" if args.rows else "")
