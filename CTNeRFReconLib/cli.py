@@ -233,8 +233,14 @@ def _info(args) -> int:
     for note in details.get("notes", [])[len(scan.summary().get("notes", [])):]:
         print(note)
     grid = details["default_grid"]
+    displaced = details.get("displaced_detector")
+    if displaced:
+        print(f"displaced detector on a full orbit (a half-fan scan): {displaced['offset_mm']:g} mm off its principal "
+              f"point, both sides of it measured over {displaced['overlap_mm']:g} mm (at the detector); the default "
+              "grid is the whole circle its far edge reaches, each line measured once")
     if scan.grid is None and grid is not None:
-        print(f"default grid (field of view seen by every view): {grid['shape_xyz']} voxels (x, y, z) of "
+        seen = "the field of view the full orbit measures" if displaced else "field of view seen by every view"
+        print(f"default grid ({seen}): {grid['shape_xyz']} voxels (x, y, z) of "
               f"{grid['spacing_xyz'][0]:.4g} mm, origin {[round(v, 3) for v in grid['origin_xyz']]} mm")
     support = details.get("support")
     if support is not None:
@@ -253,9 +259,11 @@ def _info(args) -> int:
         else:
             print(f"object support: none carved ({support['reason']})")
         if support.get("widened"):
+            from .lateral_extension import describe_faces
+
             wide = support["widened"]
             print(f"  the detector's {', '.join(wide['edges'])} edge(s) see object (wider than the field of view): "
-                  f"nerf trains {wide['mm']:g} mm past the box's sides along {' and '.join(wide['axes'])}")
+                  f"nerf trains {describe_faces(wide)}")
     return ExitCode.OK
 
 

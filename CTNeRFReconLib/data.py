@@ -68,6 +68,12 @@ class ScanData:
                     projection_range=[float(self.projections.min()), float(self.projections.max())])
         if g.angles is not None:
             info["angles_deg"] = [float(np.degrees(g.angles.min())), float(np.degrees(g.angles.max()))]
+        from .orbit import displaced_detector
+
+        displaced = displaced_detector(g)
+        if displaced is not None:  # a half-fan scan: the default grid is the circle it measures (fov.py)
+            info["displaced_detector"] = {"offset_mm": round(float(np.abs(displaced.offsets).mean()), 3),
+                                          "overlap_mm": round(float(displaced.overlap.min()), 3)}
         if self.grid is not None:
             info["grid"] = self.grid.to_dict()
         if self.reference is not None:

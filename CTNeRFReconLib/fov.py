@@ -5,6 +5,14 @@ unreliable, so by default the grid covers only the intersection of the view frus
 orbit: a cylinder about the rotation axis with conical caps), with voxels as large as a detector
 pixel seen at the isocentre. Each frustum is bounded by its source and its detector plane, so the
 region is bounded even for a single view direction or a parallel beam.
+
+A detector displaced sideways on an orbit that goes all the way round (an offset-detector or half-fan
+scan, orbit.displaced_detector) is the exception: it sees a small circle in every view, but every line
+through the circle its far edge reaches is measured once, from one side of the orbit or the other, so
+that larger circle is measured completely and is the default grid's cross-section (as if each view's
+detector were centred on its principal point and as wide as its far side). A voxel there is seen by
+about half the views, each line once; the reconstruction methods need nothing more (FDK weights the
+columns measured twice, fdk.py).
 """
 from __future__ import annotations
 
@@ -98,12 +106,31 @@ def common_fov_bounds(geometry: ConeBeamGeometry) -> tuple[np.ndarray, np.ndarra
     return lo, hi
 
 
+def measured_geometry(geometry: ConeBeamGeometry) -> ConeBeamGeometry:
+    """The geometry whose common field of view is the region the scan measures completely: itself, or
+    for a displaced detector on a closed orbit each view's detector centred on its principal point and
+    widened to its far side (the module's docstring says why). Only for the field of view's bounds: its
+    pixels are not the data's."""
+    import dataclasses
+
+    from .orbit import displaced_detector
+
+    displaced = displaced_detector(geometry)
+    if displaced is None:
+        return geometry
+    centres = geometry.det_centers - displaced.offsets[:, None] * geometry.det_u
+    n_u = geometry.det_shape[1]
+    pitch_u = 2.0 * float(displaced.far.min()) / n_u
+    return dataclasses.replace(geometry, det_centers=centres, pixel_pitch=(geometry.pixel_pitch[0], pitch_u))
+
+
 def default_grid(geometry: ConeBeamGeometry, max_voxels: int = MAX_DEFAULT_VOXELS) -> VolumeGrid:
-    """Axis-aligned grid over the common field of view, voxel size = detector pitch at the isocentre.
+    """Axis-aligned grid over the common field of view (of `measured_geometry`: a displaced detector's
+    whole circle), voxel size = detector pitch at the isocentre.
 
     The voxel size grows (isotropically) when the grid would exceed ``max_voxels``.
     """
-    lo, hi = common_fov_bounds(geometry)
+    lo, hi = common_fov_bounds(measured_geometry(geometry))
     voxel = pitch_at_isocentre(geometry)
     extent = hi - lo
     shape = np.maximum(1, np.round(extent / voxel))

@@ -16,7 +16,8 @@ import pytest
 from CTNeRFReconLib.data import ScanData
 from CTNeRFReconLib.fov import default_grid
 from CTNeRFReconLib.geometry import VolumeGrid, circular_geometry
-from CTNeRFReconLib.lateral_extension import MAX_FRACTION, inner_voxel_count, object_radius, plan_lateral
+from CTNeRFReconLib.lateral_extension import (MAX_FRACTION, describe_faces, edge_rays, inner_voxel_count,
+                                              plan_lateral, reach_past_faces)
 from CTNeRFReconLib.methods import RunContext, get_method
 from CTNeRFReconLib.nerf.config import NerfConfig
 from CTNeRFReconLib.nerf.memory import estimate
@@ -42,34 +43,52 @@ def test_the_sides_go_on_as_far_as_the_edge_rays_say_the_object_goes():
     lo, hi = grid.bounds()
     half = max(hi[0] - lo[0], hi[2] - lo[2]) / 2
     axes, centre = (0, 2), (np.asarray(lo) + np.asarray(hi)) / 2
+    h = grid.spacing_xyz[0]
     # a disc of radius 110 mm centred on the axis (short along it, so the rows see air): the edge rays'
-    # line integrals against their rows' thickest give its radius back
+    # line integrals against their rows' thickest give its radius back, the same past every face
     disc = [Ellipsoid((0.0, 0.0, 0.0), (110.0, 36.0, 110.0), 0.02)]
     proj = _project(geo, disc)
     threshold = air_statistics(proj)["threshold"]
     cut = detector_edges_cut(proj, threshold)
     assert cut == ["columns-", "columns+"]
-    radius, r_edge = object_radius(proj, geo, threshold, axes, centre)
-    assert radius == pytest.approx(110.0, rel=0.04) and r_edge == pytest.approx(half, rel=0.03)
+    rays = edge_rays(proj, geo, threshold, axes, centre)
+    seen = rays.radius > rays.r
+    assert seen.all() and np.median(rays.radius) == pytest.approx(110.0, rel=0.04)
+    assert rays.r == pytest.approx(half, rel=0.03)
+    np.testing.assert_allclose(reach_past_faces(rays, axes, lo, hi, centre), 110.0 - half, atol=0.04 * 110)
     wide = plan_lateral(geo, cut, grid, proj, threshold)
     assert wide.axes == (0, 2) and wide.edges == ("columns-", "columns+")
-    assert wide.mm == pytest.approx(radius - r_edge) and wide.voxels == math.ceil(wide.mm / grid.spacing_xyz[0])
+    assert set(wide.faces()) == {"x-", "x+", "z-", "z+"}
+    assert all(n == math.ceil(mm / h) for mm, n in wide.faces().values())
+    # a disc of radius 100 mm 20 mm off the axis along x+: past x+ by about its 28 mm (it reads 5 % high:
+    # the edge rays facing x+ pass it off its centre), past z- and z+ by 8, and not past x-
+    off = plan_lateral(geo, cut, grid, _project(geo, [Ellipsoid((20.0, 0.0, 0.0), (100.0, 36.0, 100.0), 0.02)]),
+                       threshold)
+    faces = off.faces()
+    assert set(faces) == {"x+", "z-", "z+"} and off.voxels[0][0] == 0
+    assert 120.0 - half <= faces["x+"][0] <= 120.0 * 1.06 - half, faces
+    assert faces["z-"][0] == pytest.approx(100.0 - half, abs=h) and faces["z+"][0] == pytest.approx(100.0 - half, abs=h)
+    grown = off.grown(grid)
+    np.testing.assert_allclose(np.asarray(grown.bounds()[0]) - lo, [0, 0, -faces["z-"][1] * h])
+    np.testing.assert_allclose(np.asarray(grown.bounds()[1]) - hi, [faces["x+"][1] * h, 0, faces["z+"][1] * h])
+    said = off.summary()["faces"]  # what run.json holds; the two z faces agree (a symmetric case)
+    assert describe_faces(off.summary()) == f"{said['x+']['mm']:g} mm past x+, {said['z-']['mm']:g} mm past z- and z+"
     # a body whose sides only just leave the field of view is not widened, one far wider by the most
     just = _project(geo, [Ellipsoid((0.0, 0.0, 0.0), (93.0, 36.0, 93.0), 0.02)])
     assert detector_edges_cut(just, threshold) == ["columns-", "columns+"]
     assert plan_lateral(geo, cut, grid, just, threshold) is None
     far = _project(geo, [Ellipsoid((0.0, 0.0, 0.0), (400.0, 36.0, 400.0), 0.02)])
-    assert plan_lateral(geo, cut, grid, far, threshold).mm == pytest.approx(MAX_FRACTION * half)
-    # a fixed fraction when asked
+    np.testing.assert_allclose(plan_lateral(geo, cut, grid, far, threshold).mm, MAX_FRACTION * half)
+    # a fixed fraction when asked, past every face
     fixed = plan_lateral(geo, cut, grid, proj, threshold, fraction=0.25)
-    assert fixed.mm == pytest.approx(0.25 * half) and fixed.voxels == math.ceil(0.25 * half / grid.spacing_xyz[0])
+    np.testing.assert_allclose(fixed.mm, 0.25 * half)
+    n = math.ceil(0.25 * half / h)
+    assert fixed.voxels == ((n, n), (n, n))
     grown = fixed.grown(grid)
     glo, ghi = grown.bounds()
-    assert grown.shape_xyz == (grid.shape_xyz[0] + 2 * fixed.voxels, grid.shape_xyz[1],
-                               grid.shape_xyz[2] + 2 * fixed.voxels)
-    step = fixed.voxels * grid.spacing_xyz[0]
-    np.testing.assert_allclose(glo - lo, [-step, 0, -step])
-    np.testing.assert_allclose(ghi - hi, [step, 0, step])
+    assert grown.shape_xyz == (grid.shape_xyz[0] + 2 * n, grid.shape_xyz[1], grid.shape_xyz[2] + 2 * n)
+    np.testing.assert_allclose(glo - lo, [-n * h, 0, -n * h])
+    np.testing.assert_allclose(ghi - hi, [n * h, 0, n * h])
     # the grown grid's voxels inside the first box are the first box's
     assert inner_voxel_count(grown, lo, hi) == grid.n_voxels == inner_voxel_count(grid, lo, hi)
     # one column edge is enough; none cut, or rows along no grid axis: nothing
@@ -95,9 +114,10 @@ def test_the_trainer_widens_the_grid_carves_it_and_counts_the_box_for_the_tv_wei
     cfg = NerfConfig.from_settings(ctx.settings)
     trainer = NerfTrainer(scan, out, cfg, ctx)
     wide = ctx.report["support"]["widened"]
-    assert wide["axes"] == "xz" and wide["voxels"] > 0 and "extended" not in ctx.report["support"]
+    assert wide["axes"] == "xz" and set(wide["faces"]) == {"x-", "x+", "z-", "z+"}
+    assert "extended" not in ctx.report["support"]
     assert any(m.startswith(f"the object is wider than the field of view (the detector's columns-, columns+ "
-                            f"edge(s) see it): training {wide['mm']:g} mm past the box's sides") for m in said), said
+                            f"edge(s) see it): training {describe_faces(wide)} (the output grid") for m in said), said
     # the support reaches the widened grid's sides: the warning says they are trained, not that a rim is coming
     assert {"x-", "x+", "z-", "z+"} <= set(trainer.support.faces_reached)
     warnings = [m for m in said if m.startswith("warning: the object reaches the box's x-, x+, z-, z+")]
@@ -129,6 +149,27 @@ def test_the_trainer_widens_the_grid_carves_it_and_counts_the_box_for_the_tv_wei
     inside_fov = _scan(PHANTOM)
     sup, _ = carve_support(inside_fov, default_grid(inside_fov.geometry), NerfConfig())
     assert "widened" not in sup.extra
+
+
+def test_a_body_off_the_axis_is_trained_past_its_own_side_only():
+    """A patient lying off the rotation axis (a table at one side, a C-arm not centred on the body)
+    leaves the field of view on one side: the training grid goes on past that side, by about as far
+    as the body goes, and not past the other; the part outside is in the support."""
+    body = [Ellipsoid((-30.0, 0.0, 0.0), (100.0, 36.0, 95.0), 0.02),
+            Ellipsoid((-105.0, 0.0, 0.0), (12.0, 20.0, 12.0), 0.012)]
+    scan = _scan(body)
+    out = default_grid(scan.geometry)
+    support, grid = carve_support(scan, out, NerfConfig())
+    faces = support.extra["widened"]["faces"]
+    (olo, ohi), (tlo, thi) = out.bounds(), grid.bounds()
+    half = (ohi[0] - olo[0]) / 2
+    # the body reaches 130 mm along x-, 70 along x+ and 95 along z (under a voxel past the 92 mm box);
+    # the edge rays facing x- pass it off its centre, so the disc model reads it high (151 mm)
+    assert set(faces) == {"x-"}, faces
+    assert 130.0 - half <= faces["x-"]["mm"] <= 1.2 * 130.0 - half, faces
+    assert tlo[0] < olo[0] - (130.0 - half) + 1e-6 and thi[0] <= ohi[0] + 1e-6
+    h = grid.spacing_xyz[0]
+    assert support.mask_on(VolumeGrid((1, 1, 1), (h, h, h), (-105.0, 0.0, 0.0))).all()
 
 
 def test_training_past_the_sides_removes_the_truncation_error_inside_the_box():

@@ -125,11 +125,11 @@ def main() -> None:
           + (f"{args.iterations} iterations" if args.iterations else f"--time-limit {args.time_limit:g}")
           + ", score.py --margin 2 on the truth cut to the grid")
     print(f"{'variant':12s} {'PSNR3D':>7s} {'SSIM3D':>7s} {'iters':>6s} {'seconds':>8s}  {'training grid':>14s}  "
-          f"{'past the sides (mm)':>19s}  RMS x1e3 by ring of r / radius: " + " / ".join(RINGS))
+          f"{'past the faces (mm)':>30s}  RMS x1e3 by ring of r / radius: " + " / ".join(RINGS))
     for r in rows:
-        wide = "-" if not r["widened"] else f"{r['widened']['mm']:g}"
+        wide = "-" if not r["widened"] else " ".join(f"{f}{v['mm']:g}" for f, v in r["widened"]["faces"].items())
         print(f"{r['variant']:12s} {r['psnr']:7.2f} {r['ssim']:7.3f} {r['iterations']:6d} {r['seconds']:8.1f}  "
-              f"{'x'.join(map(str, r['training_grid'] or [])):>14s}  {wide:>19s}  "
+              f"{'x'.join(map(str, r['training_grid'] or [])):>14s}  {wide:>30s}  "
               + " / ".join(f"{1e3 * r['rms'][k]:.2f}" if k in r["rms"] else "-" for k in RINGS))
     result = dict(case=str(args.case), cols=args.cols, rows=args.rows, fov_radius_mm=radius, time_limit_s=None if args.iterations
                   else args.time_limit, iterations=args.iterations, cpu_count=os.cpu_count(),

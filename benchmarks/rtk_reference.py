@@ -126,16 +126,20 @@ def make_case(ct_path, out_dir, views: int, det: int = 240, pitch: float = 3.2, 
     return out
 
 
+def read_rtk_scan(folder):
+    """(itk, RTK, geometry, projections) of a folder holding geometry.xml and projections.mha, read by RTK."""
+    itk, rtk = _rtk()
+    reader = rtk.ThreeDCircularProjectionGeometryXMLFileReader.New()
+    reader.SetFilename(str(Path(folder) / "geometry.xml"))
+    reader.GenerateOutputInformation()
+    return itk, rtk, reader.GetOutputObject(), itk.imread(str(Path(folder) / "projections.mha"), itk.F)
+
+
 def run_peer(case_dir, method: str, out_path) -> float:
     """Run one RTK peer with the referee's settings on the case's reference grid; returns seconds."""
-    itk, rtk = _rtk()
     case = Path(case_dir)
+    itk, rtk, geometry, proj = read_rtk_scan(case)
     F3 = itk.Image[itk.F, 3]
-    reader = rtk.ThreeDCircularProjectionGeometryXMLFileReader.New()
-    reader.SetFilename(str(case / "geometry.xml"))
-    reader.GenerateOutputInformation()
-    geometry = reader.GetOutputObject()
-    proj = itk.imread(str(case / "projections.mha"), itk.F)
     ref = itk.imread(str(case / "reference.nrrd"), itk.F)
     init = rtk.ConstantImageSource[F3].New()
     init.SetInformationFromImage(ref)

@@ -166,8 +166,8 @@ class NerfConfig:
     axis")."""
     extend_cut_sides: bool = True
     """Where the object is wider than the field of view (the detector's column edges see object), the
-    training grid goes on past the output box's sides on both in-plane axes, as far as the edge rays say
-    the object goes (CTNeRFReconLib/lateral_extension.py), so the material outside the field of view has
+    training grid goes on past the output box's in-plane faces, each as far as the edge rays facing it
+    say the object goes (CTNeRFReconLib/lateral_extension.py), so the material outside the field of view has
     voxels of its own instead of a rim and a wrong level inside; carving then removes what some view
     shows in air. The output grid is unchanged. Nothing is widened where the edge rays say the object
     goes less than a training voxel past the field of view. On the 40-view abdomen at 2.4 mm cut to 120

@@ -348,10 +348,11 @@ class NerfTrainer:
             self.ctx.on_message(f"no object support carved: {self.support.reason}")
         widened = self.support.extra.get("widened")
         if widened:
+            from ..lateral_extension import describe_faces
+
             self.ctx.on_message(
                 f"the object is wider than the field of view (the detector's {', '.join(widened['edges'])} "
-                f"edge(s) see it): training {widened['mm']:g} mm past the box's sides along "
-                f"{' and '.join(widened['axes'])} (the output grid is unchanged)")
+                f"edge(s) see it): training {describe_faces(widened)} (the output grid is unchanged)")
 
     def _faces_trained_past(self) -> set[str]:
         """The grid faces ("x-", ...) the training grid goes on past: the in-plane ones where it was
@@ -359,7 +360,7 @@ class NerfTrainer:
         extra = self.support.extra if self.support is not None else {}
         faces = set()
         if extra.get("widened"):
-            faces |= {axis + sign for axis in extra["widened"]["axes"] for sign in "-+"}
+            faces |= set(extra["widened"]["faces"])
         if extra.get("extended"):
             ext = extra["extended"]
             faces |= {ext["axis"] + sign for sign, n in zip("-+", ext["voxels"]) if n > 0}
@@ -636,7 +637,8 @@ class NerfTrainer:
         (`extend_cut_ends`) do not count: the material there has voxels of its own. Column edges count
         even where the grid is widened past the sides (`extend_cut_sides`): there the edge scale gained
         nothing (38.31 against 38.38 dB on the 40-view abdomen cut to 120 columns, 800 iterations), and the
-        voxels outside the field of view, seen by few views, are where a sharpened rim would go. Without
+        voxels outside the field of view, seen by few views, are where a sharpened rim would go. A
+        displaced detector's near edge does not count (lateral_extension.truncating_edges). Without
         an air level (no support carved) truncation cannot be ruled out."""
         if self.cfg.tv_edge <= 0:
             return None
@@ -646,7 +648,10 @@ class NerfTrainer:
             "threshold")
         if threshold is None:
             return "no air level measured in the projections, so truncation cannot be ruled out"
-        cut = detector_edges_cut(scan.projections, threshold)
+        from ..lateral_extension import truncating_edges
+
+        # a displaced detector's near edge cuts nothing its orbit does not measure
+        cut = truncating_edges(scan.geometry, detector_edges_cut(scan.projections, threshold))
         # ends the training grid goes on past (axial_extension.py) hold their own material: no rim there
         extended = (self.support.extra.get("extended") or {}) if self.support is not None else {}
         cut = [edge for edge in cut if edge not in extended.get("edges", ())]

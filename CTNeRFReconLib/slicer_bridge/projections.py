@@ -61,6 +61,9 @@ def describe_summary(summary: dict) -> str:
     else:
         parts.append("source-isocentre " + _span(summary["source_isocentre_mm"], "mm"))
         parts.append("source-detector " + _span(summary["source_detector_mm"], "mm"))
+    if summary.get("displaced_detector"):
+        parts.append(f"detector displaced {summary['displaced_detector']['offset_mm']:.4g} mm on a full orbit "
+                     "(half-fan: the whole circle it measures is reconstructed)")
     return ", ".join(parts)
 
 
