@@ -68,10 +68,15 @@ def test_the_default_grid_is_the_circle_the_far_edge_reaches():
     # the measured geometry only stands for the bounds: centred on the principal point, as wide as the far side
     virtual = measured_geometry(full)
     assert displaced_detector(virtual) is None and virtual.pixel_pitch[1] == pytest.approx(2 * (HALF + SHIFT) / COLS)
-    # an arc that does not go round leaves lines unmeasured there: the every-view box, as before
+    # an arc that does not go round leaves lines unmeasured there: the every-view box, as before, and
+    # FDK says what it cannot do
     short = _geometry(np.arange(50) * 4.0)
     assert displaced_detector(short) is None
     np.testing.assert_allclose(default_grid(short).bounds()[1], common_fov_bounds(short)[1], atol=h)
+    notes = []
+    fdk((np.zeros((short.n_views, ROWS, COLS), np.float32), short), VolumeGrid.centered((4, 4, 4), (8.0,) * 3),
+        notes=notes)
+    assert any("displaced 70 mm off its principal point on a short scan" in n for n in notes), notes
     # an offset under a column pitch (a calibration offset) is a centred detector
     assert displaced_detector(_geometry(np.arange(90) * 4.0, shift=0.5 * PITCH)) is None
     # the other side works the same way
