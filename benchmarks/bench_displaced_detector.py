@@ -9,10 +9,9 @@ is measured once, from one side of the orbit or the other. This script makes suc
 case made by rtk_reference.py (the whole object on the detector) by keeping only the columns from
 `--first-col` on (`--cols` of them): the projections' origin follows the crop, so the detector sits off
 its principal point. Each variant runs a command line (this checkout's, or `--before`'s, an older
-checkout) on that scan with the default grid, or RTK's FDK after its own displaced-detector weighting
-(itk-rtk's DisplacedDetectorImageFilter, the independent reference) on this checkout's default grid, and
-is scored with the referee's score.py (`--margin 2`)
-twice: against the truth cut to the region the scan measures (the whole circle; what a variant's grid
+checkout) on that scan with the default grid, or, on this checkout's default grid, our FDK without its
+weights or RTK's FDK after its own displaced-detector weighting (itk-rtk's DisplacedDetectorImageFilter,
+the independent reference). Each is scored with the referee's score.py (`--margin 2`) twice: against the truth cut to the region the scan measures (the whole circle; what a variant's grid
 leaves out counts as zero there) and against the truth cut to the box every view sees. Also the RMS
 error inside the circle every view sees and in the ring between it and the measured circle. Prints a
 table, writes JSON and the middle slices of each run against the truth.
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_default_grid import referee_score  # noqa: E402
 from bench_nerf import prebuild_kernels  # noqa: E402
 from error_breakdown import on_reference_grid, slices_png  # noqa: E402
+
 
 def fdk_unweighted(data: Path, grid, out: Path) -> float:
     """Seconds of our FDK without the displaced detector's weights (FDKConfig.displaced_weights, a
