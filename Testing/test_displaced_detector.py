@@ -93,6 +93,7 @@ def test_info_and_the_panel_say_what_was_understood():
     assert said["displaced_detector"] == {"offset_mm": SHIFT, "overlap_mm": HALF - SHIFT}
     assert said["default_grid"] == default_grid(scan.geometry).to_dict()
     assert "detector displaced 70 mm on a full orbit" in describe_summary(said)
+    assert "source-detector 600 mm" in describe_summary(said)  # to the detector's plane, not its far-off centre
     centred = _scan(_geometry(np.arange(40) * 9.0, shift=0.0))
     assert "displaced_detector" not in info_dict(centred, support=False)
 
