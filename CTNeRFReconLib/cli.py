@@ -202,12 +202,11 @@ def info_dict(scan, support: bool = True) -> dict:
             if extension is not None:
                 out["support"]["extended"] = extension.summary()
         if carved.threshold is not None:  # and how far past the sides, for an object wider than the field of view
-            from .lateral_extension import plan_lateral
+            from .lateral_extension import plan_for_scan
             from .nerf.config import NerfConfig
-            from .support import detector_edges_cut
 
-            widened = plan_lateral(scan.geometry, detector_edges_cut(scan.projections, carved.threshold), grid,
-                                   scan.projections, carved.threshold, NerfConfig().cut_sides_fraction)
+            widened = plan_for_scan(scan.projections, scan.geometry, carved.threshold, grid,
+                                    NerfConfig().cut_sides_fraction)
             if widened is not None:
                 out["support"]["widened"] = widened.summary()
     shipped = scan.grid or (scan.reference.grid if scan.reference is not None else None)

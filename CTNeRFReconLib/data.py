@@ -58,11 +58,9 @@ class ScanData:
 
     def summary(self) -> dict:
         g = self.geometry
-        normal = np.cross(g.det_u, g.det_v)
         # to the detector's plane (the SDD the scanner states), not to its centre: an offset or displaced
         # detector's centre lies off the perpendicular
-        dist = np.abs(np.einsum("vi,vi->v", g.det_centers - g.sources, normal / np.linalg.norm(normal, axis=1,
-                                                                                                keepdims=True)))
+        dist = g.source_detector_distance()
         sid = np.linalg.norm(g.sources, axis=1)  # the source's distance from the frame's origin, the isocentre
         info = dict(format=self.source_format, path=self.source_path, views=self.n_views,
                     detector_rows_cols=list(g.det_shape), pixel_pitch_mm=list(g.pixel_pitch),

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from .data import ScanData, Volume
 from .geometry import ConeBeamGeometry, VolumeGrid
 from .methods import RunContext, register
-from .orbit import Orbit, _normals, angular_weights, displaced_detector, isocentre, orbit  # noqa: F401
+from .orbit import (Orbit, _normals, angular_weights, displaced_detector, isocentre,  # noqa: F401
+                    offset_detector, orbit)
 # (Orbit, angular_weights: fdk's own names before orbit.py; tests and callers import them from here)
 
 log = logging.getLogger(__name__)
@@ -181,10 +182,11 @@ def _frames(g: ConeBeamGeometry, config: FDKConfig) -> tuple[_Frames, list[str]]
         pre = d_sd[:, None, None] / np.sqrt(d_sd[:, None, None] ** 2 + uu ** 2 + vv ** 2)
         if not o.closed:
             notes += _short_scan(g, o, normals, d_sd, uu[:, 0, :], config, pre, view_weight)
-            if np.all(u0 > du) or np.all(u0 < -du):  # orbit.displaced_detector asks for a closed orbit
-                notes.append(f"the detector is displaced {float(np.median(np.abs(u0))):.0f} mm off its principal "
-                             "point on a short scan: lines past the circle every view sees are not all measured, "
-                             "and Parker's weights assume a centred detector")
+            offset = offset_detector(g)  # orbit.displaced_detector asks for a closed orbit
+            if offset is not None:
+                notes.append(f"the detector is displaced {float(np.median(np.abs(offset.offsets))):.0f} mm off its "
+                             "principal point on a short scan: lines past the circle every view sees are not all "
+                             "measured, and Parker's weights assume a centred detector")
         else:
             mid = np.arange(-1, n_u)[None, :] + 0.5  # the midpoints, from before column 0 to after the last
             split, found = _displaced_detector(g, (mid - c0) * du + u0[:, None], config)

@@ -57,8 +57,6 @@ MAX_FRACTION = 0.75
 box then has up to 6.25 times the voxels in-plane, before carving)."""
 RATIO_CAP = 0.95
 """Edge-to-thickest ratios above this are taken as this (R at most 3.2 r)."""
-
-
 MAX_VIEWS = 64
 """The edge rays are read from at most this many views."""
 WINDOW_DEGREES = 45.0
@@ -115,6 +113,15 @@ def truncating_edges(geometry: ConeBeamGeometry, edges_cut) -> tuple[str, ...]:
 
     displaced = displaced_detector(geometry)
     return tuple(e for e in edges_cut if displaced is None or e != displaced.near_edge)
+
+
+def plan_for_scan(projections: np.ndarray, geometry: ConeBeamGeometry, threshold: float, grid: VolumeGrid,
+                  fraction: float = 0.0) -> LateralExtension | None:
+    """`plan_lateral` for a scan: the detector's cut edges at the carving `threshold`
+    (support.detector_edges_cut), then the plan. What the trainer, its memory check and `info` call."""
+    from .support import detector_edges_cut
+
+    return plan_lateral(geometry, detector_edges_cut(projections, threshold), grid, projections, threshold, fraction)
 
 
 def plan_lateral(geometry: ConeBeamGeometry, edges_cut: list[str], grid: VolumeGrid, projections: np.ndarray | None,
@@ -180,12 +187,6 @@ def _edge_ray_foot(geometry: ConeBeamGeometry, view: int, column: int, axes, cen
     return start - float(start @ direction) * direction
 
 
-def _views_read(geometry: ConeBeamGeometry, max_views: int = MAX_VIEWS) -> np.ndarray:
-    """The views the edge rays are read from: at most `max_views`, spread over the scan."""
-    n_views = geometry.n_views
-    return np.unique(np.linspace(0, n_views - 1, min(max_views, n_views)).round().astype(int))
-
-
 def edge_rays(projections: np.ndarray, geometry: ConeBeamGeometry, threshold: float, axes, centre,
               columns=None) -> EdgeRays:
     """The rays of the `columns` (default: both edges) and the object's radius each gives (the module's
@@ -193,9 +194,9 @@ def edge_rays(projections: np.ndarray, geometry: ConeBeamGeometry, threshold: fl
     MAX_VIEWS of them."""
     from .support import _box3
 
-    n_cols = projections.shape[2]
+    n_views, _, n_cols = projections.shape
     feet, radii = [], []
-    for view in _views_read(geometry):
+    for view in np.unique(np.linspace(0, n_views - 1, min(MAX_VIEWS, n_views)).round().astype(int)):
         image = np.asarray(projections[view], dtype=np.float32)
         thickest = image.max(axis=1)
         for column in ((0, n_cols - 1) if columns is None else columns):

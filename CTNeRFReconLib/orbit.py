@@ -151,17 +151,14 @@ def principal_offsets(geometry: ConeBeamGeometry) -> np.ndarray:
     g = geometry
     if g.parallel:
         return np.zeros(g.n_views)
-    normals = _normals(g)
-    d_sd = np.abs(np.einsum("vi,vi->v", g.det_centers - g.sources, normals))
-    principal = g.sources + d_sd[:, None] * normals
+    principal = g.sources + g.source_detector_distance()[:, None] * _normals(g)
     return np.einsum("vi,vi->v", g.det_centers - principal, g.det_u)
 
 
-def displaced_detector(geometry: ConeBeamGeometry) -> DisplacedDetector | None:
+def offset_detector(geometry: ConeBeamGeometry) -> DisplacedDetector | None:
     """The displacement of a cone-beam detector that sits off its principal point by more than one
-    column pitch, to the same side in every view, on a closed orbit; None otherwise (a centred
-    detector, a small calibration offset, a short scan, where a displacement leaves lines unmeasured,
-    or parallel beam)."""
+    column pitch, to the same side in every view, whatever its orbit; None otherwise (a centred
+    detector, a small calibration offset, or parallel beam)."""
     g = geometry
     if g.parallel or g.n_views < 3:
         return None
@@ -169,6 +166,11 @@ def displaced_detector(geometry: ConeBeamGeometry) -> DisplacedDetector | None:
     pitch = g.pixel_pitch[1]
     if not (np.all(offsets > pitch) or np.all(offsets < -pitch)):
         return None
-    if not orbit(g).closed:
-        return None
     return DisplacedDetector(offsets, g.det_shape[1] * pitch / 2.0)
+
+
+def displaced_detector(geometry: ConeBeamGeometry) -> DisplacedDetector | None:
+    """`offset_detector` on a closed orbit, where the displacement still measures every line; None
+    otherwise (also on a short scan, where it leaves lines unmeasured)."""
+    offset = offset_detector(geometry)
+    return offset if offset is not None and orbit(geometry).closed else None

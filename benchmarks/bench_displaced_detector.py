@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_default_grid import referee_score  # noqa: E402
+from bench_lateral_cut import cut_reference  # noqa: E402
 from bench_nerf import prebuild_kernels  # noqa: E402
 from error_breakdown import on_reference_grid, slices_png  # noqa: E402
 
@@ -95,18 +96,6 @@ def displaced_case(case: Path, first: int, cols: int, out: Path) -> Path:
     sitk.WriteImage(proj[first:first + cols, :, :], str(data / "projections.mha"))  # the origin follows the crop
     shutil.copy(case / "geometry.xml", data / "geometry.xml")
     return data
-
-
-def cut_truth(case: Path, lo, hi, axis: int, path: Path) -> Path:
-    """The case's reference cut to the in-plane extent (lo, hi) (all of it along the rotation `axis`)."""
-    ref = sitk.ReadImage(str(case / "reference.nrrd"))
-    index = []
-    for a in range(3):
-        w = ref.GetOrigin()[a] + ref.GetSpacing()[a] * np.arange(ref.GetSize()[a])
-        keep = np.arange(len(w)) if a == axis else np.nonzero((w >= lo[a]) & (w <= hi[a]))[0]
-        index.append(slice(int(keep[0]), int(keep[-1]) + 1))
-    sitk.WriteImage(ref[index[0], index[1], index[2]], str(path))
-    return path
 
 
 VARIANTS = {"nerf": ["--method", "nerf"], "fdk": ["--method", "fdk"],
@@ -169,8 +158,8 @@ def main() -> None:
     far = float(min(measured[1][a] - measured[0][a] for a in plane)) / 2
     near = float(min(every[1][a] - every[0][a] for a in plane)) / 2
     displaced = displaced_detector(geometry)
-    truths = {"measured": cut_truth(case, *measured, axis, args.out / "reference_measured.nrrd"),
-              "every view": cut_truth(case, *every, axis, args.out / "reference_every_view.nrrd")}
+    truths = {"measured": cut_reference(case, *measured, axis, args.out / "reference_measured.nrrd"),
+              "every view": cut_reference(case, *every, axis, args.out / "reference_every_view.nrrd")}
     runs = [(name, ROOT, VARIANTS[name]) for name in args.variants]
     if args.before is not None:
         runs += [(f"before-{name}", args.before.resolve(), VARIANTS[name]) for name in ("nerf", "fdk")]

@@ -75,16 +75,22 @@ def cut_case(case: Path, cols: int, out: Path, rows: int = 0):
     grid = default_grid(geometry)
     axis = detector_axis(geometry)[0]
     lo, hi = grid.bounds()
+    cut = cut_reference(case, lo, hi, None if rows else axis, out / "reference_cut.nrrd")
+    radius = float(min(hi[a] - lo[a] for a in range(3) if a != axis)) / 2.0
+    return data, cut, radius, axis
+
+
+def cut_reference(case: Path, lo, hi, whole_axis: int | None, path: Path) -> Path:
+    """The case's reference cut to the box (lo, hi), all of it along `whole_axis` (None: cut along every
+    axis), written to `path`."""
     ref = sitk.ReadImage(str(case / "reference.nrrd"))
     index = []
     for a in range(3):
         w = ref.GetOrigin()[a] + ref.GetSpacing()[a] * np.arange(ref.GetSize()[a])
-        keep = np.arange(len(w)) if a == axis and not rows else np.nonzero((w >= lo[a]) & (w <= hi[a]))[0]
+        keep = np.arange(len(w)) if a == whole_axis else np.nonzero((w >= lo[a]) & (w <= hi[a]))[0]
         index.append(slice(int(keep[0]), int(keep[-1]) + 1))
-    cut = out / "reference_cut.nrrd"
-    sitk.WriteImage(ref[index[0], index[1], index[2]], str(cut))
-    radius = float(min(hi[a] - lo[a] for a in range(3) if a != axis)) / 2.0
-    return data, cut, radius, axis
+    sitk.WriteImage(ref[index[0], index[1], index[2]], str(path))
+    return path
 
 
 def score(score_py: Path, reference: Path, volume: Path, radius: float, axis: int) -> dict:

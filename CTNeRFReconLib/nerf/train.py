@@ -95,15 +95,14 @@ def _lateral_extension(scan: ScanData, full: VolumeGrid, cfg: NerfConfig):
     projections) or no column edge sees object."""
     if not cfg.extend_cut_sides:
         return None, None
-    from ..lateral_extension import plan_lateral
-    from ..support import air_statistics, detector_edges_cut
+    from ..lateral_extension import plan_for_scan
+    from ..support import air_statistics
 
     stats = air_statistics(scan.projections)
     threshold = stats.get("threshold")
     if threshold is None:
         return None, stats
-    return plan_lateral(scan.geometry, detector_edges_cut(scan.projections, threshold), full, scan.projections,
-                        threshold, cfg.cut_sides_fraction), stats
+    return plan_for_scan(scan.projections, scan.geometry, threshold, full, cfg.cut_sides_fraction), stats
 
 
 def _grid_holding(support, full: VolumeGrid) -> VolumeGrid:
