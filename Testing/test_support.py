@@ -175,7 +175,8 @@ def test_truncated_projections_are_recognised_and_keep_plain_tv():
     """detector_edges_cut names the detector's edges the object goes on beyond (wider than the field of
     view: the column edges; longer than the detector, or a table along the axis: the row edges), and
     the trainer then keeps plain TV (the edge-scaled penalty sharpens the truncation's rim), saying why
-    in run.json; a whole object in the field of view keeps the edge scale."""
+    in run.json; a whole object in the field of view keeps the edge scale, and so does a truncated one
+    where the user sets tv_edge_when_truncated."""
     from CTNeRFReconLib.methods import RunContext
     from CTNeRFReconLib.nerf.config import NerfConfig
     from CTNeRFReconLib.nerf.train import NerfTrainer
@@ -201,7 +202,17 @@ def test_truncated_projections_are_recognised_and_keep_plain_tv():
             assert report["plain_because"] is None and trainer.tv_edge() > 0
         else:
             assert "columns-, columns+" in report["plain_because"] and trainer.tv_edge() == 0.0
-            assert report["edge_attenuation"] == 0.0
+            assert report["edge_attenuation"] == 0.0 and report["edge_despite"] is None
+    # the user's choice: the edge scale kept on the truncated scan, and run.json says in spite of what
+    messages = []
+    ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview", tv_edge_when_truncated=True),
+                     on_message=messages.append)
+    trainer = NerfTrainer(ScanData(cases["wide"][0], geo, "synthetic", "<wide>"), grid,
+                          NerfConfig.from_settings(ctx.settings), ctx)
+    report = ctx.report["tv_prior"]
+    assert report["plain_because"] is None and "columns-, columns+" in report["edge_despite"]
+    assert trainer.tv_edge() > 0 and report["edge_attenuation"] == trainer.tv_edge()
+    assert any(m.startswith("edge-scaled TV kept in spite of truncation") for m in messages), messages
 
 
 def test_noisy_air_is_measured_as_noise_and_not_read_as_a_truncated_object():

@@ -123,6 +123,13 @@ class NerfConfig:
     36.59, 0.15: 36.32), +0.65 dB at `--time-limit 180`, +0.9 dB on the same scan made from a 1.5 mm
     CT, +0.3 to +5.8 dB at 10 views. Kept plain where the projections are truncated (the trainer's
     `_edge_scale_unsafe`); plain TV is better on the demo's analytic Shepp-Logan phantom (docs/nerf.md)."""
+    tv_edge_when_truncated: bool = False
+    """Keep the edge-scaled TV on projections the object goes on beyond (see `_edge_scale_unsafe` in the
+    trainer), where it falls back to plain TV by default. Worth a trial run on a mildly truncated scan:
+    measured at 1200 iterations (docs/nerf.md, "The edge scale on truncated scans, measured again") it
+    gained 0.15 to 0.65 dB on four default-grid cases whose edge columns see little object, and lost
+    0.87 dB on the abdomen cut to 90 columns and 2.2 dB on the 40-view scan's reference grid, so the
+    default stays plain."""
     model_error: float = 0.0125
     """epsilon of the data-derived TV weight: the relative error of the line integrals that no voxel
     model fits (projector discretisation, detector pixel size, physics), on top of the photon noise.

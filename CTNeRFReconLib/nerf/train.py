@@ -262,8 +262,10 @@ class NerfTrainer:
             self.tv_weight = tv_weight_from_data(cfg.tv_strength, cfg.model_error, self.noise_variance,
                                                  self._voxels_inside_box(out_grid), len(self.targets),
                                                  self.target_power)
-        self._plain_tv_because = self._edge_scale_unsafe(scan)
-        """Why the TV stays plain despite `tv_edge` (the object goes on beyond the detector), or None."""
+        unsafe = self._edge_scale_unsafe(scan)
+        self._plain_tv_because = None if cfg.tv_edge_when_truncated else unsafe
+        """Why the TV stays plain despite `tv_edge` (the object goes on beyond the detector), or None;
+        None also where `tv_edge_when_truncated` keeps the edge scale in spite of it."""
         # the training voxel h and the rays' spacing d at the isocentre, for reading the weight: the best
         # weight's dependence on h / d was swept in docs/nerf.md ("The TV weight on a finer grid, swept")
         voxel_mm = float(np.prod(self.grid.spacing_xyz) ** (1.0 / 3.0))
@@ -272,7 +274,14 @@ class NerfTrainer:
                                        "weight_from": "data" if cfg.tv_weight is None else "setting",
                                        "edge": cfg.tv_edge, "edge_attenuation": self.tv_edge(),
                                        "plain_because": self._plain_tv_because,
+                                       "edge_despite": unsafe if cfg.tv_edge_when_truncated else None,
                                        "voxel_mm": round(voxel_mm, 4), "ray_spacing_mm": round(ray_spacing_mm, 4)}
+        if unsafe:
+            self.ctx.on_message(
+                f"edge-scaled TV kept in spite of truncation ({unsafe}; tv_edge_when_truncated)"
+                if cfg.tv_edge_when_truncated else
+                f"plain TV: {unsafe}; on a mildly truncated scan `--setting tv_edge_when_truncated=true` is "
+                "worth a trial run (docs/nerf.md)")
         self.target_peak = float(proj.max())
         chords = (self.rays[3] - self.rays[2])
         self._chord_98 = float(torch.quantile(chords[::max(1, len(chords) // 100000)], 0.98))
