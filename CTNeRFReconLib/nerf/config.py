@@ -122,7 +122,7 @@ class NerfConfig:
     grid at 1200 iterations 36.68 / 0.927 against 35.80 / 0.916 (0.01: 36.16, 0.02: 36.65, 0.05:
     36.59, 0.15: 36.32), +0.65 dB at `--time-limit 180`, +0.9 dB on the same scan made from a 1.5 mm
     CT, +0.3 to +5.8 dB at 10 views. Kept plain where the projections are truncated (the trainer's
-    `_edge_scale_unsafe`); plain TV is better on the demo's analytic Shepp-Logan phantom (docs/nerf.md)."""
+    `_edge_scale_unsafe`; `tv_edge_when_truncated` keeps the edge scale there); plain TV is better on the demo's analytic Shepp-Logan phantom (docs/nerf.md)."""
     tv_edge_when_truncated: bool = False
     """Keep the edge-scaled TV on projections the object goes on beyond (see `_edge_scale_unsafe` in the
     trainer), where it falls back to plain TV by default. Worth a trial run on a mildly truncated scan:
