@@ -195,6 +195,10 @@ class CTNeRFReconParameterNode:
     """Wall-clock budget of a nerf run in seconds (the schedule adapts to it); 0: none, the preset decides."""
     keepSnapshots: bool = False
     """Keep every streamed volume in a Sequence node, to scrub through the iterations afterwards."""
+    tableBeyondView: bool = False
+    """nerf: a table top or a holder leaves the field of view (the run's hint says when it may): train
+    past the sides the object reaches, where the edge rays alone see nothing going on
+    (`widen_reached_sides`)."""
     runFolder: str = ""
     """Empty: a new folder under Slicer's temporary folder for each run."""
     pythonInterpreter: str = ""
@@ -1252,7 +1256,7 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
 
     def startReconstruction(self, parameters, runFolder=None, resume: bool = False):
         """Start a run in the background; returns the ReconstructionSession to poll."""
-        from CTNeRFReconLib.slicer_bridge.session import ReconstructionSession, grid_request_fields
+        from CTNeRFReconLib.slicer_bridge.session import ReconstructionSession, grid_request_fields, method_extra_args
         from CTNeRFReconLib.slicer_bridge.worker import ReconstructRequest
 
         data = self._checkedDataPath(parameters.dataPath)
@@ -1271,9 +1275,7 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
                 base = pathlib.Path(slicer.app.temporaryPath) / "CTNeRFRecon"
                 base.mkdir(parents=True, exist_ok=True)
                 runFolder = pathlib.Path(tempfile.mkdtemp(prefix=time.strftime("run-%Y%m%d-%H%M%S-"), dir=base))
-        extra = []
-        if parameters.timeLimit and parameters.method == "nerf":
-            extra += ["--time-limit", str(int(parameters.timeLimit))]
+        extra = method_extra_args(parameters.method, parameters.timeLimit, parameters.tableBeyondView)
         request = ReconstructRequest(
             data=data, out=pathlib.Path(runFolder), method=parameters.method, preset=parameters.preset,
             device=parameters.device, seed=parameters.seed, resume=resume,

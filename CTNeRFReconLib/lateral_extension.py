@@ -55,6 +55,9 @@ from .geometry import ConeBeamGeometry, VolumeGrid
 MAX_FRACTION = 0.75
 """The most distance past the sides, as a fraction of the box's larger in-plane half-side (the grown
 box then has up to 6.25 times the voxels in-plane, before carving)."""
+THIN_FRACTION = 0.4
+"""Distance past a side the object's support reaches while the edge rays facing it show no body going
+on, with `widen_reached_sides` (`plan_lateral`): a fraction of the box's larger in-plane half-side."""
 RATIO_CAP = 0.95
 """Edge-to-thickest ratios above this are taken as this (R at most 3.2 r)."""
 MAX_VIEWS = 64
@@ -76,6 +79,9 @@ class LateralExtension:
     """The distances asked for (mm) before rounding up to whole voxels, as `voxels`."""
     edges: tuple[str, ...]
     """The detector's column edges ("columns-", "columns+") that see object."""
+    thin: tuple[str, ...] = ()
+    """Faces ("x-", ...) widened by `THIN_FRACTION` because the support reaches them while the edge rays
+    show nothing going on past them (asked for: something thin, a table, leaves the field of view)."""
 
     def faces(self) -> dict[str, tuple[float, int]]:
         """{face ("x-", ...): (mm, voxels)} of the faces trained past."""
@@ -85,7 +91,7 @@ class LateralExtension:
     def summary(self) -> dict:
         return {"axes": "".join("xyz"[a] for a in self.axes),
                 "faces": {face: {"mm": round(mm, 2), "voxels": n} for face, (mm, n) in self.faces().items()},
-                "edges": list(self.edges)}
+                "edges": list(self.edges), "thin": list(self.thin)}
 
     def grown(self, grid: VolumeGrid) -> VolumeGrid:
         """`grid` (axis-aligned) with the extension's voxels added past its in-plane faces."""
@@ -101,7 +107,11 @@ def describe_faces(summary: dict) -> str:
     by_mm: dict[float, list[str]] = {}
     for face, past in summary["faces"].items():
         by_mm.setdefault(past["mm"], []).append(face)
-    return ", ".join(f"{mm:g} mm past {' and '.join(faces)}" for mm, faces in by_mm.items())
+    text = ", ".join(f"{mm:g} mm past {' and '.join(faces)}" for mm, faces in by_mm.items())
+    thin = summary.get("thin") or []  # (not in the summaries of checkpoints written before 2026-12-06)
+    if thin:
+        text += f" ({' and '.join(thin)}: reached by the object, widened for something thin as asked)"
+    return text
 
 
 def truncating_edges(geometry: ConeBeamGeometry, edges_cut) -> tuple[str, ...]:
@@ -116,22 +126,37 @@ def truncating_edges(geometry: ConeBeamGeometry, edges_cut) -> tuple[str, ...]:
 
 
 def plan_for_scan(projections: np.ndarray, geometry: ConeBeamGeometry, threshold: float, grid: VolumeGrid,
-                  fraction: float = 0.0) -> LateralExtension | None:
+                  fraction: float = 0.0, reached_sides: bool = False, support_settings=None,
+                  stats: dict | None = None) -> LateralExtension | None:
     """`plan_lateral` for a scan: the detector's cut edges at the carving `threshold`
-    (support.detector_edges_cut), then the plan. What the trainer, its memory check and `info` call."""
-    from .support import detector_edges_cut
+    (support.detector_edges_cut), then the plan; with `reached_sides` the faces of `grid` the object's
+    support reaches too (carved here on `grid` with `support_settings` and the projections' air
+    `stats`, only where columns are cut). What the trainer, its memory check and `info` call."""
+    from .support import SupportSettings, detector_edges_cut, object_support
 
-    return plan_lateral(geometry, detector_edges_cut(projections, threshold), grid, projections, threshold, fraction)
+    edges_cut = detector_edges_cut(projections, threshold)
+    reached = ()
+    if reached_sides and fraction <= 0 and truncating_edges(geometry, [e for e in edges_cut if e.startswith("columns")]):
+        carved = object_support(projections, geometry, grid, support_settings or SupportSettings(), stats=stats)
+        reached = tuple(carved.faces_reached) if carved.found else ()
+    return plan_lateral(geometry, edges_cut, grid, projections, threshold, fraction, reached)
 
 
 def plan_lateral(geometry: ConeBeamGeometry, edges_cut: list[str], grid: VolumeGrid, projections: np.ndarray | None,
-                 threshold: float, fraction: float = 0.0) -> LateralExtension | None:
+                 threshold: float, fraction: float = 0.0, faces_reached=()) -> LateralExtension | None:
     """The extension of `grid` (axis-aligned, the box the support is carved on) for a scan whose
     projections are cut at `edges_cut` (support.detector_edges_cut's names, with the carving
     `threshold`): each face's distance from `reach_past_faces`, capped; `fraction` > 0 asks for that
     fraction of the box's larger in-plane half-side past every face instead. None when no column edge
     is cut, every distance is under one voxel, the grid is not axis-aligned or the rows run along no
-    grid axis."""
+    grid axis.
+
+    A face in `faces_reached` (faces of `grid` the object's support reaches, given only when the user
+    says something thin leaves the field of view: `widen_reached_sides`) that the edge rays leave under
+    one voxel gets `THIN_FRACTION` of the half-side. A table top's edge rays cross it through its
+    thickness, too little next to the body's thickest ray for the disc model to read anything going on,
+    and no view shows its end; but a body whose sides only just leave the field of view looks the same,
+    so this is not done unasked (docs/nerf.md, "A table wider than the field of view")."""
     from .axial_extension import detector_axis
 
     columns_cut = truncating_edges(geometry, [e for e in ("columns-", "columns+") if e in edges_cut])
@@ -151,12 +176,19 @@ def plan_lateral(geometry: ConeBeamGeometry, edges_cut: list[str], grid: VolumeG
         rays = edge_rays(projections, geometry, threshold, axes, centre, [columns[e] for e in columns_cut])
         mm = np.minimum(reach_past_faces(rays, axes, lo, hi, centre), MAX_FRACTION * half_side)
     h = float(max(grid.spacing_xyz[a] for a in axes))
+    thin = []
+    if fraction <= 0:
+        for i, axis in enumerate(axes):
+            for k, sign in enumerate("-+"):
+                if "xyz"[axis] + sign in faces_reached and mm[i, k] < h:
+                    mm[i, k] = THIN_FRACTION * half_side
+                    thin.append("xyz"[axis] + sign)
     # a sliver at most is left alone: its rim is a voxel wide, and a wider grid costs more than it gives
     voxels = np.where(mm < h, 0, np.ceil(mm / h - 1e-9)).astype(int)
     if not voxels.any():
         return None
     return LateralExtension(axes, tuple(tuple(int(n) for n in row) for row in voxels),
-                            tuple(tuple(float(d) for d in row) for row in mm), columns_cut)
+                            tuple(tuple(float(d) for d in row) for row in mm), columns_cut, tuple(thin))
 
 
 @dataclass(frozen=True)

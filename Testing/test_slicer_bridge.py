@@ -31,7 +31,7 @@ from CTNeRFReconLib.slicer_bridge import volume_nodes as vn  # noqa: E402
 from CTNeRFReconLib.slicer_bridge.compare import compare_nodes  # noqa: E402
 from CTNeRFReconLib.slicer_bridge.projections import create_projection_node, describe_scan  # noqa: E402
 from CTNeRFReconLib.slicer_bridge.session import (  # noqa: E402
-    REFERENCE_FILE, ReconstructionSession, SessionOptions, SessionState, grid_request_fields)
+    REFERENCE_FILE, ReconstructionSession, SessionOptions, SessionState, grid_request_fields, method_extra_args)
 from CTNeRFReconLib.slicer_bridge.worker import ReconstructRequest, WorkerConfig  # noqa: E402
 
 from bridge_case import BODY_MU, FEATURE_MU, FEATURE_WORLD, phantom, write_case  # noqa: E402  (one case for all)
@@ -220,6 +220,22 @@ def test_output_grid_choices_map_to_the_engines_options():
                 ("cube", 1.0, (0, 0, 0))]:
         with pytest.raises(ValueError):
             grid_request_fields(*bad)
+
+
+def test_the_panels_nerf_options_reach_the_engines_configuration():
+    """The time limit and "Table beyond the view" become the command line's arguments, which the real
+    parser and the worker's settings turn into the nerf configuration; FDK gets neither."""
+    from CTNeRFReconLib.cli import build_parser
+    from CTNeRFReconLib.nerf.config import NerfConfig
+    from CTNeRFReconLib.worker import parse_setting_overrides
+
+    assert method_extra_args("fdk", 60, True) == [] and method_extra_args("nerf") == []
+    extra = method_extra_args("nerf", 90, True)
+    args = build_parser().parse_args(ReconstructRequest(data=Path("d"), out=Path("o"), extra_args=extra).to_args())
+    assert args.time_limit == 90.0
+    cfg = NerfConfig.from_settings(parse_setting_overrides(args.setting))
+    assert cfg.widen_reached_sides and cfg.extend_cut_sides
+    assert not NerfConfig.from_settings(parse_setting_overrides([])).widen_reached_sides
 
 
 def test_grid_from_a_missing_reference_is_refused_before_any_process(scene, case, tmp_path):

@@ -174,9 +174,10 @@ def test_no_air_anywhere_carves_nothing():
 def test_truncated_projections_are_recognised_and_keep_plain_tv():
     """detector_edges_cut names the detector's edges the object goes on beyond (wider than the field of
     view: the column edges; longer than the detector, or a table along the axis: the row edges), and
-    the trainer then keeps plain TV (the edge-scaled penalty sharpens the truncation's rim), saying why
-    in run.json; a whole object in the field of view keeps the edge scale, and so does a truncated one
-    where the user sets tv_edge_when_truncated."""
+    the trainer then keeps plain TV at the weight of the voxels inside the box (the edge-scaled penalty
+    sharpens the truncation's rim), saying why in run.json and a message; a whole object in the field of
+    view keeps the edge scale, and so does a truncated one where the user sets tv_edge_when_truncated,
+    its weight then counting the training voxels past the sides too."""
     from CTNeRFReconLib.methods import RunContext
     from CTNeRFReconLib.nerf.config import NerfConfig
     from CTNeRFReconLib.nerf.train import NerfTrainer
@@ -193,26 +194,41 @@ def test_truncated_projections_are_recognised_and_keep_plain_tv():
              "table": (_project(geo, PHANTOM, [table]), ["columns-", "columns+", "rows-", "rows+"])}
     for name, (proj, edges) in cases.items():
         assert detector_edges_cut(proj, air_statistics(proj)["threshold"]) == edges, name
-    for name in ("whole", "wide"):
-        ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview"))
+
+    def trainer_for(name, **settings):
+        messages = []
+        ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview", **settings),
+                         on_message=messages.append)
         trainer = NerfTrainer(ScanData(cases[name][0], geo, "synthetic", f"<{name}>"), grid,
                               NerfConfig.from_settings(ctx.settings), ctx)
-        report = ctx.report["tv_prior"]
-        if name == "whole":
-            assert report["plain_because"] is None and trainer.tv_edge() > 0
-        else:
-            assert "columns-, columns+" in report["plain_because"] and trainer.tv_edge() == 0.0
-            assert report["edge_attenuation"] == 0.0 and report["edge_despite"] is None
-    # the user's choice: the edge scale kept on the truncated scan, and run.json says in spite of what
-    messages = []
-    ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview", tv_edge_when_truncated=True),
-                     on_message=messages.append)
-    trainer = NerfTrainer(ScanData(cases["wide"][0], geo, "synthetic", "<wide>"), grid,
-                          NerfConfig.from_settings(ctx.settings), ctx)
-    report = ctx.report["tv_prior"]
-    assert report["plain_because"] is None and "columns-, columns+" in report["edge_despite"]
-    assert trainer.tv_edge() > 0 and report["edge_attenuation"] == trainer.tv_edge()
-    assert any(m.startswith("edge-scaled TV kept in spite of truncation") for m in messages), messages
+        return trainer, ctx.report, messages
+
+    whole, report, _ = trainer_for("whole")
+    tv = report["tv_prior"]
+    assert tv["plain_because"] is None and tv["edge_despite"] is None and whole.tv_edge() > 0
+    assert tv["voxels_past_sides_counted"] == 0
+
+    plain, report, messages = trainer_for("wide")
+    tv_plain = report["tv_prior"]
+    assert "widened" in report["support"], report["support"]
+    assert "columns-, columns+" in tv_plain["plain_because"] and plain.tv_edge() == 0.0
+    assert tv_plain["edge_attenuation"] == 0.0 and tv_plain["edge_despite"] is None
+    assert tv_plain["voxels_past_sides_counted"] == 0
+    assert any(m.startswith("plain TV: the object goes on beyond") and "tv_edge_when_truncated=true" in m
+               for m in messages), messages
+
+    # the user's choice: the edge scale kept on the truncated scan, run.json says in spite of what, and
+    # the weight counts the widened grid's voxels past the sides: the inside count's times their share
+    edge, report, messages = trainer_for("wide", tv_edge_when_truncated=True)
+    tv = report["tv_prior"]
+    assert tv["plain_because"] is None and "columns-, columns+" in tv["edge_despite"]
+    assert edge.tv_edge() > 0 and tv["edge_attenuation"] == edge.tv_edge()
+    past = tv["voxels_past_sides_counted"]
+    assert past > 0 and tv["voxels_counted"] == int(np.prod(edge.grid.shape_xyz))
+    assert tv_plain["voxels_counted"] == tv["voxels_counted"] - past
+    assert tv["weight"] == pytest.approx(tv_plain["weight"] * tv["voxels_counted"] / tv_plain["voxels_counted"])
+    assert any(m.startswith("edge-scaled TV kept in spite of truncation") and f"the {past} training voxels" in m
+               for m in messages), messages
 
 
 def test_noisy_air_is_measured_as_noise_and_not_read_as_a_truncated_object():

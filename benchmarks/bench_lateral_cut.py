@@ -17,8 +17,12 @@ table, writes JSON and, per variant, the middle slices of the truth, the run and
         --cols 120 --variants default no-widening --time-limit 180 --out bench_results/lateral_cut
 
 Variants: `default` (as far as the edge rays say the object goes); `no-widening` (`--setting
-extend_cut_sides=false`: the box ends at the field of view, as before 2026-12-06); `0.15`, `0.25` and
-`0.5` (`cut_sides_fraction`: that fraction of the box's in-plane half-side, whatever the data say).
+extend_cut_sides=false`: the box ends at the field of view, as before 2026-12-06); `0.15`, `0.25`, `0.4` and
+`0.5` (`cut_sides_fraction`: that fraction of the box's in-plane half-side, whatever the data say);
+`plain-tv` (`--setting tv_edge_when_truncated=false`: plain TV on the cut columns, the edge scale's fallback);
+`table-sides` (`--setting widen_reached_sides=true`: also past the sides the support reaches that the edge
+rays do not widen, for a table top leaving the field of view).
+A patient-like case with a table: `make_table_ct.py`.
 """
 from __future__ import annotations
 
@@ -44,7 +48,9 @@ from error_breakdown import on_reference_grid, slices_png  # noqa: E402
 
 VARIANTS = {"default": [], "no-widening": ["--setting", "extend_cut_sides=false"],
             "0.15": ["--setting", "cut_sides_fraction=0.15"], "0.25": ["--setting", "cut_sides_fraction=0.25"],
-            "0.5": ["--setting", "cut_sides_fraction=0.5"]}
+            "0.4": ["--setting", "cut_sides_fraction=0.4"], "0.5": ["--setting", "cut_sides_fraction=0.5"],
+            "plain-tv": ["--setting", "tv_edge_when_truncated=false"],
+            "table-sides": ["--setting", "widen_reached_sides=true"]}
 RINGS = {"r<0.5": (0.0, 0.5), "0.5-0.8": (0.5, 0.8), "0.8-1": (0.8, 1.0), "box corners": (1.0, np.inf)}
 """Rings of the in-plane distance from the rotation axis over the field of view's radius."""
 

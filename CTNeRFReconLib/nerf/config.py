@@ -125,11 +125,12 @@ class NerfConfig:
     `_edge_scale_unsafe`; `tv_edge_when_truncated` keeps the edge scale there); plain TV is better on the demo's analytic Shepp-Logan phantom (docs/nerf.md)."""
     tv_edge_when_truncated: bool = False
     """Keep the edge-scaled TV on projections the object goes on beyond (see `_edge_scale_unsafe` in the
-    trainer), where it falls back to plain TV by default. Worth a trial run on a mildly truncated scan:
-    measured at 1200 iterations (docs/nerf.md, "The edge scale on truncated scans, measured again") it
-    gained 0.15 to 0.65 dB on four default-grid cases whose edge columns see little object, and lost
-    0.87 dB on the abdomen cut to 90 columns and 2.2 dB on the 40-view scan's reference grid, so the
-    default stays plain."""
+    trainer), where it falls back to plain TV by default; its data-derived weight then counts the
+    training voxels past the sides too (`_voxels_for_weight`). Worth a trial run on a mildly truncated
+    scan with nothing but the body in the beam: at 1200 iterations (docs/nerf.md, "A table wider than the
+    field of view") it gained 0.15 to 0.67 dB on five cases, and lost 0.3 and 0.4 dB on a
+    patient lying on a table wider than the field of view (all of it around the table) and 1.2 dB on a
+    reference grid whose truth the CT's own box cuts flat, so the default stays plain."""
     model_error: float = 0.0125
     """epsilon of the data-derived TV weight: the relative error of the line integrals that no voxel
     model fits (projector discretisation, detector pixel size, physics), on top of the photon noise.
@@ -183,6 +184,14 @@ class NerfConfig:
     cut_sides_fraction: float = 0.0
     """How far past the sides with `extend_cut_sides`: 0 from the data (lateral_extension.plan_lateral),
     otherwise this fraction of the box's larger in-plane half-side (for experiments)."""
+    widen_reached_sides: bool = False
+    """With `extend_cut_sides`, also train `lateral_extension.THIN_FRACTION` of the box's half-side past
+    every in-plane side the object's support reaches while the edge rays show nothing going on past it:
+    for a table top or a holder's plate leaving the field of view, whose edge rays cross it through its
+    thickness. Off by default (the data do not tell it from a body whose sides only just leave the field
+    of view); the run's `hint:` line names such sides. On a patient lying on a 470 mm table in a 341 mm
+    field of view (benchmarks/make_table_ct.py): 30.81 against 29.73 dB at 1200 iterations,
+    30.54 against 29.74 at `--time-limit 180` (docs/nerf.md, "A table wider than the field of view")."""
     coarse_levels: tuple[float, ...] = (2.0,)
     """Coarse-to-fine (nerf/levels.py): voxel-size factors of the coarse training levels before the
     full training grid, coarsest first (() = the full grid throughout). Generator phase only."""

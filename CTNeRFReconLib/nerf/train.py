@@ -85,7 +85,7 @@ carve the same support once."""
 
 def _support_key(out_grid: VolumeGrid, full: VolumeGrid, cfg: NerfConfig):
     return (out_grid.to_dict(), full.to_dict(), cfg.support_margin_voxels, cfg.extend_cut_ends,
-            cfg.extend_cut_sides, cfg.cut_sides_fraction)
+            cfg.extend_cut_sides, cfg.cut_sides_fraction, cfg.widen_reached_sides)
 
 
 def _lateral_extension(scan: ScanData, full: VolumeGrid, cfg: NerfConfig):
@@ -96,13 +96,15 @@ def _lateral_extension(scan: ScanData, full: VolumeGrid, cfg: NerfConfig):
     if not cfg.extend_cut_sides:
         return None, None
     from ..lateral_extension import plan_for_scan
-    from ..support import air_statistics
+    from ..support import SupportSettings, air_statistics
 
-    stats = air_statistics(scan.projections)
+    settings = SupportSettings(margin_voxels=cfg.support_margin_voxels)
+    stats = air_statistics(scan.projections, settings)
     threshold = stats.get("threshold")
     if threshold is None:
         return None, stats
-    return plan_for_scan(scan.projections, scan.geometry, threshold, full, cfg.cut_sides_fraction), stats
+    return plan_for_scan(scan.projections, scan.geometry, threshold, full, cfg.cut_sides_fraction,
+                         reached_sides=cfg.widen_reached_sides, support_settings=settings, stats=stats), stats
 
 
 def _grid_holding(support, full: VolumeGrid) -> VolumeGrid:
@@ -256,32 +258,37 @@ class NerfTrainer:
         self.noise_variance = noise.mean_variance
         self.ray_weights = self._ray_weights(noise)
         """Per-ray weights of the data term (None: least squares, every ray alike)."""
+        unsafe = self._edge_scale_unsafe(scan)
+        plain_because, edge_despite = (None, unsafe) if cfg.tv_edge_when_truncated else (unsafe, None)
+        self._plain_tv_because = plain_because
+        """Why the TV stays plain despite `tv_edge` (the object goes on beyond the detector), or None;
+        None also where `tv_edge_when_truncated` keeps the edge scale in spite of it."""
+        # the edge scale kept on a truncated scan counts the voxels past the sides too (`_voxels_for_weight`)
+        counted = self._voxels_for_weight(out_grid, past_sides=edge_despite is not None)
         self.tv_weight = cfg.tv_weight
         """The TV weight in use: the configured one, else derived from the noise and the sampling."""
         if self.tv_weight is None:
             self.tv_weight = tv_weight_from_data(cfg.tv_strength, cfg.model_error, self.noise_variance,
-                                                 self._voxels_inside_box(out_grid), len(self.targets),
-                                                 self.target_power)
-        unsafe = self._edge_scale_unsafe(scan)
-        self._plain_tv_because = None if cfg.tv_edge_when_truncated else unsafe
-        """Why the TV stays plain despite `tv_edge` (the object goes on beyond the detector), or None;
-        None also where `tv_edge_when_truncated` keeps the edge scale in spite of it."""
+                                                 counted, len(self.targets), self.target_power)
         # the training voxel h and the rays' spacing d at the isocentre, for reading the weight: the best
         # weight's dependence on h / d was swept in docs/nerf.md ("The TV weight on a finer grid, swept")
         voxel_mm = float(np.prod(self.grid.spacing_xyz) ** (1.0 / 3.0))
         ray_spacing_mm = pitch_at_isocentre(scan.geometry)
+        inside = self._voxels_for_weight(out_grid, past_sides=False)
         self.ctx.report["tv_prior"] = {"weight": self.tv_weight,
                                        "weight_from": "data" if cfg.tv_weight is None else "setting",
+                                       "voxels_counted": counted, "voxels_past_sides_counted": counted - inside,
                                        "edge": cfg.tv_edge, "edge_attenuation": self.tv_edge(),
-                                       "plain_because": self._plain_tv_because,
-                                       "edge_despite": unsafe if cfg.tv_edge_when_truncated else None,
+                                       "plain_because": plain_because, "edge_despite": edge_despite,
                                        "voxel_mm": round(voxel_mm, 4), "ray_spacing_mm": round(ray_spacing_mm, 4)}
-        if unsafe:
-            self.ctx.on_message(
-                f"edge-scaled TV kept in spite of truncation ({unsafe}; tv_edge_when_truncated)"
-                if cfg.tv_edge_when_truncated else
-                f"plain TV: {unsafe}; on a mildly truncated scan `--setting tv_edge_when_truncated=true` is "
-                "worth a trial run (docs/nerf.md)")
+        if edge_despite:
+            share = f"; its weight counts the {counted - inside} training voxels past the sides too" \
+                if counted > inside and cfg.tv_weight is None else ""
+            self.ctx.on_message(f"edge-scaled TV kept in spite of truncation ({edge_despite}; "
+                                f"tv_edge_when_truncated){share}")
+        elif plain_because:
+            self.ctx.on_message(f"plain TV: {plain_because}; on a mildly truncated scan without a table "
+                                "`--setting tv_edge_when_truncated=true` is worth a trial run (docs/nerf.md)")
         self.target_peak = float(proj.max())
         chords = (self.rays[3] - self.rays[2])
         self._chord_98 = float(torch.quantile(chords[::max(1, len(chords) // 100000)], 0.98))
@@ -296,15 +303,24 @@ class NerfTrainer:
         self.fdk_volume = fdk_volume
         self._kernel = _pick_integrator(self.device, cfg.use_kernels)
 
-    def _voxels_inside_box(self, out_grid: VolumeGrid) -> int:
-        """Training voxels within the output grid's box: the data-derived TV weight counts these. The
-        slabs past the cut ends (`extend_cut_ends`) and the sides past the field of view
-        (`extend_cut_sides`) only hold what some rows or some views see of the material there; counted,
-        they would raise the weight of the whole volume by their share (24 % on the 25-view abdomen cut
-        to 120 rows)."""
+    def _voxels_for_weight(self, out_grid: VolumeGrid, past_sides: bool) -> int:
+        """Training voxels the data-derived TV weight counts: those within the output grid's box, and with
+        `past_sides` also those past its sides where the grid is widened (`extend_cut_sides`).
+
+        The slabs past the cut ends (`extend_cut_ends`) only hold what some rows see of the material
+        there; counted, they would raise the weight of the whole volume by their share (24 % on the
+        25-view abdomen cut to 120 rows). Past the sides it depends on the prior: plain TV, the default on
+        a truncated scan, is best at the inside count; the edge-scaled TV kept there
+        (`tv_edge_when_truncated`) wants the widened count: at 1200 iterations on the abdomen cut to 90
+        columns (2.75 times the voxels in-plane) 34.53 dB at the inside count, 35.69 at the widened one,
+        plain TV 35.40 (docs/nerf.md, "A table wider than the field of view")."""
         from ..lateral_extension import inner_voxel_count
 
-        return inner_voxel_count(self.grid, *_grid_over(out_grid.bounds(), out_grid, self.cfg).bounds())
+        lo, hi = (np.array(b, dtype=float) for b in _grid_over(out_grid.bounds(), out_grid, self.cfg).bounds())
+        if past_sides and self.support is not None:
+            for axis in (self.support.extra.get("widened") or {}).get("axes", ""):
+                lo["xyz".index(axis)], hi["xyz".index(axis)] = -np.inf, np.inf
+        return inner_voxel_count(self.grid, lo, hi)
 
     def _ray_weights(self, noise: NoiseLaw):
         """PWLS weights of the training rays, or None (least squares: asked for, or no air in the views to
@@ -352,6 +368,15 @@ class NerfTrainer:
                 warning = faces_warning(group, out_grid, trained_past=past)
                 if warning:
                     self.ctx.on_message("warning: " + warning)
+            thin = self._sides_left_unwidened([f for f in faces if f not in trained_past])
+            if thin:
+                info["thin_hint_faces"] = thin
+                self.ctx.on_message(
+                    f"hint: the detector's column edges see object, but its edge rays show no body going on "
+                    f"past the {', '.join(thin)} side(s) the object reaches; if something thin leaves the field of "
+                    "view there (a table top, a holder's plate), `--setting widen_reached_sides=true` (the panel: "
+                    "Advanced, Table beyond the view) trains past those sides too (+1.1 dB on a patient lying on "
+                    "a table wider than the field of view; docs/nerf.md)")
         else:
             self.ctx.on_message(f"no object support carved: {self.support.reason}")
         widened = self.support.extra.get("widened")
@@ -361,6 +386,25 @@ class NerfTrainer:
             self.ctx.on_message(
                 f"the object is wider than the field of view (the detector's {', '.join(widened['edges'])} "
                 f"edge(s) see it): training {describe_faces(widened)} (the output grid is unchanged)")
+
+    def _sides_left_unwidened(self, faces: list[str]) -> list[str]:
+        """The in-plane faces among `faces` (reached by the support, not trained past) of a scan whose
+        column edges see object, where the lateral widening follows the edge rays alone: there a thin
+        object may go on unseen (`widen_reached_sides`, which is not the default: lateral_extension's
+        `plan_lateral` says why)."""
+        if not faces or not self.cfg.extend_cut_sides or self.cfg.cut_sides_fraction > 0 or \
+                self.cfg.widen_reached_sides:
+            return []
+        from ..axial_extension import detector_axis
+        from ..lateral_extension import truncating_edges
+        from ..support import detector_edges_cut
+
+        found = detector_axis(self.scan.geometry)
+        in_plane = [f for f in faces if found is None or f[0] != "xyz"[found[0]]]
+        if not in_plane or self.support.threshold is None:
+            return []
+        edges = truncating_edges(self.scan.geometry, detector_edges_cut(self.scan.projections, self.support.threshold))
+        return in_plane if any(e.startswith("columns") for e in edges) else []
 
     def _faces_trained_past(self) -> set[str]:
         """The grid faces ("x-", ...) the training grid goes on past: the in-plane ones where it was
@@ -643,13 +687,13 @@ class NerfTrainer:
         view) 26.14 against 26.79 dB at `--time-limit 180`, the loss all in the outer eighths of the width
         while the centre gained (docs/nerf.md). Row edges whose ends the training grid goes on past
         (`extend_cut_ends`) do not count: the material there has voxels of its own. Column edges count
-        even where the grid is widened past the sides (`extend_cut_sides`): measured again with the
-        face-by-face widening at 1200 iterations, the edge scale gained 0.15 to 0.65 dB on four truncated
-        cases but lost 0.87 dB on the 40-view abdomen cut to 90 columns and 2.2 dB on a reference grid
-        (docs/nerf.md, "The edge scale on truncated scans, measured again"); `tv_edge_when_truncated`
-        keeps it where the user wants it. A
-        displaced detector's near edge does not count (lateral_extension.truncating_edges). Without
-        an air level (no support carved) truncation cannot be ruled out."""
+        even where the grid is widened past the sides (`extend_cut_sides`): at 1200 iterations, with its
+        weight counting the widened voxels, the edge scale gained 0.15 to 0.67 dB on five truncated cases
+        but lost 0.3 and 0.4 dB on a patient lying on a table wider than the field of view (all of it
+        around the table; the body away from it gained 0.2) and 1.2 dB on a reference grid (docs/nerf.md,
+        "A table wider than the field of view"); `tv_edge_when_truncated` keeps it where the user
+        wants it. A displaced detector's near edge does not count (lateral_extension.truncating_edges).
+        Without an air level (no support carved) truncation cannot be ruled out."""
         if self.cfg.tv_edge <= 0:
             return None
         from ..support import air_statistics, detector_edges_cut
