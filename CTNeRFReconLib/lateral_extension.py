@@ -125,6 +125,23 @@ def truncating_edges(geometry: ConeBeamGeometry, edges_cut) -> tuple[str, ...]:
     return tuple(e for e in edges_cut if displaced is None or e != displaced.near_edge)
 
 
+def sides_left_unwidened(geometry: ConeBeamGeometry, projections: np.ndarray, threshold: float | None,
+                         faces) -> list[str]:
+    """The in-plane faces among `faces` (ones the support reaches that the training grid does not go on
+    past) of a scan whose column edges see object: there something thin, a table top, may leave the
+    field of view unseen by the edge rays (`plan_lateral`; `widen_reached_sides` widens them). What the
+    trainer's and `info`'s hint names."""
+    from .axial_extension import detector_axis
+    from .support import detector_edges_cut
+
+    found = detector_axis(geometry)
+    in_plane = [f for f in faces if found is None or f[0] != "xyz"[found[0]]]
+    if not in_plane or threshold is None:
+        return []
+    edges = truncating_edges(geometry, detector_edges_cut(projections, threshold))
+    return in_plane if any(e.startswith("columns") for e in edges) else []
+
+
 def plan_for_scan(projections: np.ndarray, geometry: ConeBeamGeometry, threshold: float, grid: VolumeGrid,
                   fraction: float = 0.0, reached_sides: bool = False, support_settings=None,
                   stats: dict | None = None) -> LateralExtension | None:

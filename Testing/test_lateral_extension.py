@@ -221,8 +221,8 @@ def _plate_truth(grid):
 
 def test_a_table_wider_than_the_field_of_view_gets_a_hint_and_the_setting_pays():
     """A thin plate leaving the field of view puts too little into the edge rays for the disc model to
-    read anything going on past the sides it leaves by, so by default they are not widened; the run
-    says so with a hint (and run.json's support.thin_hint_faces). Asked (`widen_reached_sides`), the
+    read anything going on past the sides it leaves by, so by default they are not widened; `info` and
+    the run say so with a hint (and run.json's support.thin_hint_faces). Asked (`widen_reached_sides`), the
     sides the support reaches get THIN_FRACTION of the half-side, the plan and the message say which,
     and the reconstruction inside the box, the body above all, comes out closer to the truth."""
     geo = _geometry()
@@ -245,6 +245,9 @@ def test_a_table_wider_than_the_field_of_view_gets_a_hint_and_the_setting_pays()
     assert plan_lateral(geo, cut, grid, proj, threshold, fraction=0.25, faces_reached=("x-", "x+")).thin == ()
 
     scan = ScanData(proj, geo, "synthetic", "<table>")
+    from CTNeRFReconLib.cli import info_dict  # `info` names the same sides before any run
+    assert {"x-", "x+"} <= set(info_dict(scan)["support"]["thin_hint_faces"])
+    assert "thin_hint_faces" not in info_dict(_scan(WIDE))["support"]
     truth = _plate_truth(grid)
     z = grid.origin_xyz[2] + grid.spacing_xyz[2] * np.arange(grid.shape_xyz[2])
     body = np.broadcast_to((z > -40.0)[:, None, None], grid.shape_zyx)

@@ -395,16 +395,9 @@ class NerfTrainer:
         if not faces or not self.cfg.extend_cut_sides or self.cfg.cut_sides_fraction > 0 or \
                 self.cfg.widen_reached_sides:
             return []
-        from ..axial_extension import detector_axis
-        from ..lateral_extension import truncating_edges
-        from ..support import detector_edges_cut
+        from ..lateral_extension import sides_left_unwidened
 
-        found = detector_axis(self.scan.geometry)
-        in_plane = [f for f in faces if found is None or f[0] != "xyz"[found[0]]]
-        if not in_plane or self.support.threshold is None:
-            return []
-        edges = truncating_edges(self.scan.geometry, detector_edges_cut(self.scan.projections, self.support.threshold))
-        return in_plane if any(e.startswith("columns") for e in edges) else []
+        return sides_left_unwidened(self.scan.geometry, self.scan.projections, self.support.threshold, faces)
 
     def _faces_trained_past(self) -> set[str]:
         """The grid faces ("x-", ...) the training grid goes on past: the in-plane ones where it was
