@@ -125,6 +125,12 @@ def truncating_edges(geometry: ConeBeamGeometry, edges_cut) -> tuple[str, ...]:
     return tuple(e for e in edges_cut if displaced is None or e != displaced.near_edge)
 
 
+def truncating_columns(geometry: ConeBeamGeometry, edges_cut) -> tuple[str, ...]:
+    """The column edges among `edges_cut` that cut the object short (`truncating_edges`): what widens the
+    grid past the sides (`plan_lateral`) and what the table hint asks for (`sides_left_unwidened`)."""
+    return truncating_edges(geometry, [e for e in ("columns-", "columns+") if e in edges_cut])
+
+
 def sides_left_unwidened(geometry: ConeBeamGeometry, projections: np.ndarray, threshold: float | None,
                          faces) -> list[str]:
     """The in-plane faces among `faces` (ones the support reaches that the training grid does not go on
@@ -138,8 +144,7 @@ def sides_left_unwidened(geometry: ConeBeamGeometry, projections: np.ndarray, th
     in_plane = [f for f in faces if found is None or f[0] != "xyz"[found[0]]]
     if not in_plane or threshold is None:
         return []
-    edges = truncating_edges(geometry, detector_edges_cut(projections, threshold))
-    return in_plane if any(e.startswith("columns") for e in edges) else []
+    return in_plane if truncating_columns(geometry, detector_edges_cut(projections, threshold)) else []
 
 
 def plan_for_scan(projections: np.ndarray, geometry: ConeBeamGeometry, threshold: float, grid: VolumeGrid,
@@ -153,7 +158,7 @@ def plan_for_scan(projections: np.ndarray, geometry: ConeBeamGeometry, threshold
 
     edges_cut = detector_edges_cut(projections, threshold)
     reached = ()
-    if reached_sides and fraction <= 0 and truncating_edges(geometry, [e for e in edges_cut if e.startswith("columns")]):
+    if reached_sides and fraction <= 0 and truncating_columns(geometry, edges_cut):
         carved = object_support(projections, geometry, grid, support_settings or SupportSettings(), stats=stats)
         reached = tuple(carved.faces_reached) if carved.found else ()
     return plan_lateral(geometry, edges_cut, grid, projections, threshold, fraction, reached)
@@ -176,7 +181,7 @@ def plan_lateral(geometry: ConeBeamGeometry, edges_cut: list[str], grid: VolumeG
     so this is not done unasked (docs/nerf.md, "A table wider than the field of view")."""
     from .axial_extension import detector_axis
 
-    columns_cut = truncating_edges(geometry, [e for e in ("columns-", "columns+") if e in edges_cut])
+    columns_cut = truncating_columns(geometry, edges_cut)
     if not columns_cut or not grid.is_axis_aligned:
         return None
     found = detector_axis(geometry)

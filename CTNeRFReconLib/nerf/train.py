@@ -264,7 +264,8 @@ class NerfTrainer:
         """Why the TV stays plain despite `tv_edge` (the object goes on beyond the detector), or None;
         None also where `tv_edge_when_truncated` keeps the edge scale in spite of it."""
         # the edge scale kept on a truncated scan counts the voxels past the sides too (`_voxels_for_weight`)
-        counted = self._voxels_for_weight(out_grid, past_sides=edge_despite is not None)
+        inside = self._voxels_for_weight(out_grid, past_sides=False)
+        counted = self._voxels_for_weight(out_grid, past_sides=True) if edge_despite else inside
         self.tv_weight = cfg.tv_weight
         """The TV weight in use: the configured one, else derived from the noise and the sampling."""
         if self.tv_weight is None:
@@ -274,7 +275,6 @@ class NerfTrainer:
         # weight's dependence on h / d was swept in docs/nerf.md ("The TV weight on a finer grid, swept")
         voxel_mm = float(np.prod(self.grid.spacing_xyz) ** (1.0 / 3.0))
         ray_spacing_mm = pitch_at_isocentre(scan.geometry)
-        inside = self._voxels_for_weight(out_grid, past_sides=False)
         self.ctx.report["tv_prior"] = {"weight": self.tv_weight,
                                        "weight_from": "data" if cfg.tv_weight is None else "setting",
                                        "voxels_counted": counted, "voxels_past_sides_counted": counted - inside,
