@@ -196,9 +196,9 @@ class CTNeRFReconParameterNode:
     keepSnapshots: bool = False
     """Keep every streamed volume in a Sequence node, to scrub through the iterations afterwards."""
     tableBeyondView: bool = False
-    """nerf: a table top or a holder leaves the field of view (the run's hint says when it may): train
-    past the sides the object reaches, where the edge rays alone see nothing going on
-    (`widen_reached_sides`)."""
+    """nerf: a table top or a holder leaves the field of view and the run's log does not say it trains past
+    it: train at least 0.4 of the half-side past every side the object reaches where the edge rays see no
+    body going on (`widen_reached_sides`; by default the run measures how far, `measure_thin_sides`)."""
     runFolder: str = ""
     """Empty: a new folder under Slicer's temporary folder for each run."""
     pythonInterpreter: str = ""

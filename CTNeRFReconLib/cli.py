@@ -202,19 +202,15 @@ def info_dict(scan, support: bool = True) -> dict:
             if extension is not None:
                 out["support"]["extended"] = extension.summary()
         if carved.threshold is not None:  # and how far past the sides, for an object wider than the field of view
-            from .lateral_extension import plan_for_scan, sides_left_unwidened
+            from .lateral_extension import plan_for_scan
             from .nerf.config import NerfConfig
 
+            defaults = NerfConfig()
             widened = plan_for_scan(scan.projections, scan.geometry, carved.threshold, grid,
-                                    NerfConfig().cut_sides_fraction)
+                                    defaults.cut_sides_fraction, measure_thin=defaults.measure_thin_sides,
+                                    faces_reached=carved.faces_reached if carved.found else ())
             if widened is not None:
                 out["support"]["widened"] = widened.summary()
-            # in-plane sides reached and not widened: a table top there goes unseen by the edge rays
-            past = set(widened.faces()) if widened is not None else set()
-            thin = sides_left_unwidened(scan.geometry, scan.projections, carved.threshold,
-                                        [f for f in carved.faces_reached if f not in past])
-            if thin:
-                out["support"]["thin_hint_faces"] = thin
     shipped = scan.grid or (scan.reference.grid if scan.reference is not None else None)
     if shipped is not None:
         from .formats.validate import grid_problem
@@ -269,11 +265,6 @@ def _info(args) -> int:
             wide = support["widened"]
             print(f"  the detector's {', '.join(wide['edges'])} edge(s) see object (wider than the field of view): "
                   f"nerf trains {describe_faces(wide)}")
-        if support.get("thin_hint_faces"):
-            print(f"  hint: the detector's column edges see object, but its edge rays show no body going on past the "
-                  f"{', '.join(support['thin_hint_faces'])} side(s) the object reaches; if something thin leaves the "
-                  "field of view there (a table top, a holder's plate), nerf's `--setting widen_reached_sides=true` "
-                  "trains past them too")
     return ExitCode.OK
 
 

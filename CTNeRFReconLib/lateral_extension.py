@@ -40,6 +40,18 @@ that face is not widened. Carving (support.py) then removes what some view shows
   one distance (the median) for every face and 26.48 unwidened. (The first two figures above were
   measured with one distance for every face; face by face they are 38.88 and 35.18.)
 
+Something thin leaving the field of view (a table top under a patient, a holder's plate) puts too
+little into the edge rays, next to the body's thickest ray, for the disc model to read anything going
+on: its edge rays cross it through its thickness. Its mass does show: a parallel projection's row
+integrates to the mass of its slice in every view, so what a view that cuts the object misses, against
+the views that cut nothing, is the mass past its column edges, and that mass over the edge rays' line
+integrals is how far the thin thing goes on past them (exact for a plate of even thickness, about 2/3
+of the distance for a disc's cap, so a body that only just leaves the field of view reads a millimetre
+or two). `thin_reach_past_faces` says how; `plan_lateral` uses it on the in-plane faces the object's
+support reaches and the disc model leaves, with `measure_thin_sides` (on by default). On the patient
+on a 470 mm table in a 341 mm field of view (benchmarks/make_table_ct.py) it reads 69 mm past x- and
+x+ against the true 66.5 mm, and nothing past the sides the table does not leave by.
+
 Only where the detector's rows run along one of the grid's axes (axial_extension.detector_axis), as in
 every circular scanner frame this library reads; otherwise nothing is widened.
 """
@@ -56,8 +68,9 @@ MAX_FRACTION = 0.75
 """The most distance past the sides, as a fraction of the box's larger in-plane half-side (the grown
 box then has up to 6.25 times the voxels in-plane, before carving)."""
 THIN_FRACTION = 0.4
-"""Distance past a side the object's support reaches while the edge rays facing it show no body going
-on, with `widen_reached_sides` (`plan_lateral`): a fraction of the box's larger in-plane half-side."""
+"""The least distance past a side the object's support reaches while the edge rays facing it show no
+body going on, with `widen_reached_sides` (`plan_lateral`): a fraction of the box's larger in-plane
+half-side."""
 RATIO_CAP = 0.95
 """Edge-to-thickest ratios above this are taken as this (R at most 3.2 r)."""
 MAX_VIEWS = 64
@@ -65,6 +78,14 @@ MAX_VIEWS = 64
 WINDOW_DEGREES = 45.0
 """A face reads the edge rays whose foot lies within this angle of its outward normal (the four
 windows tile the circle)."""
+THIN_WINDOW_DEGREES = 15.0
+"""`thin_reach_past_faces` reads, for a face, the edge rays within this angle of its outward normal (or
+within 0.6 of the views' angular step, on a sparser scan): the rays that run along the face, past which
+a plate's excess is its length past the face; a wider window mixes in oblique rays whose excess is
+measured along the ray's own foot."""
+MASS_ROWS = 32
+"""`thin_reach_past_faces` sums the line integrals of at most this many rows around the detector's
+middle row (the most nearly axial slices, little cone tilt), reading one view's band at a time."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +101,10 @@ class LateralExtension:
     edges: tuple[str, ...]
     """The detector's column edges ("columns-", "columns+") that see object."""
     thin: tuple[str, ...] = ()
-    """Faces ("x-", ...) widened by `THIN_FRACTION` because the support reaches them while the edge rays
-    show nothing going on past them (asked for: something thin, a table, leaves the field of view)."""
+    """Faces ("x-", ...) widened for something thin (a table top) leaving the field of view: the support
+    reaches them while the edge rays show no body going on past them, and the mass the views that cut
+    the object miss says how far it goes (`thin_reach_past_faces`), or `THIN_FRACTION` where asked
+    (`widen_reached_sides`)."""
 
     def faces(self) -> dict[str, tuple[float, int]]:
         """{face ("x-", ...): (mm, voxels)} of the faces trained past."""
@@ -110,7 +133,8 @@ def describe_faces(summary: dict) -> str:
     text = ", ".join(f"{mm:g} mm past {' and '.join(faces)}" for mm, faces in by_mm.items())
     thin = summary.get("thin") or []  # (not in the summaries of checkpoints written before 2026-12-06)
     if thin:
-        text += f" ({' and '.join(thin)}: reached by the object, widened for something thin as asked)"
+        text += (f" ({' and '.join(thin)}: reached by the object, where something thin such as a table top "
+                 "goes on past the field of view)")
     return text
 
 
@@ -127,45 +151,51 @@ def truncating_edges(geometry: ConeBeamGeometry, edges_cut) -> tuple[str, ...]:
 
 def truncating_columns(geometry: ConeBeamGeometry, edges_cut) -> tuple[str, ...]:
     """The column edges among `edges_cut` that cut the object short (`truncating_edges`): what widens the
-    grid past the sides (`plan_lateral`) and what the table hint asks for (`sides_left_unwidened`)."""
+    grid past the sides (`plan_lateral`, `plan_for_scan`)."""
     return truncating_edges(geometry, [e for e in ("columns-", "columns+") if e in edges_cut])
-
-
-def sides_left_unwidened(geometry: ConeBeamGeometry, projections: np.ndarray, threshold: float | None,
-                         faces) -> list[str]:
-    """The in-plane faces among `faces` (ones the support reaches that the training grid does not go on
-    past) of a scan whose column edges see object: there something thin, a table top, may leave the
-    field of view unseen by the edge rays (`plan_lateral`; `widen_reached_sides` widens them). What the
-    trainer's and `info`'s hint names."""
-    from .axial_extension import detector_axis
-    from .support import detector_edges_cut
-
-    found = detector_axis(geometry)
-    in_plane = [f for f in faces if found is None or f[0] != "xyz"[found[0]]]
-    if not in_plane or threshold is None:
-        return []
-    return in_plane if truncating_columns(geometry, detector_edges_cut(projections, threshold)) else []
 
 
 def plan_for_scan(projections: np.ndarray, geometry: ConeBeamGeometry, threshold: float, grid: VolumeGrid,
                   fraction: float = 0.0, reached_sides: bool = False, support_settings=None,
-                  stats: dict | None = None) -> LateralExtension | None:
+                  stats: dict | None = None, measure_thin: bool = True,
+                  faces_reached=None) -> LateralExtension | None:
     """`plan_lateral` for a scan: the detector's cut edges at the carving `threshold`
-    (support.detector_edges_cut), then the plan; with `reached_sides` the faces of `grid` the object's
-    support reaches too (carved here on `grid` with `support_settings` and the projections' air
-    `stats`, only where columns are cut). What the trainer, its memory check and `info` call."""
-    from .support import SupportSettings, detector_edges_cut, object_support
+    (support.detector_edges_cut), then the plan. Where columns are cut and `measure_thin` (how far
+    something thin goes on, `thin_reach_past_faces`) or `reached_sides` (`THIN_FRACTION` at least) asks
+    for it, the faces of `grid` the object's support reaches: `faces_reached` when the caller carved on
+    `grid` already, otherwise carved here with `support_settings` and the projections' air `stats`.
+    What the trainer, its memory check and `info` call."""
+    from .support import SupportSettings, air_statistics, detector_edges_cut, object_support
 
     edges_cut = detector_edges_cut(projections, threshold)
-    reached = ()
-    if reached_sides and fraction <= 0 and truncating_columns(geometry, edges_cut):
-        carved = object_support(projections, geometry, grid, support_settings or SupportSettings(), stats=stats)
-        reached = tuple(carved.faces_reached) if carved.found else ()
-    return plan_lateral(geometry, edges_cut, grid, projections, threshold, fraction, reached)
+    reached, thin_mm = (), None
+    if (reached_sides or measure_thin) and fraction <= 0 and truncating_columns(geometry, edges_cut):
+        if faces_reached is None:
+            carved = object_support(projections, geometry, grid, support_settings or SupportSettings(), stats=stats)
+            faces_reached = carved.faces_reached if carved.found else ()
+        reached = tuple(faces_reached)
+        axes = _in_plane_axes(geometry)
+        if measure_thin and reached and axes is not None and grid.is_axis_aligned:
+            air = (stats if stats is not None else air_statistics(projections)).get("air_level", 0.0)
+            lo, hi = grid.bounds()
+            thin_mm = thin_reach_past_faces(projections, geometry, float(air), threshold, axes,
+                                            (np.asarray(lo) + np.asarray(hi)) / 2.0)
+    return plan_lateral(geometry, edges_cut, grid, projections, threshold, fraction, reached, thin_mm,
+                        force_thin=reached_sides)
+
+
+def _in_plane_axes(geometry: ConeBeamGeometry):
+    """The two world axes across the rotation axis, or None where the detector's rows run along no
+    grid axis (axial_extension.detector_axis)."""
+    from .axial_extension import detector_axis
+
+    found = detector_axis(geometry)
+    return None if found is None else tuple(a for a in range(3) if a != found[0])
 
 
 def plan_lateral(geometry: ConeBeamGeometry, edges_cut: list[str], grid: VolumeGrid, projections: np.ndarray | None,
-                 threshold: float, fraction: float = 0.0, faces_reached=()) -> LateralExtension | None:
+                 threshold: float, fraction: float = 0.0, faces_reached=(), thin_mm: np.ndarray | None = None,
+                 force_thin: bool = False) -> LateralExtension | None:
     """The extension of `grid` (axis-aligned, the box the support is carved on) for a scan whose
     projections are cut at `edges_cut` (support.detector_edges_cut's names, with the carving
     `threshold`): each face's distance from `reach_past_faces`, capped; `fraction` > 0 asks for that
@@ -173,21 +203,19 @@ def plan_lateral(geometry: ConeBeamGeometry, edges_cut: list[str], grid: VolumeG
     is cut, every distance is under one voxel, the grid is not axis-aligned or the rows run along no
     grid axis.
 
-    A face in `faces_reached` (faces of `grid` the object's support reaches, given only when the user
-    says something thin leaves the field of view: `widen_reached_sides`) that the edge rays leave under
-    one voxel gets `THIN_FRACTION` of the half-side. A table top's edge rays cross it through its
-    thickness, too little next to the body's thickest ray for the disc model to read anything going on,
-    and no view shows its end; but a body whose sides only just leave the field of view looks the same,
-    so this is not done unasked (docs/nerf.md, "A table wider than the field of view")."""
-    from .axial_extension import detector_axis
-
+    A face in `faces_reached` (faces of `grid` the object's support reaches) that the edge rays leave
+    under one voxel gets the distance `thin_mm` ((2, 2) as `reach_past_faces`, from
+    `thin_reach_past_faces`) says something thin goes on past it, and with `force_thin` at least
+    `THIN_FRACTION` of the half-side. A table top's edge rays cross it through its thickness, too little
+    next to the body's thickest ray for the disc model to read anything going on; its mass shows how far
+    it goes, where a body whose sides only just leave the field of view reads a millimetre or two and is
+    left as it is (docs/nerf.md, "Reading a table from the data")."""
     columns_cut = truncating_columns(geometry, edges_cut)
     if not columns_cut or not grid.is_axis_aligned:
         return None
-    found = detector_axis(geometry)
-    if found is None:
+    axes = _in_plane_axes(geometry)
+    if axes is None:
         return None
-    axes = tuple(a for a in range(3) if a != found[0])
     lo, hi = grid.bounds()
     centre = (np.asarray(lo) + np.asarray(hi)) / 2.0
     half_side = float(max(hi[a] - lo[a] for a in axes)) / 2.0
@@ -202,8 +230,13 @@ def plan_lateral(geometry: ConeBeamGeometry, edges_cut: list[str], grid: VolumeG
     if fraction <= 0:
         for i, axis in enumerate(axes):
             for k, sign in enumerate("-+"):
-                if "xyz"[axis] + sign in faces_reached and mm[i, k] < h:
-                    mm[i, k] = THIN_FRACTION * half_side
+                if "xyz"[axis] + sign not in faces_reached or mm[i, k] >= h:
+                    continue
+                past = min(float(thin_mm[i, k]) if thin_mm is not None else 0.0, MAX_FRACTION * half_side)
+                if force_thin:
+                    past = max(past, THIN_FRACTION * half_side)
+                if past >= h:
+                    mm[i, k] = past
                     thin.append("xyz"[axis] + sign)
     # a sliver at most is left alone: its rim is a voxel wide, and a wider grid costs more than it gives
     voxels = np.where(mm < h, 0, np.ceil(mm / h - 1e-9)).astype(int)
@@ -281,6 +314,78 @@ def reach_past_faces(rays: EdgeRays, axes, lo, hi, centre) -> np.ndarray:
             radius = float(np.median(rays.radius[facing] if facing.any() else rays.radius))
             face = (hi[axis] - centre[axis]) if sign > 0 else (centre[axis] - lo[axis])
             reach[i, k] = max(radius - float(face), 0.0)
+    return reach
+
+
+def thin_reach_past_faces(projections: np.ndarray, geometry: ConeBeamGeometry, air_level: float, threshold: float,
+                          axes, centre) -> np.ndarray:
+    """(2, 2) mm something goes past the low and high face of each of `axes`, from the mass the views
+    that cut the object miss (the module's docstring): per view, in the `MASS_ROWS` middle rows, that
+    view's summed line integrals (less the air level) against what the views that cut nothing sum, over
+    the line integrals of its column edges that see object (both share what is missed), back in the object's
+    scale at the edge rays' feet; per face, the median over the edge rays that run along it
+    (`THIN_WINDOW_DEGREES`), an edge that sees air reading 0.
+
+    Views 180 degrees apart are averaged first where the orbit has them: a cone beam weights the mass
+    near the source more than the mass near the detector, and the pair cancels that to first order (the
+    second order, (object's extent / source distance)^2, is what is left: 3 % on a 1000 mm orbit, a few
+    mm on the estimate). Reads one view's middle band at a time. Zero on a displaced detector
+    (orbit.DisplacedDetector), whose views each miss half the object by design."""
+    from .orbit import displaced_detector
+
+    if displaced_detector(geometry) is not None:
+        return np.zeros((2, 2))
+    n_views, n_rows, n_cols = projections.shape
+    half_band = max(1, min(MASS_ROWS, n_rows) // 2)
+    r0, r1 = max(0, n_rows // 2 - half_band), min(n_rows, n_rows // 2 + half_band)
+    pitch = float(geometry.pixel_pitch[1])
+    mass = np.empty((n_views, r1 - r0))
+    edges = np.empty((n_views, 2, r1 - r0))
+    for view in range(n_views):
+        band = np.asarray(projections[view, r0:r1, :], dtype=np.float64) - air_level
+        mass[view] = band.sum(axis=1) * pitch
+        edges[view] = band[:, :2].mean(axis=1), band[:, -2:].mean(axis=1)
+    seen = edges > threshold - air_level
+    ax = list(axes)
+    direction = (geometry.det_centers - geometry.sources)[:, ax]
+    angle = np.arctan2(direction[:, 1], direction[:, 0])
+    step = float(np.median(np.abs(np.diff(np.unwrap(angle))))) if n_views > 1 else 2 * math.pi
+    opposite = np.abs((angle[None, :] - angle[:, None]) % (2 * math.pi) - math.pi)  # 0: 180 degrees apart
+    partner = np.argmin(opposite, axis=1)
+    paired = opposite[np.arange(n_views), partner] <= min(0.25 * step, math.radians(2.0))
+    mass = np.where(paired[:, None], (mass + mass[partner]) / 2.0, mass)
+    # what every view should sum: the median over the views (pairs) both of whose edges see air in the
+    # band (one bad pair among three or more moves nothing), or the most any view sums where every view
+    # cuts the object
+    clear = ~seen.any(axis=(1, 2))
+    clear &= np.where(paired, clear[partner], True)
+    whole = np.median(mass[clear], axis=0) if clear.any() else mass.max(axis=0)
+    missed = whole[None, :] - mass
+    edge_sum = np.where(seen, edges, 0.0).sum(axis=1)  # (views, rows)
+    feet = np.empty((n_views, 2, 2))
+    past = np.zeros(n_views)
+    for view in range(n_views):
+        scale = []
+        for j, column in enumerate((0, n_cols - 1)):
+            foot = _edge_ray_foot(geometry, view, column, axes, centre)
+            feet[view, j] = foot / max(float(np.linalg.norm(foot)), 1e-12)
+            if not geometry.parallel:  # detector mm per object mm at the foot, along the edge ray
+                source = (geometry.sources[view] - centre)[ax]
+                offset = (column - (n_cols - 1) / 2.0) * pitch
+                target = (geometry.det_centers[view] + offset * geometry.det_u[view] - centre)[ax]
+                scale.append(float(np.linalg.norm(target - source)) / max(float(np.linalg.norm(foot - source)), 1e-9))
+        usable = edge_sum[view] > 2.0 * (threshold - air_level)
+        if np.count_nonzero(usable) * 2 >= usable.size:
+            past[view] = max(float(np.median(missed[view, usable] / edge_sum[view, usable])), 0.0) / \
+                (float(np.mean(scale)) if scale else 1.0)
+    sees = seen.mean(axis=2) > 0.5  # (views, 2): that edge sees object in most of the band
+    near = math.cos(math.radians(max(THIN_WINDOW_DEGREES, 0.6 * math.degrees(step)))) - 1e-9
+    reach = np.zeros((2, 2))
+    for i in range(2):
+        for k, sign in enumerate((-1.0, 1.0)):
+            along = sign * feet[:, :, i] >= near  # (views, 2) edge rays running along this face
+            if along.any():
+                reach[i, k] = float(np.median(np.where(sees, past[:, None], 0.0)[along]))
     return reach
 
 

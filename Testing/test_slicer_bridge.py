@@ -234,7 +234,7 @@ def test_the_panels_nerf_options_reach_the_engines_configuration():
     args = build_parser().parse_args(ReconstructRequest(data=Path("d"), out=Path("o"), extra_args=extra).to_args())
     assert args.time_limit == 90.0
     cfg = NerfConfig.from_settings(parse_setting_overrides(args.setting))
-    assert cfg.widen_reached_sides and cfg.extend_cut_sides
+    assert cfg.widen_reached_sides and cfg.extend_cut_sides and cfg.measure_thin_sides
     assert not NerfConfig.from_settings(parse_setting_overrides([])).widen_reached_sides
 
 

@@ -20,8 +20,10 @@ Variants: `default` (as far as the edge rays say the object goes); `no-widening`
 extend_cut_sides=false`: the box ends at the field of view, as before 2026-12-06); `0.15`, `0.25`, `0.4` and
 `0.5` (`cut_sides_fraction`: that fraction of the box's in-plane half-side, whatever the data say);
 `plain-tv` (`--setting tv_edge_when_truncated=false`: plain TV on the cut columns, the edge scale's fallback);
-`table-sides` (`--setting widen_reached_sides=true`: also past the sides the support reaches that the edge
-rays do not widen, for a table top leaving the field of view).
+`table-sides` (`--setting widen_reached_sides=true`: at least 0.4 of the half-side past the sides the support
+reaches that the edge rays do not widen, whatever the data say); `no-thin` (`--setting
+measure_thin_sides=false`: not past those sides at all, the default before the ninth round of 2026-12-06; by
+default they are widened as far as the mass the cut views miss says a table top goes on).
 A patient-like case with a table: `make_table_ct.py`.
 """
 from __future__ import annotations
@@ -50,7 +52,8 @@ VARIANTS = {"default": [], "no-widening": ["--setting", "extend_cut_sides=false"
             "0.15": ["--setting", "cut_sides_fraction=0.15"], "0.25": ["--setting", "cut_sides_fraction=0.25"],
             "0.4": ["--setting", "cut_sides_fraction=0.4"], "0.5": ["--setting", "cut_sides_fraction=0.5"],
             "plain-tv": ["--setting", "tv_edge_when_truncated=false"],
-            "table-sides": ["--setting", "widen_reached_sides=true"]}
+            "table-sides": ["--setting", "widen_reached_sides=true"],
+            "no-thin": ["--setting", "measure_thin_sides=false"]}
 RINGS = {"r<0.5": (0.0, 0.5), "0.5-0.8": (0.5, 0.8), "0.8-1": (0.8, 1.0), "box corners": (1.0, np.inf)}
 """Rings of the in-plane distance from the rotation axis over the field of view's radius."""
 

@@ -127,10 +127,11 @@ class NerfConfig:
     """Keep the edge-scaled TV on projections the object goes on beyond (see `_edge_scale_unsafe` in the
     trainer), where it falls back to plain TV by default; its data-derived weight then counts the
     training voxels past the sides too (`_voxels_for_weight`). Worth a trial run on a mildly truncated
-    scan with nothing but the body in the beam: at 1200 iterations (docs/nerf.md, "A table wider than the
-    field of view") it gained 0.15 to 0.67 dB on five cases, and lost 0.3 and 0.4 dB on a
-    patient lying on a table wider than the field of view (all of it around the table) and 1.2 dB on a
-    reference grid whose truth the CT's own box cuts flat, so the default stays plain."""
+    scan: at 1200 iterations (docs/nerf.md, "A table wider than the field of view", "Reading a table from
+    the data") it gained 0.15 to 0.67 dB on five cases, lost 0.3 and 0.4 dB on a patient lying on a
+    table wider than the field of view while the table's ends were not held (level once they are:
+    30.82 against 30.81) and 1.2 dB on a reference grid whose truth the CT's own box cuts flat, so the
+    default stays plain."""
     model_error: float = 0.0125
     """epsilon of the data-derived TV weight: the relative error of the line integrals that no voxel
     model fits (projector discretisation, detector pixel size, physics), on top of the photon noise.
@@ -184,14 +185,21 @@ class NerfConfig:
     cut_sides_fraction: float = 0.0
     """How far past the sides with `extend_cut_sides`: 0 from the data (lateral_extension.plan_lateral),
     otherwise this fraction of the box's larger in-plane half-side (for experiments)."""
+    measure_thin_sides: bool = True
+    """With `extend_cut_sides`, train past the in-plane sides the object's support reaches while the edge
+    rays show no body going on past them, as far as the mass the views that cut the object miss says
+    something thin goes on (lateral_extension.thin_reach_past_faces): a table top or a holder's plate
+    leaving the field of view, whose edge rays cross it through its thickness. A body whose sides only
+    just leave the field of view reads a millimetre or two there, under a training voxel, and is left as
+    it is. On a patient lying on a 470 mm table in a 341 mm field of view (benchmarks/make_table_ct.py)
+    it reads 69 mm past the table's two sides (66.5 true): 30.81 against 29.72 dB at 1200 iterations,
+    30.70 against 29.75 at `--time-limit 180` (docs/nerf.md, "Reading a table from the data")."""
     widen_reached_sides: bool = False
-    """With `extend_cut_sides`, also train `lateral_extension.THIN_FRACTION` of the box's half-side past
-    every in-plane side the object's support reaches while the edge rays show nothing going on past it:
-    for a table top or a holder's plate leaving the field of view, whose edge rays cross it through its
-    thickness. Off by default (the data do not tell it from a body whose sides only just leave the field
-    of view); the run's `hint:` line names such sides. On a patient lying on a 470 mm table in a 341 mm
-    field of view (benchmarks/make_table_ct.py): 30.81 against 29.73 dB at 1200 iterations,
-    30.54 against 29.74 at `--time-limit 180` (docs/nerf.md, "A table wider than the field of view")."""
+    """With `extend_cut_sides`, train at least `lateral_extension.THIN_FRACTION` of the box's half-side past
+    every in-plane side the object's support reaches while the edge rays show nothing going on past it,
+    whatever `measure_thin_sides` reads: for a table the measurement misses (it needs a view that cuts
+    the table less than the others, and a body wider than the field of view in every view hides that).
+    The panel's Advanced > Table beyond the view."""
     coarse_levels: tuple[float, ...] = (2.0,)
     """Coarse-to-fine (nerf/levels.py): voxel-size factors of the coarse training levels before the
     full training grid, coarsest first (() = the full grid throughout). Generator phase only."""

@@ -85,7 +85,7 @@ carve the same support once."""
 
 def _support_key(out_grid: VolumeGrid, full: VolumeGrid, cfg: NerfConfig):
     return (out_grid.to_dict(), full.to_dict(), cfg.support_margin_voxels, cfg.extend_cut_ends,
-            cfg.extend_cut_sides, cfg.cut_sides_fraction, cfg.widen_reached_sides)
+            cfg.extend_cut_sides, cfg.cut_sides_fraction, cfg.widen_reached_sides, cfg.measure_thin_sides)
 
 
 def _lateral_extension(scan: ScanData, full: VolumeGrid, cfg: NerfConfig):
@@ -104,7 +104,8 @@ def _lateral_extension(scan: ScanData, full: VolumeGrid, cfg: NerfConfig):
     if threshold is None:
         return None, stats
     return plan_for_scan(scan.projections, scan.geometry, threshold, full, cfg.cut_sides_fraction,
-                         reached_sides=cfg.widen_reached_sides, support_settings=settings, stats=stats), stats
+                         reached_sides=cfg.widen_reached_sides, support_settings=settings, stats=stats,
+                         measure_thin=cfg.measure_thin_sides), stats
 
 
 def _grid_holding(support, full: VolumeGrid) -> VolumeGrid:
@@ -287,7 +288,7 @@ class NerfTrainer:
             self.ctx.on_message(f"edge-scaled TV kept in spite of truncation ({edge_despite}; "
                                 f"tv_edge_when_truncated){share}")
         elif plain_because:
-            self.ctx.on_message(f"plain TV: {plain_because}; on a mildly truncated scan without a table "
+            self.ctx.on_message(f"plain TV: {plain_because}; on a mildly truncated scan "
                                 "`--setting tv_edge_when_truncated=true` is worth a trial run (docs/nerf.md)")
         self.target_peak = float(proj.max())
         chords = (self.rays[3] - self.rays[2])
@@ -368,15 +369,6 @@ class NerfTrainer:
                 warning = faces_warning(group, out_grid, trained_past=past)
                 if warning:
                     self.ctx.on_message("warning: " + warning)
-            thin = self._sides_left_unwidened([f for f in faces if f not in trained_past])
-            if thin:
-                info["thin_hint_faces"] = thin
-                self.ctx.on_message(
-                    f"hint: the detector's column edges see object, but its edge rays show no body going on "
-                    f"past the {', '.join(thin)} side(s) the object reaches; if something thin leaves the field of "
-                    "view there (a table top, a holder's plate), `--setting widen_reached_sides=true` (the panel: "
-                    "Advanced, Table beyond the view) trains past those sides too (+1.1 dB on a patient lying on "
-                    "a table wider than the field of view; docs/nerf.md)")
         else:
             self.ctx.on_message(f"no object support carved: {self.support.reason}")
         widened = self.support.extra.get("widened")
@@ -386,18 +378,6 @@ class NerfTrainer:
             self.ctx.on_message(
                 f"the object is wider than the field of view (the detector's {', '.join(widened['edges'])} "
                 f"edge(s) see it): training {describe_faces(widened)} (the output grid is unchanged)")
-
-    def _sides_left_unwidened(self, faces: list[str]) -> list[str]:
-        """The in-plane faces among `faces` (reached by the support, not trained past) of a scan whose
-        column edges see object, where the lateral widening follows the edge rays alone: there a thin
-        object may go on unseen (`widen_reached_sides`, which is not the default: lateral_extension's
-        `plan_lateral` says why)."""
-        if not faces or not self.cfg.extend_cut_sides or self.cfg.cut_sides_fraction > 0 or \
-                self.cfg.widen_reached_sides:
-            return []
-        from ..lateral_extension import sides_left_unwidened
-
-        return sides_left_unwidened(self.scan.geometry, self.scan.projections, self.support.threshold, faces)
 
     def _faces_trained_past(self) -> set[str]:
         """The grid faces ("x-", ...) the training grid goes on past: the in-plane ones where it was

@@ -79,8 +79,8 @@ def grid_request_fields(choice: str, spacing_mm: float = 0.0, size_xyz=(0, 0, 0)
 def method_extra_args(method: str, time_limit_s: float = 0, table_beyond_view: bool = False) -> list[str]:
     """The command-line arguments the panel's nerf-only options add to a run: the time budget, and the
     training grid going on past the sides of the field of view the object reaches when a table top or a
-    holder leaves it there (`widen_reached_sides`; the run's hint names such sides); none for FDK, which
-    has neither."""
+    holder leaves it there and the run's own measurement misses it (`widen_reached_sides`); none for FDK,
+    which has neither."""
     if method != "nerf":
         return []
     extra = ["--time-limit", str(int(time_limit_s))] if time_limit_s else []
