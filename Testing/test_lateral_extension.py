@@ -270,7 +270,7 @@ def test_the_mass_the_cut_views_miss_says_how_far_a_plate_goes():
     assert np.all(thin_reach_past_faces(proj, shifted, stats["air_level"], stats["threshold"], (0, 2), centre) == 0)
 
 
-def test_a_table_wider_than_the_field_of_view_is_trained_past_by_default():
+def test_a_table_wider_than_the_field_of_view_is_trained_past_by_default(monkeypatch):
     """A thin plate leaving the field of view puts too little into the edge rays for the disc model to
     read anything going on past the sides it leaves by; the mass the cut views miss does, so by default
     (`measure_thin_sides`) the sides the support reaches are widened by that much, the plan and the
@@ -322,11 +322,18 @@ def test_a_table_wider_than_the_field_of_view_is_trained_past_by_default():
     settings = dict(preset="preview", iterations=150, rays_start=4096, rays_end=8192, snapshot_every=0,
                     eval_every=1000, tv_edge=0.0)
     errors = {}
+    import CTNeRFReconLib.lateral_extension as lateral
+
+    planned = []
+    monkeypatch.setattr(lateral, "plan_for_scan", lambda *a, **k: planned.append(1) or plan_for_scan(*a, **k))
     for measured in (False, True):
         said = []
         ctx = RunContext(device="cpu", seed=0, settings=dict(settings, measure_thin_sides=measured),
                          on_message=said.append)
+        planned.clear()
+        get_method("nerf").check_memory(scan, grid, ctx.settings, "cpu")  # as the worker does, first
         vol = get_method("nerf").reconstruct(scan, grid, ctx).array
+        assert len(planned) == 1  # the memory check and the trainer plan the widening once (it may carve)
         widened = ctx.report["support"].get("widened") or {"faces": {}, "thin": []}
         if measured:
             assert set(widened["thin"]) == set(plan.thin), widened

@@ -88,6 +88,12 @@ def _support_key(out_grid: VolumeGrid, full: VolumeGrid, cfg: NerfConfig):
             cfg.extend_cut_sides, cfg.cut_sides_fraction, cfg.widen_reached_sides, cfg.measure_thin_sides)
 
 
+_LATERAL_CACHE: list = []
+"""One (projections, geometry, key, result) entry: the memory check and the trainer plan the widening
+once. On a truncated scan the plan carves the support on the unwidened box to find the sides it reaches
+(`measure_thin_sides`): 11 s on a 316 x 320 x 315 grid from 50 views of 320 x 320 px on 2 cores."""
+
+
 def _lateral_extension(scan: ScanData, full: VolumeGrid, cfg: NerfConfig):
     """(lateral extension or None, the projections' air statistics or None): how far the training grid
     goes on past the sides of the full box where the object is wider than the field of view
@@ -95,17 +101,23 @@ def _lateral_extension(scan: ScanData, full: VolumeGrid, cfg: NerfConfig):
     projections) or no column edge sees object."""
     if not cfg.extend_cut_sides:
         return None, None
+    key = (full.to_dict(), cfg.support_margin_voxels, cfg.cut_sides_fraction, cfg.widen_reached_sides,
+           cfg.measure_thin_sides)
+    for proj, geo, k, result in _LATERAL_CACHE:
+        if proj is scan.projections and geo is scan.geometry and k == key:
+            return result
     from ..lateral_extension import plan_for_scan
     from ..support import SupportSettings, air_statistics
 
     settings = SupportSettings(margin_voxels=cfg.support_margin_voxels)
     stats = air_statistics(scan.projections, settings)
     threshold = stats.get("threshold")
-    if threshold is None:
-        return None, stats
-    return plan_for_scan(scan.projections, scan.geometry, threshold, full, cfg.cut_sides_fraction,
-                         reached_sides=cfg.widen_reached_sides, support_settings=settings, stats=stats,
-                         measure_thin=cfg.measure_thin_sides), stats
+    plan = None if threshold is None else plan_for_scan(
+        scan.projections, scan.geometry, threshold, full, cfg.cut_sides_fraction,
+        reached_sides=cfg.widen_reached_sides, support_settings=settings, stats=stats,
+        measure_thin=cfg.measure_thin_sides)
+    _LATERAL_CACHE[:] = [(scan.projections, scan.geometry, key, (plan, stats))]
+    return plan, stats
 
 
 def _grid_holding(support, full: VolumeGrid) -> VolumeGrid:
