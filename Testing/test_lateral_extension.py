@@ -293,7 +293,7 @@ def test_a_table_wider_than_the_field_of_view_is_trained_past_by_default(monkeyp
     assert set(plan.thin) == {"x-", "x+"} <= set(plan.faces())
     for face in plan.thin:
         # the plate goes 68 mm past the box's sides; this orbit's wide fan (300 mm from the axis, the
-        # body 1/3 of that) reads it short, about 45 mm (the 1000 mm orbit of make_table_ct.py: 62.7
+        # body 1/3 of that) reads it short, about 45 mm (the 1000 mm orbit of make_table_ct.py: 68.6
         # against 66.5)
         assert 0.5 * (160.0 - half) < plan.faces()[face][0] < 160.0 - half, plan.faces()
     assert "something thin such as a table top goes on" in describe_faces(plan.summary())
