@@ -171,7 +171,7 @@ def plan_for_scan(projections: np.ndarray, geometry: ConeBeamGeometry, threshold
     edges_cut = detector_edges_cut(projections, threshold)
     plan = plan_lateral(geometry, edges_cut, grid, projections, threshold, fraction)
     axes = _in_plane_axes(geometry)
-    if not (reached_sides or measure_thin) or fraction > 0 or axes is None or \
+    if not (reached_sides or measure_thin) or fraction > 0 or axes is None or not grid.is_axis_aligned or \
             not truncating_columns(geometry, edges_cut):
         return plan
     widened = set(plan.faces()) if plan is not None else set()
@@ -181,7 +181,7 @@ def plan_for_scan(projections: np.ndarray, geometry: ConeBeamGeometry, threshold
         carved = object_support(projections, geometry, grid, support_settings or SupportSettings(), stats=stats)
         faces_reached = carved.faces_reached if carved.found else ()
     reached, thin_mm = tuple(faces_reached), None
-    if measure_thin and reached and grid.is_axis_aligned:
+    if measure_thin and reached:
         air = (stats if stats is not None else air_statistics(projections)).get("air_level", 0.0)
         lo, hi = grid.bounds()
         thin_mm = thin_reach_past_faces(projections, geometry, float(air), threshold, axes,
