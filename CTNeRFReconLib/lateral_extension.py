@@ -169,34 +169,17 @@ def plan_for_scan(projections: np.ndarray, geometry: ConeBeamGeometry, threshold
     from .support import SupportSettings, air_statistics, detector_edges_cut, object_support
 
     edges_cut = detector_edges_cut(projections, threshold)
-    plan = plan_lateral(geometry, edges_cut, grid, projections, threshold, fraction)
-    axes = _in_plane_axes(geometry)
-    if not (reached_sides or measure_thin) or fraction > 0 or axes is None or not grid.is_axis_aligned or \
-            not truncating_columns(geometry, edges_cut):
-        return plan
-    widened = set(plan.faces()) if plan is not None else set()
-    if all("xyz"[a] + sign in widened for a in axes for sign in "-+"):
-        return plan  # the edge rays widen every side already: nothing to carve for
+    disc = _disc_reach(geometry, edges_cut, grid, projections, threshold, fraction)
+    if disc is None or not (reached_sides or measure_thin) or fraction > 0 or np.all(disc.mm >= disc.voxel):
+        return _plan(disc, fraction)  # nothing to ask, or the edge rays widen every side already
     if faces_reached is None:
         carved = object_support(projections, geometry, grid, support_settings or SupportSettings(), stats=stats)
         faces_reached = carved.faces_reached if carved.found else ()
     reached, thin_mm = tuple(faces_reached), None
     if measure_thin and reached:
         air = (stats if stats is not None else air_statistics(projections)).get("air_level", 0.0)
-        lo, hi = grid.bounds()
-        thin_mm = thin_reach_past_faces(projections, geometry, float(air), threshold, axes,
-                                        (np.asarray(lo) + np.asarray(hi)) / 2.0)
-    return plan_lateral(geometry, edges_cut, grid, projections, threshold, fraction, reached, thin_mm,
-                        force_thin=reached_sides)
-
-
-def _in_plane_axes(geometry: ConeBeamGeometry):
-    """The two world axes across the rotation axis, or None where the detector's rows run along no
-    grid axis (axial_extension.detector_axis)."""
-    from .axial_extension import detector_axis
-
-    found = detector_axis(geometry)
-    return None if found is None else tuple(a for a in range(3) if a != found[0])
+        thin_mm = thin_reach_past_faces(projections, geometry, float(air), threshold, disc.axes, disc.centre)
+    return _plan(disc, fraction, reached, thin_mm, force_thin=reached_sides)
 
 
 def plan_lateral(geometry: ConeBeamGeometry, edges_cut: list[str], grid: VolumeGrid, projections: np.ndarray | None,
@@ -216,12 +199,36 @@ def plan_lateral(geometry: ConeBeamGeometry, edges_cut: list[str], grid: VolumeG
     next to the body's thickest ray for the disc model to read anything going on; its mass shows how far
     it goes, where a body whose sides only just leave the field of view reads a millimetre or two and is
     left as it is (docs/nerf.md, "Reading a table from the data")."""
+    return _plan(_disc_reach(geometry, edges_cut, grid, projections, threshold, fraction), fraction,
+                 faces_reached, thin_mm, force_thin)
+
+
+@dataclass(frozen=True)
+class _DiscReach:
+    """What the edge rays say of a grid's in-plane faces, before the thin faces (`plan_lateral`)."""
+
+    columns_cut: tuple[str, ...]
+    axes: tuple[int, int]
+    centre: np.ndarray
+    half_side: float
+    voxel: float
+    """The training voxel across the axes (mm): under it a face is not widened."""
+    mm: np.ndarray
+    """(2, 2) mm past the low and high face of each of `axes`, capped (or `fraction` of the half-side)."""
+
+
+def _disc_reach(geometry: ConeBeamGeometry, edges_cut, grid: VolumeGrid, projections, threshold: float,
+                fraction: float) -> _DiscReach | None:
+    """The edge rays' distances past `grid`'s in-plane faces (`reach_past_faces`, capped), or `fraction`
+    of the half-side; None when no column edge cuts the object, the grid is not axis-aligned or the rows
+    run along no grid axis."""
+    from .axial_extension import detector_axis
+
     columns_cut = truncating_columns(geometry, edges_cut)
-    if not columns_cut or not grid.is_axis_aligned:
+    found = detector_axis(geometry)
+    if not columns_cut or not grid.is_axis_aligned or found is None:
         return None
-    axes = _in_plane_axes(geometry)
-    if axes is None:
-        return None
+    axes = tuple(a for a in range(3) if a != found[0])
     lo, hi = grid.bounds()
     centre = (np.asarray(lo) + np.asarray(hi)) / 2.0
     half_side = float(max(hi[a] - lo[a] for a in axes)) / 2.0
@@ -231,16 +238,24 @@ def plan_lateral(geometry: ConeBeamGeometry, edges_cut: list[str], grid: VolumeG
     else:
         rays = edge_rays(projections, geometry, threshold, axes, centre, [columns[e] for e in columns_cut])
         mm = np.minimum(reach_past_faces(rays, axes, lo, hi, centre), MAX_FRACTION * half_side)
-    h = float(max(grid.spacing_xyz[a] for a in axes))
+    return _DiscReach(columns_cut, axes, centre, half_side, float(max(grid.spacing_xyz[a] for a in axes)), mm)
+
+
+def _plan(disc: _DiscReach | None, fraction: float, faces_reached=(), thin_mm: np.ndarray | None = None,
+          force_thin: bool = False) -> LateralExtension | None:
+    """`plan_lateral` from the edge rays' distances: the thin faces (its docstring), then whole voxels."""
+    if disc is None:
+        return None
+    mm, h = disc.mm.copy(), disc.voxel
     thin = []
     if fraction <= 0:
-        for i, axis in enumerate(axes):
+        for i, axis in enumerate(disc.axes):
             for k, sign in enumerate("-+"):
                 if "xyz"[axis] + sign not in faces_reached or mm[i, k] >= h:
                     continue
-                past = min(float(thin_mm[i, k]) if thin_mm is not None else 0.0, MAX_FRACTION * half_side)
+                past = min(float(thin_mm[i, k]) if thin_mm is not None else 0.0, MAX_FRACTION * disc.half_side)
                 if force_thin:
-                    past = max(past, THIN_FRACTION * half_side)
+                    past = max(past, THIN_FRACTION * disc.half_side)
                 if past >= h:
                     mm[i, k] = past
                     thin.append("xyz"[axis] + sign)
@@ -248,8 +263,8 @@ def plan_lateral(geometry: ConeBeamGeometry, edges_cut: list[str], grid: VolumeG
     voxels = np.where(mm < h, 0, np.ceil(mm / h - 1e-9)).astype(int)
     if not voxels.any():
         return None
-    return LateralExtension(axes, tuple(tuple(int(n) for n in row) for row in voxels),
-                            tuple(tuple(float(d) for d in row) for row in mm), columns_cut, tuple(thin))
+    return LateralExtension(disc.axes, tuple(tuple(int(n) for n in row) for row in voxels),
+                            tuple(tuple(float(d) for d in row) for row in mm), disc.columns_cut, tuple(thin))
 
 
 @dataclass(frozen=True)
@@ -264,18 +279,25 @@ class EdgeRays:
     """(n,) the object's radius R the ray's line integrals give (mm); r where the edge sees air."""
 
 
-def _edge_ray_foot(geometry: ConeBeamGeometry, view: int, column: int, axes, centre) -> np.ndarray:
-    """In-plane vector from the rotation axis (through `centre`) to the nearest point of the ray through
-    the middle of `column` (at the detector's middle row)."""
+def _edge_ray_ends(geometry: ConeBeamGeometry, view: int, column: int, axes, centre) -> tuple[np.ndarray, np.ndarray]:
+    """(source, detector point): the in-plane ends, from `centre`, of the ray through the middle of
+    `column` (at the detector's middle row)."""
     n_cols = geometry.det_shape[1]
     offset = (column - (n_cols - 1) / 2.0) * geometry.pixel_pitch[1]
     target = geometry.det_centers[view] + offset * geometry.det_u[view]
+    return (geometry.sources[view] - centre)[list(axes)], (target - centre)[list(axes)]
+
+
+def _edge_ray_foot(geometry: ConeBeamGeometry, view: int, column: int, axes, centre) -> np.ndarray:
+    """In-plane vector from the rotation axis (through `centre`) to the nearest point of the ray through
+    the middle of `column` (at the detector's middle row)."""
+    source, target = _edge_ray_ends(geometry, view, column, axes, centre)
     if geometry.parallel:
         direction = (geometry.det_centers[view] - geometry.sources[view])[list(axes)]
-        start = (target - centre)[list(axes)]
+        start = target
     else:
-        direction = (target - geometry.sources[view])[list(axes)]
-        start = (geometry.sources[view] - centre)[list(axes)]
+        direction = target - source
+        start = source
     direction = direction / max(float(np.linalg.norm(direction)), 1e-12)
     return start - float(start @ direction) * direction
 
@@ -376,9 +398,7 @@ def thin_reach_past_faces(projections: np.ndarray, geometry: ConeBeamGeometry, a
             foot = _edge_ray_foot(geometry, view, column, axes, centre)
             feet[view, j] = foot / max(float(np.linalg.norm(foot)), 1e-12)
             if not geometry.parallel:  # detector mm per object mm at the foot, along the edge ray
-                source = (geometry.sources[view] - centre)[ax]
-                offset = (column - (n_cols - 1) / 2.0) * pitch
-                target = (geometry.det_centers[view] + offset * geometry.det_u[view] - centre)[ax]
+                source, target = _edge_ray_ends(geometry, view, column, axes, centre)
                 scale.append(float(np.linalg.norm(target - source)) / max(float(np.linalg.norm(foot - source)), 1e-9))
         usable = edge_sum[view] > 2.0 * (threshold - air_level)
         if np.count_nonzero(usable) * 2 >= usable.size:

@@ -83,6 +83,21 @@ _SUPPORT_CACHE: list = []
 carve the same support once."""
 
 
+def _cached(cache: list, scan: ScanData, key):
+    """What the one-entry `cache` holds for this scan (its projections and geometry, by identity) and
+    `key`, or None."""
+    for proj, geo, k, result in cache:
+        if proj is scan.projections and geo is scan.geometry and k == key:
+            return result
+    return None
+
+
+def _remember(cache: list, scan: ScanData, key, result):
+    """`result` in the one-entry `cache` for this scan and `key` (the entry before is dropped)."""
+    cache[:] = [(scan.projections, scan.geometry, key, result)]
+    return result
+
+
 def _support_key(out_grid: VolumeGrid, full: VolumeGrid, cfg: NerfConfig):
     return (out_grid.to_dict(), full.to_dict(), cfg.support_margin_voxels, cfg.extend_cut_ends,
             cfg.extend_cut_sides, cfg.cut_sides_fraction, cfg.widen_reached_sides, cfg.measure_thin_sides)
@@ -103,9 +118,9 @@ def _lateral_extension(scan: ScanData, full: VolumeGrid, cfg: NerfConfig):
         return None, None
     key = (full.to_dict(), cfg.support_margin_voxels, cfg.cut_sides_fraction, cfg.widen_reached_sides,
            cfg.measure_thin_sides)
-    for proj, geo, k, result in _LATERAL_CACHE:
-        if proj is scan.projections and geo is scan.geometry and k == key:
-            return result
+    found = _cached(_LATERAL_CACHE, scan, key)
+    if found is not None:
+        return found
     from ..lateral_extension import plan_for_scan
     from ..support import SupportSettings, air_statistics
 
@@ -116,8 +131,7 @@ def _lateral_extension(scan: ScanData, full: VolumeGrid, cfg: NerfConfig):
         scan.projections, scan.geometry, threshold, full, cfg.cut_sides_fraction,
         reached_sides=cfg.widen_reached_sides, support_settings=settings, stats=stats,
         measure_thin=cfg.measure_thin_sides)
-    _LATERAL_CACHE[:] = [(scan.projections, scan.geometry, key, (plan, stats))]
-    return plan, stats
+    return _remember(_LATERAL_CACHE, scan, key, (plan, stats))
 
 
 def _grid_holding(support, full: VolumeGrid) -> VolumeGrid:
@@ -161,8 +175,7 @@ def reuse_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, support
     if extension is not None:
         support.extra["extended"] = extension.summary()
     support.extra["reused"] = True
-    _SUPPORT_CACHE[:] = [(scan.projections, scan.geometry, _support_key(out_grid, full, cfg),
-                          (support, _grid_holding(support, support.grid)))]
+    _remember(_SUPPORT_CACHE, scan, _support_key(out_grid, full, cfg), (support, _grid_holding(support, support.grid)))
     return True
 
 
@@ -181,9 +194,9 @@ def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
     from ..support import SupportSettings, object_support
 
     key = _support_key(out_grid, full, cfg)
-    for proj, geo, k, result in _SUPPORT_CACHE:
-        if proj is scan.projections and geo is scan.geometry and k == key:
-            return result
+    found = _cached(_SUPPORT_CACHE, scan, key)
+    if found is not None:
+        return found
     t0 = time.perf_counter()
     lateral, stats = _lateral_extension(scan, full, cfg)
     if lateral is not None:
@@ -198,8 +211,7 @@ def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
         support = support.extended(extension)
     support.extra["seconds"] = round(time.perf_counter() - t0, 3)
     result = (support, _grid_holding(support, support.grid))
-    _SUPPORT_CACHE[:] = [(scan.projections, scan.geometry, key, result)]
-    return result
+    return _remember(_SUPPORT_CACHE, scan, key, result)
 
 
 @dataclass
