@@ -98,7 +98,8 @@ def test_the_trainer_trains_past_the_cut_ends_and_keeps_the_edge_scale():
     np.testing.assert_allclose([olo[1] - tlo[1], thi[1] - ohi[1]], np.asarray(ext["voxels"]) * h, atol=0.5 * h)
     mask = trainer.support_mask_on(trainer.grid).numpy()  # (z, y, x)
     assert np.array_equal(mask[:, 0, :], mask.any(axis=1)) and np.array_equal(mask[:, -1, :], mask.any(axis=1))
-    assert ctx.report["tv_prior"]["plain_because"] is None and trainer.tv_edge() > 0
+    tv = ctx.report["tv_prior"]
+    assert tv["plain_because"] is None and tv["edge_despite"] is None and trainer.tv_edge() > 0
     # a checkpoint's support (resume, export) is the extended one, and is taken as it is
     restored = Support.from_plain(trainer.support.to_plain())
     cfg = NerfConfig.from_settings(ctx.settings)
@@ -109,16 +110,22 @@ def test_the_trainer_trains_past_the_cut_ends_and_keeps_the_edge_scale():
     assert est["training_grid"][1] >= trainer.grid.shape_xyz[1] > out.shape_xyz[1]
 
     off = RunContext(device="cpu", seed=0, settings=dict(preset="preview", extend_cut_ends=False))
-    plain = NerfTrainer(scan, out, NerfConfig.from_settings(off.settings), off)
-    assert "extended" not in off.report["support"] and plain.grid.bounds()[1][1] <= ohi[1] + 1e-6
-    assert "rows-, rows+" in off.report["tv_prior"]["plain_because"] and plain.tv_edge() == 0.0
+    kept = NerfTrainer(scan, out, NerfConfig.from_settings(off.settings), off)
+    assert "extended" not in off.report["support"] and kept.grid.bounds()[1][1] <= ohi[1] + 1e-6
+    # the rows cut with no grid past them: the edge scale is kept by default (tv_edge_when_truncated),
+    # and named as kept in spite of them; off, plain TV for them
+    assert "rows-, rows+" in off.report["tv_prior"]["edge_despite"] and kept.tv_edge() > 0
+    off_plain = RunContext(device="cpu", seed=0, settings=dict(preset="preview", extend_cut_ends=False,
+                                                               tv_edge_when_truncated=False))
+    plain = NerfTrainer(scan, out, NerfConfig.from_settings(off_plain.settings), off_plain)
+    assert "rows-, rows+" in off_plain.report["tv_prior"]["plain_because"] and plain.tv_edge() == 0.0
 
     table = ((-64.0, -1000.0, -70.0), (-58.0, 1000.0, 70.0), 0.01)  # cuts the columns in oblique views
     scan_table = ScanData(_project(scan.geometry, PHANTOM, [table]), scan.geometry, "synthetic", "<table>")
     ctx_table = RunContext(device="cpu", seed=0, settings=dict(preset="preview"))
     NerfTrainer(scan_table, out, NerfConfig.from_settings(ctx_table.settings), ctx_table)
     assert "extended" in ctx_table.report["support"]
-    assert "columns-, columns+" in ctx_table.report["tv_prior"]["plain_because"]
+    assert "columns-, columns+" in ctx_table.report["tv_prior"]["edge_despite"]
 
 
 def test_an_object_inside_the_detector_is_not_extended():

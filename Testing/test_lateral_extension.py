@@ -104,10 +104,10 @@ def test_the_sides_go_on_as_far_as_the_edge_rays_say_the_object_goes():
     assert plan_lateral(tigre, cut, default_grid(tigre), None, threshold, fraction=0.25).axes == (0, 1)
 
 
-def test_the_trainer_widens_the_grid_carves_it_and_counts_the_box_for_the_tv_weight():
+def test_the_trainer_widens_the_grid_carves_it_and_counts_the_widened_grid_for_the_tv_weight():
     """The support is carved on the widened grid (the object's part outside the field of view is kept,
     the air some view sees there is carved), run.json and the memory check follow it, a checkpoint's
-    support is taken back as it is, and the TV weight is the one of the voxels inside the output box."""
+    support is taken back as it is, and the TV weight counts the widened grid's voxels."""
     scan = _scan(WIDE)
     out = default_grid(scan.geometry)
     said = []
@@ -131,11 +131,15 @@ def test_the_trainer_widens_the_grid_carves_it_and_counts_the_box_for_the_tv_wei
     inside = trainer.support.mask_on(VolumeGrid((1, 1, 1), (h, h, h), (92.0, 0.0, 30.0)))
     assert inside.all()
     assert trainer.support.fraction < 1.0
-    # the data-derived weight counts the training voxels inside the output box only
+    # the edge-scaled TV is kept on the truncated scan (tv_edge_when_truncated), and its data-derived weight
+    # counts every training voxel, those past the sides too (the grid is widened in-plane only); plain TV
+    # would count those inside the output box (test_support.py checks both)
+    assert ctx.report["tv_prior"]["edge_despite"] and trainer.tv_edge() > 0
     n_inner = inner_voxel_count(trainer.grid, *out.bounds())
-    assert n_inner < trainer.grid.n_voxels
+    assert n_inner < trainer.grid.n_voxels == ctx.report["tv_prior"]["voxels_counted"]
     assert trainer.tv_weight == pytest.approx(cfg.tv_strength * (trainer.noise_variance / trainer.target_power
-                                                                 + cfg.model_error ** 2) * n_inner / len(trainer.targets))
+                                                                 + cfg.model_error ** 2)
+                                              * trainer.grid.n_voxels / len(trainer.targets))
     restored = Support.from_plain(trainer.support.to_plain())
     assert reuse_support(scan, out, cfg, restored) and restored.extra["widened"] == wide
     assert carve_support(scan, out, cfg)[1].to_dict() == trainer.grid.to_dict()

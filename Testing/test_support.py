@@ -171,13 +171,13 @@ def test_no_air_anywhere_carves_nothing():
     assert sup.summary()["found"] is False and sup.fraction == 1.0
 
 
-def test_truncated_projections_are_recognised_and_keep_plain_tv():
+def test_truncated_projections_are_recognised_and_the_edge_scale_is_kept_by_default():
     """detector_edges_cut names the detector's edges the object goes on beyond (wider than the field of
     view: the column edges; longer than the detector, or a table along the axis: the row edges), and
-    the trainer then keeps plain TV at the weight of the voxels inside the box (the edge-scaled penalty
-    sharpens the truncation's rim), saying why in run.json and a message; a whole object in the field of
-    view keeps the edge scale, and so does a truncated one where the user sets tv_edge_when_truncated,
-    its weight then counting the training voxels past the sides too."""
+    the trainer keeps the edge-scaled TV, its weight counting the training voxels past the sides too,
+    and says in spite of what in run.json and a message; with tv_edge_when_truncated off it falls back
+    to plain TV at the weight of the voxels inside the box, saying why. A whole object in the field of
+    view gets the edge scale with nothing to say."""
     from CTNeRFReconLib.methods import RunContext
     from CTNeRFReconLib.nerf.config import NerfConfig
     from CTNeRFReconLib.nerf.train import NerfTrainer
@@ -208,26 +208,27 @@ def test_truncated_projections_are_recognised_and_keep_plain_tv():
     assert tv["plain_because"] is None and tv["edge_despite"] is None and whole.tv_edge() > 0
     assert tv["voxels_past_sides_counted"] == 0
 
-    plain, report, messages = trainer_for("wide")
-    tv_plain = report["tv_prior"]
-    assert "widened" in report["support"], report["support"]
-    assert "columns-, columns+" in tv_plain["plain_because"] and plain.tv_edge() == 0.0
-    assert tv_plain["edge_attenuation"] == 0.0 and tv_plain["edge_despite"] is None
-    assert tv_plain["voxels_past_sides_counted"] == 0
-    assert any(m.startswith("plain TV: the object goes on beyond") and "tv_edge_when_truncated=true" in m
-               for m in messages), messages
-
-    # the user's choice: the edge scale kept on the truncated scan, run.json says in spite of what, and
-    # the weight counts the widened grid's voxels past the sides: the inside count's times their share
-    edge, report, messages = trainer_for("wide", tv_edge_when_truncated=True)
+    # the default: the edge scale kept on the truncated scan, run.json says in spite of what, and the
+    # weight counts the widened grid's voxels past the sides: the inside count's times their share
+    edge, report, messages = trainer_for("wide")
     tv = report["tv_prior"]
+    assert "widened" in report["support"], report["support"]
     assert tv["plain_because"] is None and "columns-, columns+" in tv["edge_despite"]
     assert edge.tv_edge() > 0 and tv["edge_attenuation"] == edge.tv_edge()
     past = tv["voxels_past_sides_counted"]
     assert past > 0 and tv["voxels_counted"] == int(np.prod(edge.grid.shape_xyz))
+    assert any(m.startswith("edge-scaled TV on truncated projections") and f"the {past} training voxels" in m
+               and "tv_edge_when_truncated=false" in m for m in messages), messages
+
+    # the user's choice: plain TV there, at the weight of the voxels inside the box
+    plain, report, messages = trainer_for("wide", tv_edge_when_truncated=False)
+    tv_plain = report["tv_prior"]
+    assert "columns-, columns+" in tv_plain["plain_because"] and plain.tv_edge() == 0.0
+    assert tv_plain["edge_attenuation"] == 0.0 and tv_plain["edge_despite"] is None
+    assert tv_plain["voxels_past_sides_counted"] == 0
     assert tv_plain["voxels_counted"] == tv["voxels_counted"] - past
     assert tv["weight"] == pytest.approx(tv_plain["weight"] * tv["voxels_counted"] / tv_plain["voxels_counted"])
-    assert any(m.startswith("edge-scaled TV kept in spite of truncation") and f"the {past} training voxels" in m
+    assert any(m.startswith("plain TV: the object goes on beyond") and "(tv_edge_when_truncated=false)" in m
                for m in messages), messages
 
 

@@ -19,7 +19,8 @@ table, writes JSON and, per variant, the middle slices of the truth, the run and
 Variants: `default` (as far as the edge rays say the object goes); `no-widening` (`--setting
 extend_cut_sides=false`: the box ends at the field of view, as before 2026-12-06); `0.15`, `0.25`, `0.4` and
 `0.5` (`cut_sides_fraction`: that fraction of the box's in-plane half-side, whatever the data say);
-`plain-tv` (`--setting tv_edge_when_truncated=false`: plain TV on the cut columns, the edge scale's fallback);
+`plain-tv` (`--setting tv_edge_when_truncated=false`: plain TV on truncated projections, the default before
+2026-12-07);
 `table-sides` (`--setting widen_reached_sides=true`: at least 0.4 of the half-side past the sides the support
 reaches that the edge rays do not widen, whatever the data say); `no-thin` (`--setting
 measure_thin_sides=false`: not past those sides at all, the default before the ninth round of 2026-12-06; by

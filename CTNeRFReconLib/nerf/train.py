@@ -286,8 +286,8 @@ class NerfTrainer:
         unsafe = self._edge_scale_unsafe(scan)
         plain_because, edge_despite = (None, unsafe) if cfg.tv_edge_when_truncated else (unsafe, None)
         self._plain_tv_because = plain_because
-        """Why the TV stays plain despite `tv_edge` (the object goes on beyond the detector), or None;
-        None also where `tv_edge_when_truncated` keeps the edge scale in spite of it."""
+        """Why the TV is plain despite `tv_edge` (the object goes on beyond the detector and
+        `tv_edge_when_truncated` is off), or None."""
         # the edge scale kept on a truncated scan counts the voxels past the sides too (`_voxels_for_weight`)
         inside = self._voxels_for_weight(out_grid, past_sides=False)
         counted = self._voxels_for_weight(out_grid, past_sides=True) if edge_despite else inside
@@ -309,11 +309,11 @@ class NerfTrainer:
         if edge_despite:
             share = f"; its weight counts the {counted - inside} training voxels past the sides too" \
                 if counted > inside and cfg.tv_weight is None else ""
-            self.ctx.on_message(f"edge-scaled TV kept in spite of truncation ({edge_despite}; "
-                                f"tv_edge_when_truncated){share}")
+            self.ctx.on_message(f"edge-scaled TV on truncated projections ({edge_despite}){share}; "
+                                "`--setting tv_edge_when_truncated=false` gives plain TV, which holds down "
+                                "a bright rim at a cut the training grid does not go past (docs/nerf.md)")
         elif plain_because:
-            self.ctx.on_message(f"plain TV: {plain_because}; on a mildly truncated scan "
-                                "`--setting tv_edge_when_truncated=true` is worth a trial run (docs/nerf.md)")
+            self.ctx.on_message(f"plain TV: {plain_because} (tv_edge_when_truncated=false)")
         self.target_peak = float(proj.max())
         chords = (self.rays[3] - self.rays[2])
         self._chord_98 = float(torch.quantile(chords[::max(1, len(chords) // 100000)], 0.98))
@@ -675,21 +675,19 @@ class NerfTrainer:
         return 0.0 if self._plain_tv_because else self.cfg.tv_edge * self.field.mu_scale
 
     def _edge_scale_unsafe(self, scan: ScanData) -> str | None:
-        """Why the edge-scaled TV must not be used on this scan, or None.
+        """What truncates the projections, the edge-scaled TV's known risk, or None.
 
         Where the object goes on beyond the detector (wider than the field of view, longer than the
-        detector along the axis, a table), its material outside is in the line integrals and the volume
-        has to explain it with a bright rim near the cut. Plain TV holds that rim down; the edge-scaled
-        penalty lets it sharpen: on the 40-view slab at 160 px (a body 366 mm wide in a 341 mm field of
-        view) 26.14 against 26.79 dB at `--time-limit 180`, the loss all in the outer eighths of the width
-        while the centre gained (docs/nerf.md). Row edges whose ends the training grid goes on past
-        (`extend_cut_ends`) do not count: the material there has voxels of its own. Column edges count
-        even where the grid is widened past the sides (`extend_cut_sides`): at 1200 iterations, with its
-        weight counting the widened voxels, the edge scale gained 0.15 to 0.67 dB on five truncated cases
-        but lost 0.3 and 0.4 dB on a patient lying on a table wider than the field of view (all of it
-        around the table; the body away from it gained 0.2) and 1.2 dB on a reference grid (docs/nerf.md,
-        "A table wider than the field of view"); `tv_edge_when_truncated` keeps it where the user
-        wants it. A displaced detector's near edge does not count (lateral_extension.truncating_edges).
+        detector along the axis, a table), its material outside is in the line integrals and a volume that
+        stops at the cut has to explain it with a bright rim there. Plain TV holds that rim down; the
+        edge-scaled penalty lets it sharpen: on the 40-view slab at 160 px (a body 366 mm wide in a 341 mm
+        field of view) 26.14 against 26.79 dB at `--time-limit 180`, before the training grid went past
+        the cut sides and ends. Since it does (`extend_cut_sides`, `extend_cut_ends`, a table read from
+        the data), the edge scale gains on truncated scans too, and `tv_edge_when_truncated` (on by
+        default) keeps it; this says what it is kept in spite of, or why plain TV replaces it where that
+        setting is off (docs/nerf.md, "The edge scale on truncated scans: the default"). Row edges whose
+        ends the training grid goes on past do not count: the material there has voxels of its own. A
+        displaced detector's near edge does not count (lateral_extension.truncating_edges).
         Without an air level (no support carved) truncation cannot be ruled out."""
         if self.cfg.tv_edge <= 0:
             return None
