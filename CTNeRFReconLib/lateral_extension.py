@@ -288,10 +288,11 @@ def _edge_ray_ends(geometry: ConeBeamGeometry, view: int, column: int, axes, cen
     return (geometry.sources[view] - centre)[list(axes)], (target - centre)[list(axes)]
 
 
-def _edge_ray_foot(geometry: ConeBeamGeometry, view: int, column: int, axes, centre) -> np.ndarray:
+def _edge_ray_foot(geometry: ConeBeamGeometry, view: int, column: int, axes, centre, ends=None) -> np.ndarray:
     """In-plane vector from the rotation axis (through `centre`) to the nearest point of the ray through
-    the middle of `column` (at the detector's middle row)."""
-    source, target = _edge_ray_ends(geometry, view, column, axes, centre)
+    the middle of `column` (at the detector's middle row); `ends`: its `_edge_ray_ends`, where the caller
+    has them already."""
+    source, target = ends if ends is not None else _edge_ray_ends(geometry, view, column, axes, centre)
     if geometry.parallel:
         direction = (geometry.det_centers[view] - geometry.sources[view])[list(axes)]
         start = target
@@ -395,10 +396,10 @@ def thin_reach_past_faces(projections: np.ndarray, geometry: ConeBeamGeometry, a
     for view in range(n_views):
         scale = []
         for j, column in enumerate((0, n_cols - 1)):
-            foot = _edge_ray_foot(geometry, view, column, axes, centre)
+            source, target = ends = _edge_ray_ends(geometry, view, column, axes, centre)
+            foot = _edge_ray_foot(geometry, view, column, axes, centre, ends)
             feet[view, j] = foot / max(float(np.linalg.norm(foot)), 1e-12)
             if not geometry.parallel:  # detector mm per object mm at the foot, along the edge ray
-                source, target = _edge_ray_ends(geometry, view, column, axes, centre)
                 scale.append(float(np.linalg.norm(target - source)) / max(float(np.linalg.norm(foot - source)), 1e-9))
         usable = edge_sum[view] > 2.0 * (threshold - air_level)
         if np.count_nonzero(usable) * 2 >= usable.size:

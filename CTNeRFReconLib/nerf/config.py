@@ -124,7 +124,7 @@ class NerfConfig:
     CT, +0.3 to +5.8 dB at 10 views; kept on truncated projections too (`tv_edge_when_truncated`);
     plain TV is better on the demo's analytic Shepp-Logan phantom (docs/nerf.md)."""
     tv_edge_when_truncated: bool = True
-    """Keep the edge-scaled TV on projections the object goes on beyond (see `_edge_scale_unsafe` in the
+    """Keep the edge-scaled TV on projections the object goes on beyond (see `_truncation` in the
     trainer); its data-derived weight then counts the training voxels past the sides too
     (`_voxels_for_weight`). False gives plain TV there, which holds down the bright rim a cut leaves
     where no training voxel holds the material outside. On by default since the grid trains past cut

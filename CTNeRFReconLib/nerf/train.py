@@ -283,8 +283,8 @@ class NerfTrainer:
         self.noise_variance = noise.mean_variance
         self.ray_weights = self._ray_weights(noise)
         """Per-ray weights of the data term (None: least squares, every ray alike)."""
-        unsafe = self._edge_scale_unsafe(scan)
-        plain_because, edge_despite = (None, unsafe) if cfg.tv_edge_when_truncated else (unsafe, None)
+        truncation = self._truncation(scan)
+        plain_because, edge_despite = (None, truncation) if cfg.tv_edge_when_truncated else (truncation, None)
         self._plain_tv_because = plain_because
         """Why the TV is plain despite `tv_edge` (the object goes on beyond the detector and
         `tv_edge_when_truncated` is off), or None."""
@@ -671,11 +671,11 @@ class NerfTrainer:
     def tv_edge(self) -> float:
         """The TV penalty's edge scale in attenuation units: `tv_edge` of the attenuation scale, in both
         phases (plain TV in the generator phase scored the same, 36.68 dB on the 25-view abdomen); 0
-        (plain TV) where the data are truncated (`_edge_scale_unsafe`)."""
+        (plain TV) where the data are truncated (`_truncation`) and `tv_edge_when_truncated` is off."""
         return 0.0 if self._plain_tv_because else self.cfg.tv_edge * self.field.mu_scale
 
-    def _edge_scale_unsafe(self, scan: ScanData) -> str | None:
-        """What truncates the projections, the edge-scaled TV's known risk, or None.
+    def _truncation(self, scan: ScanData) -> str | None:
+        """What truncates the projections (the edge-scaled TV's known risk), or None.
 
         Where the object goes on beyond the detector (wider than the field of view, longer than the
         detector along the axis, a table), its material outside is in the line integrals and a volume that
