@@ -52,6 +52,53 @@ def test_joseph_gradcheck_size_one_axes_and_reductions(built, device, monkeypatc
         torch.testing.assert_close(got[0], got[1], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_joseph_kernel_fast_range_edges_match_reference(built, device):
+    """The kernels take the planes a ray crosses wholly inside the grid by a path without tests
+    (ctnerf_render.h, joseph_fast_planes) and the rest by the general one. Rays along the grid's axes
+    (in-plane slope exactly 0), slopes of 1e-7 and 1e-3, in-plane positions on the hull's faces, a
+    margin's width inside them and between voxel centres, and spans that stop inside a slab, on every
+    major axis: where the two paths meet, the integrals and gradients are the reference's."""
+    need_device(device)
+    shape_zyx = (7, 9, 11)
+    n_xyz = shape_zyx[::-1]
+    rays_o, rays_d, t_near, t_far = [], [], [], []
+    for major in range(3):
+        b, c = [a for a in range(3) if a != major]
+        for pos in (0.0, 0.0004, 0.5, 2.0, 3.25):
+            for top in (False, True):
+                ub = n_xyz[b] - 1 - pos if top else pos
+                vc = n_xyz[c] - 1 - 0.5 * pos if top else 1.5 * pos
+                for slope in (0.0, 1e-7, -1e-7, 1e-3, -0.37):
+                    for span in ((-2.0, n_xyz[major] + 1.0), (0.2, n_xyz[major] - 1.7), (3.6, 3.9)):
+                        o = [0.0, 0.0, 0.0]
+                        o[major], o[b], o[c] = 0.0, ub, vc
+                        d = [0.0, 0.0, 0.0]
+                        d[major], d[b], d[c] = 1.0, slope, -0.5 * slope
+                        for sign in (1.0, -1.0):
+                            dd = [sign * x for x in d]
+                            oo = list(o)
+                            if sign < 0:  # the same segment walked backwards
+                                oo = [o[a] + d[a] * (span[0] + span[1]) for a in range(3)]
+                            rays_o.append(oo)
+                            rays_d.append(dd)
+                            t_near.append(span[0])
+                            t_far.append(span[1])
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        g = torch.Generator().manual_seed(3)
+        vol = torch.rand(shape_zyx, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        vol.requires_grad_(True)
+        origin = torch.zeros(3, dtype=dtype, device=device)
+        spacing = torch.ones(3, dtype=dtype, device=device)
+        o, d, tn, tf = (torch.tensor(x, dtype=dtype, device=device) for x in (rays_o, rays_d, t_near, t_far))
+        out = fused.JosephLineIntegrals.apply(vol, origin, spacing, o, d, tn, tf)
+        ref = fused.joseph_line_integrals_reference(vol, origin, spacing, o, d, tn, tf)
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+        assert float((ref > 0).double().mean()) > 0.9, "the rays must cross the grid"
+        (g_out,), (g_ref,) = grads(out, (vol,)), grads(ref, (vol,))
+        torch.testing.assert_close(g_out, g_ref, rtol=tol, atol=tol)
+
+
 def test_joseph_integrates_a_linear_field_exactly_and_agrees_with_fine_sampling():
     """Inside the grid a field linear in x, y, z is reproduced exactly by trilinear interpolation,
     and the midpoint rule integrates it exactly: rays that enter and leave through the faces normal

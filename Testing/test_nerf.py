@@ -1,6 +1,8 @@
 """The deep-prior VM method: field maths, quality against FDK, determinism, resume, cancel, OOM back-off."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -148,6 +150,29 @@ def test_presets_and_unknown_settings():
         NerfConfig.from_settings({"preset": "ultra"})
     with pytest.raises(ValueError, match="freeze_field_fraction: 1.5 is not between 0 and 1"):
         NerfConfig.from_settings({"freeze_field_fraction": 1.5})
+    with pytest.raises(ValueError, match="ray_run: 0 is below 1"):
+        NerfConfig.from_settings({"ray_run": 0})
+
+
+def test_rays_are_drawn_in_runs_and_every_ray_as_often():
+    """A batch is runs of `ray_run` consecutive rays (neighbouring pixels of a detector row) from random
+    starts, wrapping at the end of the list, so no ray is drawn less often than another; 1 is the
+    independent draws of before, index for index."""
+    def draw(run, total, n, seed):
+        trainer = SimpleNamespace(cfg=SimpleNamespace(ray_run=run), targets=torch.zeros(total))
+        return NerfTrainer._draw_rays(trainer, n, torch.Generator().manual_seed(seed))
+
+    before = torch.randint(0, 1000, (300,), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(draw(1, 1000, 300, 4), before)
+    idx = draw(8, 1000, 300, 4)
+    assert idx.shape == (300,) and int(idx.min()) >= 0 and int(idx.max()) < 1000
+    runs = idx[:296].reshape(-1, 8)  # 37 whole runs, then the first 4 rays of a 38th
+    assert bool(((runs[:, 1:] - runs[:, :-1]) % 1000 == 1).all())
+    assert len(set(runs[:, 0].tolist())) > 30, "the runs start at random rays"
+    # every ray, the first and last of the list included, is drawn as often (4000 expected, sd about 63)
+    counts = torch.bincount(torch.cat([draw(8, 50, 400, seed) for seed in range(500)]), minlength=50)
+    assert int(counts.min()) > 3720 and int(counts.max()) < 4280, counts.tolist()
+    assert draw(8, 5, 3, 0).shape == (3,)  # a batch or a ray list shorter than a run
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,14 @@ class NerfConfig:
     rays_end: int = 32768
     """Ray batch at the end of the curriculum (reached at curriculum_fraction)."""
     curriculum_fraction: float = 0.5
+    ray_run: int = 8
+    """A batch's rays are drawn as runs of this many neighbouring detector pixels (the next columns of
+    one row), each run from a uniformly random start, wrapping at the end of the ray list, so every ray
+    is as likely to be drawn as with independent draws (1, the default until 2026-12-07). Neighbouring
+    rays cross neighbouring voxels, so a run's taps share cache lines: on the 40-view, 160 px case's
+    2.35 M-voxel training grid the gradient's scatter took about a third less time, the score after
+    1200 iterations stayed level (40.22 against 40.18 dB; 4: 40.16), and with Joseph's inner planes
+    taken without tests a 60 s run made about 45 % more iterations (docs/nerf.md, "Rays in runs")."""
     step_voxels: float = 0.8
     """Mean sample spacing along rays, in training voxels, of the stratified integrator (jittered
     samples: unbiased at any spacing, noisier when larger). 1.2 gave the same scores on the 25-view abdomen after 800
@@ -244,6 +252,9 @@ class NerfConfig:
         if not (0.0 <= freeze <= 1.0):
             raise ValueError(f"nerf setting freeze_field_fraction: {freeze!r} is not between 0 and 1 "
                              "(the last fraction of the iterations with the field frozen; 0: never)")
+        run = extra.get("ray_run", cfg.ray_run)
+        if run < 1:
+            raise ValueError(f"nerf setting ray_run: {run!r} is below 1 (1 draws every ray on its own)")
         edge = extra.get("tv_edge", cfg.tv_edge)
         if not (math.isfinite(edge) and edge >= 0):  # the kernel would refuse it at the first step
             raise ValueError(f"nerf setting tv_edge: {edge!r} is below 0 or not finite (0 gives plain TV)")

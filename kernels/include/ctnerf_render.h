@@ -40,6 +40,8 @@ namespace ctnerf {
 // Math overloads that resolve to the single- or double-precision routine on host and device alike.
 CTNERF_HD float floor_(float x) { return floorf(x); }
 CTNERF_HD double floor_(double x) { return ::floor(x); }
+CTNERF_HD float ceil_(float x) { return ceilf(x); }
+CTNERF_HD double ceil_(double x) { return ::ceil(x); }
 CTNERF_HD float exp_(float x) { return expf(x); }
 CTNERF_HD double exp_(double x) { return ::exp(x); }
 CTNERF_HD float log1p_(float x) { return log1pf(x); }
@@ -334,23 +336,71 @@ CTNERF_HD void grid_ray_backward(const GridView<T>& g, const Ray<T>& r, int64_t 
 template <typename T>
 struct JosephPlan {
   int axis;           // major axis, 0 x, 1 y, 2 z
+  int b;              // the two in-plane axes, b < c
+  int c;
   int64_t first;      // planes first..last (none when last < first)
   int64_t last;
+  int64_t fast_first; // planes fast_first..fast_last lie wholly inside: the full slab, all four taps
+  int64_t fast_last;  // in the grid (joseph_fast_planes); fast_first = last + 1 when there are none
   T lo;               // the ray's extent along the axis in index units, lo <= hi
   T hi;
   T t_per_index;      // |dt / dc| along the major axis
-  T t_of_plane0;      // t where the ray crosses plane 0
-  T dt_dk;            // signed dt per plane (1 / step[axis])
+  T u0;               // in-plane positions (index units) where the ray crosses plane k:
+  T du;               //   u = u0 + k du along axis b, v = v0 + k dv along axis c
+  T v0;
+  T dv;
   int64_t stride[3];  // flat-index strides of x, y, z
 };
+
+// Planes k of [first, last] whose slab [k - 1/2, k + 1/2] lies inside [lo, hi] and whose crossing has
+// both in-plane positions in [0, n - 1) with a margin: there the slab's length is t_per_index and the
+// four taps need no test. The range is found by solving the linear bounds for k and shrunk by a plane
+// at each end, so float rounding of u0 + k du cannot carry a crossing out (the loops also clamp).
+template <typename T>
+CTNERF_HD void joseph_fast_planes(const GridView<T>& g, JosephPlan<T>& p) {
+  p.fast_first = p.last + 1;
+  p.fast_last = p.last;
+  if (p.last < p.first || g.n[p.b] < 2 || g.n[p.c] < 2) return;
+  T k_lo = ceil_(p.lo + T(0.5)), k_hi = floor_(p.hi - T(0.5));
+  const T margin = T(1e-3);
+  const T pos0[2] = {p.u0, p.v0}, dpos[2] = {p.du, p.dv};
+  const int64_t n_in[2] = {g.n[p.b], g.n[p.c]};
+  for (int m = 0; m < 2; ++m) {
+    const T a = margin - pos0[m], z = static_cast<T>(n_in[m] - 1) - margin - pos0[m];  // a <= k d <= z
+    if (dpos[m] > T(0)) {
+      k_lo = k_lo > a / dpos[m] ? k_lo : ceil_(a / dpos[m]);
+      k_hi = k_hi < z / dpos[m] ? k_hi : floor_(z / dpos[m]);
+    } else if (dpos[m] < T(0)) {
+      k_lo = k_lo > z / dpos[m] ? k_lo : ceil_(z / dpos[m]);
+      k_hi = k_hi < a / dpos[m] ? k_hi : floor_(a / dpos[m]);
+    } else if (!(dpos[m] == T(0)) || !(a <= T(0) && z >= T(0))) {  // NaN, or parallel and outside
+      return;
+    }
+  }
+  // shrink by one plane and keep inside [first, last] before any conversion to an integer
+  k_lo = k_lo + T(1);
+  k_hi = k_hi - T(1);
+  const T first = static_cast<T>(p.first), last = static_cast<T>(p.last);
+  if (!(k_lo <= k_hi) || k_hi < first || k_lo > last) return;  // also false for NaN
+  p.fast_first = static_cast<int64_t>(k_lo > first ? k_lo : first);
+  p.fast_last = static_cast<int64_t>(k_hi < last ? k_hi : last);
+  if (p.fast_last < p.fast_first) {
+    p.fast_first = p.last + 1;
+    p.fast_last = p.last;
+  }
+}
 
 template <typename T>
 CTNERF_HD JosephPlan<T> joseph_plan(const GridView<T>& g, const GridRay<T>& gr, const Ray<T>& r) {
   JosephPlan<T> p;
   p.axis = 0;
+  p.b = 1;
+  p.c = 2;
   p.first = 0;
   p.last = -1;
-  p.lo = p.hi = p.t_per_index = p.t_of_plane0 = p.dt_dk = T(0);
+  p.fast_first = 0;
+  p.fast_last = -1;
+  p.lo = p.hi = p.t_per_index = p.u0 = p.du = p.v0 = p.dv = T(0);
   p.stride[0] = 1;
   p.stride[1] = g.n[0];
   p.stride[2] = g.n[0] * g.n[1];
@@ -361,6 +411,8 @@ CTNERF_HD JosephPlan<T> joseph_plan(const GridView<T>& g, const GridRay<T>& gr, 
   const T s = gr.step[a];
   if (!(abs_(s) > T(0))) return p;
   p.axis = a;
+  p.b = a == 0 ? 1 : 0;
+  p.c = a == 2 ? 1 : 2;
   const T c_near = gr.start[a] + r.t_near * s, c_far = gr.start[a] + r.t_far * s;
   p.lo = c_near < c_far ? c_near : c_far;
   p.hi = c_near < c_far ? c_far : c_near;
@@ -371,9 +423,14 @@ CTNERF_HD JosephPlan<T> joseph_plan(const GridView<T>& g, const GridRay<T>& gr, 
   const T last = floor_((p.hi < n - T(0.5) ? p.hi : n - T(0.5)) + T(0.5));
   p.first = static_cast<int64_t>(first);
   p.last = static_cast<int64_t>(last) < g.n[a] - 1 ? static_cast<int64_t>(last) : g.n[a] - 1;
-  p.dt_dk = T(1) / s;
-  p.t_per_index = abs_(p.dt_dk);
-  p.t_of_plane0 = -gr.start[a] * p.dt_dk;
+  const T dt_dk = T(1) / s;  // signed dt per plane
+  const T t_of_plane0 = -gr.start[a] * dt_dk;
+  p.t_per_index = abs_(dt_dk);
+  p.u0 = gr.start[p.b] + t_of_plane0 * gr.step[p.b];
+  p.du = dt_dk * gr.step[p.b];
+  p.v0 = gr.start[p.c] + t_of_plane0 * gr.step[p.c];
+  p.dv = dt_dk * gr.step[p.c];
+  joseph_fast_planes(g, p);
   return p;
 }
 
@@ -388,19 +445,17 @@ struct JosephTaps {
 };
 
 template <typename T>
-CTNERF_HD JosephTaps<T> joseph_taps(const GridView<T>& g, const GridRay<T>& gr, const JosephPlan<T>& p, int64_t k) {
+CTNERF_HD JosephTaps<T> joseph_taps(const GridView<T>& g, const JosephPlan<T>& p, int64_t k) {
   JosephTaps<T> j;
   const T kf = static_cast<T>(k);
   const T lo = p.lo > kf - T(0.5) ? p.lo : kf - T(0.5);
   const T hi = p.hi < kf + T(0.5) ? p.hi : kf + T(0.5);
   j.length = (hi - lo) * p.t_per_index;
-  const T t = p.t_of_plane0 + kf * p.dt_dk;
-  const int b = p.axis == 0 ? 1 : 0, c = p.axis == 2 ? 1 : 2;  // the two in-plane axes, b < c
-  const Lerp<T> u = lerp_weights<T>(gr.start[b] + t * gr.step[b], g.n[b]);
-  const Lerp<T> v = lerp_weights<T>(gr.start[c] + t * gr.step[c], g.n[c]);
+  const Lerp<T> u = lerp_weights<T>(p.u0 + kf * p.du, g.n[p.b]);
+  const Lerp<T> v = lerp_weights<T>(p.v0 + kf * p.dv, g.n[p.c]);
   j.hit = u.hit && v.hit && j.length > T(0);
   const int64_t base = k * p.stride[p.axis];
-  const int64_t sb = p.stride[b], sc = p.stride[c];
+  const int64_t sb = p.stride[p.b], sc = p.stride[p.c];
   j.index[0] = base + v.i0 * sc + u.i0 * sb;
   j.index[1] = base + v.i0 * sc + u.i1 * sb;
   j.index[2] = base + v.i1 * sc + u.i0 * sb;
@@ -412,13 +467,36 @@ CTNERF_HD JosephTaps<T> joseph_taps(const GridView<T>& g, const GridRay<T>& gr, 
   return j;
 }
 
+// A crossing of the fast range: the lowest tap's flat index and the two in-plane fractions (the
+// other taps are +stride_b, +stride_c and both). The clamps never bind inside the range; they keep
+// every index valid by construction.
 template <typename T>
-CTNERF_HD T joseph_ray_forward(const GridView<T>& g, const Ray<T>& r) {
-  const GridRay<T> gr = grid_ray(g, r);
-  const JosephPlan<T> p = joseph_plan(g, gr, r);
+struct JosephCell {
+  int64_t index;
+  T au;
+  T av;
+};
+
+template <typename T>
+CTNERF_HD JosephCell<T> joseph_cell(const GridView<T>& g, const JosephPlan<T>& p, int64_t k) {
+  const T kf = static_cast<T>(k);
+  const T u = p.u0 + kf * p.du, v = p.v0 + kf * p.dv;
+  int64_t iu = static_cast<int64_t>(u), iv = static_cast<int64_t>(v);  // u, v >= 0: truncation is the floor
+  iu = iu < 0 ? 0 : (iu > g.n[p.b] - 2 ? g.n[p.b] - 2 : iu);
+  iv = iv < 0 ? 0 : (iv > g.n[p.c] - 2 ? g.n[p.c] - 2 : iv);
+  JosephCell<T> cell;
+  cell.index = k * p.stride[p.axis] + iv * p.stride[p.c] + iu * p.stride[p.b];
+  cell.au = u - static_cast<T>(iu);
+  cell.av = v - static_cast<T>(iv);
+  return cell;
+}
+
+// The general path over planes k0..k1 (partial slabs, taps outside the grid).
+template <typename T>
+CTNERF_HD T joseph_general_forward(const GridView<T>& g, const JosephPlan<T>& p, int64_t k0, int64_t k1) {
   T acc = T(0);
-  for (int64_t k = p.first; k <= p.last; ++k) {
-    const JosephTaps<T> j = joseph_taps(g, gr, p, k);
+  for (int64_t k = k0; k <= k1; ++k) {
+    const JosephTaps<T> j = joseph_taps(g, p, k);
     if (!j.hit) continue;
     T mu = T(0);
     for (int c = 0; c < 4; ++c) mu += j.weight[c] * g.volume[j.index[c]];
@@ -427,18 +505,55 @@ CTNERF_HD T joseph_ray_forward(const GridView<T>& g, const Ray<T>& r) {
   return acc;
 }
 
+template <typename T>
+CTNERF_HD T joseph_ray_forward(const GridView<T>& g, const Ray<T>& r) {
+  const GridRay<T> gr = grid_ray(g, r);
+  const JosephPlan<T> p = joseph_plan(g, gr, r);
+  // the planes before and after the fast range (none: fast_first = last + 1) take the general path
+  T acc = joseph_general_forward(g, p, p.first, p.fast_first - 1) +
+          joseph_general_forward(g, p, p.fast_last + 1, p.last);
+  const int64_t sb = p.stride[p.b], sc = p.stride[p.c];
+  T inner = T(0);
+  for (int64_t k = p.fast_first; k <= p.fast_last; ++k) {
+    const JosephCell<T> cell = joseph_cell(g, p, k);
+    const T* q = g.volume + cell.index;
+    inner += (T(1) - cell.av) * ((T(1) - cell.au) * q[0] + cell.au * q[sb]) +
+             cell.av * ((T(1) - cell.au) * q[sc] + cell.au * q[sc + sb]);
+  }
+  return acc + p.t_per_index * inner;
+}
+
+// The general path's gradient over planes k0..k1, scattered with `add(pointer, value)`.
+template <typename T, typename Add>
+CTNERF_HD void joseph_general_backward(const GridView<T>& g, const JosephPlan<T>& p, int64_t k0, int64_t k1,
+                                       T grad_out, T* grad_volume, Add add) {
+  for (int64_t k = k0; k <= k1; ++k) {
+    const JosephTaps<T> j = joseph_taps(g, p, k);
+    if (!j.hit) continue;
+    const T scale = grad_out * j.length;
+    for (int c = 0; c < 4; ++c)
+      if (j.weight[c] != T(0)) add(grad_volume + j.index[c], scale * j.weight[c]);
+  }
+}
+
 // d(out_ray)/d(volume) of Joseph's rule, scattered with `add(pointer, value)`.
 template <typename T, typename Add>
 CTNERF_HD void joseph_ray_backward(const GridView<T>& g, const Ray<T>& r, T grad_out, T* grad_volume, Add add) {
   if (grad_out == T(0)) return;
   const GridRay<T> gr = grid_ray(g, r);
   const JosephPlan<T> p = joseph_plan(g, gr, r);
-  for (int64_t k = p.first; k <= p.last; ++k) {
-    const JosephTaps<T> j = joseph_taps(g, gr, p, k);
-    if (!j.hit) continue;
-    const T scale = grad_out * j.length;
-    for (int c = 0; c < 4; ++c)
-      if (j.weight[c] != T(0)) add(grad_volume + j.index[c], scale * j.weight[c]);
+  joseph_general_backward(g, p, p.first, p.fast_first - 1, grad_out, grad_volume, add);
+  joseph_general_backward(g, p, p.fast_last + 1, p.last, grad_out, grad_volume, add);
+  const int64_t sb = p.stride[p.b], sc = p.stride[p.c];
+  const T scale = grad_out * p.t_per_index;
+  for (int64_t k = p.fast_first; k <= p.fast_last; ++k) {
+    const JosephCell<T> cell = joseph_cell(g, p, k);
+    T* q = grad_volume + cell.index;
+    const T w_lo = scale * (T(1) - cell.av), w_hi = scale * cell.av;
+    add(q, w_lo * (T(1) - cell.au));
+    add(q + sb, w_lo * cell.au);
+    add(q + sc, w_hi * (T(1) - cell.au));
+    add(q + sc + sb, w_hi * cell.au);
   }
 }
 
