@@ -15,7 +15,7 @@ from CTNeRFReconLib.nerf.config import NerfConfig
 from CTNeRFReconLib.nerf.detail import DetailGrid
 from CTNeRFReconLib.nerf.field import VMField, interp_matrix
 from CTNeRFReconLib.nerf.generator import DirectFactors, FactorGenerator
-from CTNeRFReconLib.nerf.train import NerfTrainer
+from CTNeRFReconLib.nerf.train import NerfTrainer, ray_run_for
 
 from nerf_case import small_phantom_case
 
@@ -159,7 +159,7 @@ def test_rays_are_drawn_in_runs_and_every_ray_as_often():
     starts, wrapping at the end of the list, so no ray is drawn less often than another; 1 is the
     independent draws of before, index for index."""
     def draw(run, total, n, seed):
-        trainer = SimpleNamespace(cfg=SimpleNamespace(ray_run=run), targets=torch.zeros(total))
+        trainer = SimpleNamespace(ray_run=run, targets=torch.zeros(total))
         return NerfTrainer._draw_rays(trainer, n, torch.Generator().manual_seed(seed))
 
     before = torch.randint(0, 1000, (300,), generator=torch.Generator().manual_seed(4))
@@ -173,6 +173,9 @@ def test_rays_are_drawn_in_runs_and_every_ray_as_often():
     counts = torch.bincount(torch.cat([draw(8, 50, 400, seed) for seed in range(500)]), minlength=50)
     assert int(counts.min()) > 3720 and int(counts.max()) < 4280, counts.tolist()
     assert draw(8, 5, 3, 0).shape == (3,)  # a batch or a ray list shorter than a run
+    # the setting is the most: a run spans at most a twentieth of a detector row
+    assert [ray_run_for(8, cols) for cols in (16, 48, 128, 160, 512)] == [1, 2, 6, 8, 8]
+    assert ray_run_for(1, 512) == 1
 
 
 @pytest.fixture(scope="module")
