@@ -89,9 +89,10 @@ class NerfConfig:
     uniformly random start, wrapping at the end of the ray list, so every ray is as likely to be drawn
     as with independent draws (1, the default until 2026-12-07). Neighbouring rays cross neighbouring
     voxels, so a run's taps share cache lines: on the 40-view, 160 px case's 2.35 M-voxel training grid
-    the gradient's scatter took about a third less time, the score after 1200 iterations stayed level
-    (40.22 against 40.18 dB; 4: 40.16), and with Joseph's inner planes taken without tests a 60 s run
-    made about 45 % more iterations (docs/nerf.md, "Rays in runs")."""
+    the gradient's scatter took about a third less time, and with Joseph's inner planes taken without
+    tests a 60 s run made about 45 % more iterations (docs/nerf.md, "Rays in runs"). After 1200
+    iterations: 40.22 against 40.18 dB there (runs of 4: 40.16), 36.62 against 36.70 on the 25-view
+    abdomen."""
     step_voxels: float = 0.8
     """Mean sample spacing along rays, in training voxels, of the stratified integrator (jittered
     samples: unbiased at any spacing, noisier when larger). 1.2 gave the same scores on the 25-view abdomen after 800
