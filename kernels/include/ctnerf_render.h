@@ -366,14 +366,12 @@ CTNERF_HD void joseph_fast_planes(const GridView<T>& g, JosephPlan<T>& p) {
   const T pos0[2] = {p.u0, p.v0}, dpos[2] = {p.du, p.dv};
   const int64_t n_in[2] = {g.n[p.b], g.n[p.c]};
   for (int m = 0; m < 2; ++m) {
-    const T a = margin - pos0[m], z = static_cast<T>(n_in[m] - 1) - margin - pos0[m];  // a <= k d <= z
-    if (dpos[m] > T(0)) {
-      k_lo = k_lo > a / dpos[m] ? k_lo : ceil_(a / dpos[m]);
-      k_hi = k_hi < z / dpos[m] ? k_hi : floor_(z / dpos[m]);
-    } else if (dpos[m] < T(0)) {
-      k_lo = k_lo > z / dpos[m] ? k_lo : ceil_(z / dpos[m]);
-      k_hi = k_hi < a / dpos[m] ? k_hi : floor_(a / dpos[m]);
-    } else if (!(dpos[m] == T(0)) || !(a <= T(0) && z >= T(0))) {  // NaN, or parallel and outside
+    const T a = margin - pos0[m], z = static_cast<T>(n_in[m] - 1) - margin - pos0[m], d = dpos[m];
+    if (d > T(0) || d < T(0)) {  // a <= k d <= z: k from (a or z) / d up to (z or a) / d
+      const T from = ceil_((d > T(0) ? a : z) / d), to = floor_((d > T(0) ? z : a) / d);
+      k_lo = k_lo > from ? k_lo : from;
+      k_hi = k_hi < to ? k_hi : to;
+    } else if (!(d == T(0)) || !(a <= T(0) && z >= T(0))) {  // NaN, or parallel and outside
       return;
     }
   }
