@@ -19,7 +19,8 @@ scored back: the best any volume written on that grid can score, however exact t
 CASE holds geometry.xml, projections.mha and reference.nrrd (make_rtk_case.py); RUN_DIR is one of our
 runs on CASE's geometry.xml and projections.mha without the reference (the default grid). `--admm
 ALPHA:BETA:AL` runs ADMM-TV with 3 CG iterations per AL iteration, as the referee's sweep does; each is
-timed (the filter's Update() alone) and written to a temporary folder, then deleted after scoring.
+timed (the filter's Update() alone) and written to a temporary folder, then deleted after scoring; a
+setting RTK refuses is kept as a row with its error. The JSON is rewritten after every row.
 Run it niced beside other work: the seconds are then upper bounds, and the JSON records the load.
 """
 from __future__ import annotations
@@ -147,11 +148,27 @@ def main(argv=None) -> int:
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="peer_same_grid_"))
 
-    def add(row: dict, volume: Path) -> None:
-        row.update(score(str(reference), str(volume), margin=args.margin))
+    def save() -> None:
+        """The rows so far to --out, atomically: a sweep of hours keeps what it measured if it stops."""
+        if args.out is None:
+            return
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result = dict(case=str(args.case), run=str(args.run), margin=args.margin, grids=grids, rows=rows,
+                      argv=sys.argv, cpu_count=os.cpu_count(), nice=os.nice(0))
+        part = args.out.with_name(args.out.name + ".part")
+        part.write_text(json.dumps(result, indent=1))
+        part.replace(args.out)
+
+    def add(row: dict, volume: Path | None) -> None:
+        if volume is not None:
+            row.update(score(str(reference), str(volume), margin=args.margin))
         row["load_avg"] = round(os.getloadavg()[0], 2)
         rows.append(row)
-        print(f"{row['what']:52s} {row['psnr']:7.2f} {row['ssim']:7.4f} {row.get('seconds') or '':>8}", flush=True)
+        save()
+        if "error" in row:
+            print(f"{row['what']:52s} FAILED: {row['error']}", flush=True)
+        else:
+            print(f"{row['what']:52s} {row['psnr']:7.2f} {row['ssim']:7.4f} {row.get('seconds') or '':>8}", flush=True)
 
     print(f"{'volume (score.py --margin ' + str(args.margin) + ')':52s} {'PSNR3D':>7s} {'SSIM3D':>7s} {'seconds':>8s}")
     try:
@@ -164,24 +181,22 @@ def main(argv=None) -> int:
                      size=grid[0], spacing=grid[1], origin=grid[2]), path)
         for alpha, beta, al in args.admm:
             path = tmp / f"admm_{alpha:g}_{beta:g}_{al}.nrrd"
-            seconds = admm_on(args.case, grids[args.grid], alpha, beta, al, path)
-            add(dict(what=f"RTK ADMM-TV alpha {alpha:g} beta {beta:g} {al} AL, {args.grid} grid", kind="admm-tv",
-                     grid=args.grid, alpha=alpha, beta=beta, al=al, seconds=round(seconds, 1)), path)
+            row = dict(what=f"RTK ADMM-TV alpha {alpha:g} beta {beta:g} {al} AL, {args.grid} grid", kind="admm-tv",
+                       grid=args.grid, alpha=alpha, beta=beta, al=al)
+            try:
+                row["seconds"] = round(admm_on(args.case, grids[args.grid], alpha, beta, al, path), 1)
+            except RuntimeError as exc:  # RTK's ADMM-TV throws on grids wider than the field of view (README)
+                add(dict(row, error=" ".join(str(exc).strip().splitlines()[-3:])), None)
+                continue
+            add(row, path)
             path.unlink()
     finally:
         for p in tmp.glob("*"):
             p.unlink()
         tmp.rmdir()
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = dict(case=str(args.case), run=str(args.run), margin=args.margin, grids=grids, rows=rows,
-                      argv=sys.argv, cpu_count=os.cpu_count(), nice=os.nice(0))
-        part = args.out.with_suffix(".part")
-        part.write_text(json.dumps(result, indent=1))
-        part.replace(args.out)
         print(f"wrote {args.out}")
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
