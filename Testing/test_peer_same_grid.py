@@ -1,4 +1,4 @@
-"""benchmarks/bench_peer_same_grid.py: the ceiling a grid puts on any volume written on it, scored by the
+"""benchmarks/bench_peer_same_grid.py: what a grid costs the exact truth written on it, scored by the
 referee's own score.py (skipped when ../shared/bench is not beside the project)."""
 import json
 import sys
