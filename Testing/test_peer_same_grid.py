@@ -12,7 +12,8 @@ from scipy import ndimage as ndi
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_peer_same_grid import BENCH, grids_of_run, referee_score, truth_on  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (BENCH / "score.py").exists(), reason="../shared/bench/score.py not beside the project")
+pytestmark = pytest.mark.skipif(not (BENCH / "score.py").exists(),
+                                reason="../shared/bench/score.py not beside the project")
 
 
 def _reference(path: Path) -> Path:

@@ -10,8 +10,9 @@ settings given (tune them: the same alpha / beta sweep as the referee's rtk_swee
 ground truth), and scores every volume with the referee's score.py `--margin 2`.
 
 It also scores the ground truth sampled onto each grid (trilinear, as score.py resamples) and
-scored back: what a perfect reconstruction written on that grid scores (`ceiling` rows; voxel values
-fitted to the scorer's interpolation instead of the attenuation could score a little higher). Those rows need no RTK and take seconds.
+scored back: what a perfect reconstruction written on that grid scores (`ceiling` rows). It bounds
+samples of the attenuation, not every volume: values tailored to the scorer's interpolation could score
+higher. Those rows need no RTK and take seconds.
 
     python benchmarks/bench_peer_same_grid.py CASE RUN_DIR --admm 1:1000:30 0.25:1000:30 \
         --out benchmarks/results/peers_same_grid/CASE.json
