@@ -40,6 +40,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_peers_tuned import BENCH, load_score  # noqa: E402
+from rtk_reference import read_rtk_scan  # noqa: E402
 
 
 def referee_score(score_py: Path):
@@ -82,16 +83,11 @@ def truth_on(reference: Path, grid, out: Path) -> None:
     sitk.WriteImage(sitk.Resample(ref, target, sitk.Transform(), sitk.sitkLinear, 0.0), str(out))
 
 
-def admm_on(case: Path, grid, alpha: float, beta: float, al: int, out: Path) -> float:
-    """RTK ADMM-TV (3 CG iterations per AL iteration) on `grid`; the volume to `out`; seconds of Update()."""
-    import itk
-    from itk import RTK as rtk
-
+def admm_on(scan, grid, alpha: float, beta: float, al: int, out: Path) -> float:
+    """RTK ADMM-TV (3 CG iterations per AL iteration) on `grid` from `scan` (rtk_reference.read_rtk_scan's
+    itk, RTK, geometry, projections); the volume to `out`; seconds of Update()."""
+    itk, rtk, geometry, projections = scan
     f3 = itk.Image[itk.F, 3]
-    reader = rtk.ThreeDCircularProjectionGeometryXMLFileReader.New()
-    reader.SetFilename(str(case / "geometry.xml"))
-    reader.GenerateOutputInformation()
-    projections = itk.imread(str(case / "projections.mha"), itk.F)
     size, spacing, origin = grid
     source = rtk.ConstantImageSource[f3].New()
     source.SetSize([int(k) for k in size])
@@ -102,7 +98,7 @@ def admm_on(case: Path, grid, alpha: float, beta: float, al: int, out: Path) -> 
     admm = rtk.ADMMTotalVariationConeBeamReconstructionFilter[f3].New()
     admm.SetInput(0, source.GetOutput())
     admm.SetInput(1, projections)
-    admm.SetGeometry(reader.GetOutputObject())
+    admm.SetGeometry(geometry)
     admm.SetAlpha(alpha)
     admm.SetBeta(beta)
     admm.SetAL_iterations(al)
@@ -180,12 +176,13 @@ def main(argv=None) -> int:
             truth_on(reference, grid, path)
             add(dict(what=f"ceiling: the truth on the {name} grid {grid[0]}", kind="ceiling", grid=name,
                      size=grid[0], spacing=grid[1], origin=grid[2]), path)
+        scan = read_rtk_scan(args.case) if args.admm else None  # read once for the whole sweep
         for alpha, beta, al in args.admm:
             path = tmp / f"admm_{alpha:g}_{beta:g}_{al}.nrrd"
             row = dict(what=f"RTK ADMM-TV alpha {alpha:g} beta {beta:g} {al} AL, {args.grid} grid", kind="admm-tv",
                        grid=args.grid, alpha=alpha, beta=beta, al=al)
             try:
-                row["seconds"] = round(admm_on(args.case, grids[args.grid], alpha, beta, al, path), 1)
+                row["seconds"] = round(admm_on(scan, grids[args.grid], alpha, beta, al, path), 1)
             except RuntimeError as exc:  # RTK's ADMM-TV throws on grids wider than the field of view (README)
                 add(dict(row, error=" ".join(str(exc).strip().splitlines()[-3:])), None)
                 continue
