@@ -140,7 +140,10 @@ def registerLayouts() -> None:
 
 def registerSampleData() -> None:
     """Add the demo scan to the Sample Data module. It has no file to download: its custom downloader
-    opens this module and simulates the scan there, as *Load demo data* does."""
+    opens this module and simulates the scan there, as *Load demo data* does. Sample Data calls a
+    custom downloader only from its panel's button (SampleData.py); from a script,
+    ``SampleData.downloadSample("CTNeRFReconDemoScan")`` would try to download the placeholder URI and
+    fail, so scripts call ``CTNeRFReconLogic().loadDemoData()`` (README, "First run")."""
     try:
         import SampleData
     except ImportError:  # a Slicer built without Sample Data
@@ -191,7 +194,7 @@ class CTNeRFReconParameterNode:
     """0: the method's default."""
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     showHU: bool = False
-    timeLimit: Annotated[int, WithinRange(0, 10**7)] = 0
+    timeLimit: Annotated[int, WithinRange(0, 604800)] = 0
     """Wall-clock budget of a nerf run in seconds (the schedule adapts to it); 0: none, the preset decides."""
     keepSnapshots: bool = False
     """Keep every streamed volume in a Sequence node, to scrub through the iterations afterwards."""
@@ -608,9 +611,15 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             action()
             return
         if interpreter:
+            # the worker's configuration reads Slicer's startup environment (a Qt call): here, on the GUI
+            # thread; the thread only asks the interpreter, in a subprocess
+            with self._guarded("The engine's Python could not be checked.", waitCursor=False) as outcome:
+                config = self.logic.workerConfig(interpreter)
+            if not outcome.ok:
+                return
             self._busy = "checking the engine's Python"
             self.ui.statusLabel.text = f"checking the Python at {interpreter}..."
-            self._probeJob = (_BackgroundCall(self.logic.missingEnginePackages, interpreter), action)
+            self._probeJob = (_BackgroundCall(self.logic.missingEnginePackages, interpreter, config), action)
             self._timer.start()
             self._updateButtons()
             return
@@ -676,6 +685,7 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
         with self._guarded("Failed to install the packages into Slicer's Python.") as outcome:
             slicer.util.pip_install(" ".join(missing))
+            importlib.invalidate_caches()  # pip wrote in another process; find_spec below must see it
         self._busy = ""
         self._updateButtons()
         return outcome.ok and not self.logic.missingSlicerPackages(needs)
@@ -997,6 +1007,8 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         without loading anything more into nodes that are about to go."""
         if self._timer is not None:
             self._timer.stop()
+        if self._describeTimer is not None:
+            self._describeTimer.stop()  # a summary due in the next moments would start a subprocess
         if self._session is not None and not self._session.state.done:
             try:
                 self._session.close(timeout=15, reason=reason)
@@ -1017,6 +1029,25 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._describeJob = None
         self._session = None
         self._busy = ""
+
+
+def _slicer_python() -> str:
+    """Slicer's Python launcher: PythonSlicer on PATH (Slicer's launcher puts its bin folder there),
+    else beside the running executable, as slicer.util.executePythonModule looks for it; outside the
+    application (slicer-core, tests) the running interpreter itself. Inside the application
+    ``sys.executable`` is SlicerApp-real, which cannot run a Python module: refused with the fix."""
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    here = pathlib.Path(sys.executable)
+    beside = here.with_name("PythonSlicer.exe" if sys.platform == "win32" else "PythonSlicer")
+    if beside.is_file():
+        return str(beside)
+    if here.name.lower().startswith("python"):
+        return str(here)
+    raise ValueError(f"{here.parent}: Slicer's Python launcher (PythonSlicer) was not found there nor on PATH; "
+                     "start Slicer with its own launcher, or choose under Advanced a Python interpreter that "
+                     "has the engine's packages")
 
 
 class _BackgroundCall:
@@ -1084,7 +1115,7 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(f"{path}: the Python interpreter was not found; choose a python executable, or "
                                  "clear the field to use Slicer's own Python")
             return str(path)
-        return shutil.which("PythonSlicer") or sys.executable
+        return _slicer_python()
 
     def workerConfig(self, pythonInterpreter=None):
         from CTNeRFReconLib.slicer_bridge.worker import WorkerConfig
@@ -1093,14 +1124,17 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
         return WorkerConfig(interpreter=self.engineInterpreter(pythonInterpreter),
                             env=slicer.util.startupEnvironment())
 
-    def missingEnginePackages(self, pythonInterpreter=None) -> list:
+    def missingEnginePackages(self, pythonInterpreter=None, workerConfig=None) -> list:
         """pip names of the engine's packages that its interpreter lacks (torch first). Slicer's own
-        Python is checked in place; an external one is asked in a short subprocess."""
+        Python is checked in place; an external one is asked in a short subprocess, with
+        ``workerConfig`` when given (the panel builds it on the GUI thread and calls this on another:
+        building it reads Slicer's startup environment, a Qt call)."""
         pipNames = {"torch": "torch", **ENGINE_PACKAGES}
         if _is_set(pythonInterpreter):
             from CTNeRFReconLib.slicer_bridge.worker import missing_modules
 
-            missing = set(missing_modules(self.workerConfig(pythonInterpreter), list(pipNames)))
+            config = workerConfig if workerConfig is not None else self.workerConfig(pythonInterpreter)
+            missing = set(missing_modules(config, list(pipNames)))
         else:
             missing = {name for name in pipNames if importlib.util.find_spec(name) is None}
         return [pip for name, pip in pipNames.items() if name in missing]
@@ -1141,6 +1175,9 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
                                  "extension), or choose an external Python interpreter that has it")
         if packages:
             slicer.util.pip_install(" ".join(packages))
+        # pip ran in another process: the import system's cached directory listings may not show what it
+        # wrote yet, and the check that follows (find_spec) must see it
+        importlib.invalidate_caches()
 
     # ----------------------------------------------------------------------------- inputs
 

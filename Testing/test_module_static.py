@@ -308,3 +308,96 @@ def test_the_scan_summary_is_read_in_a_subprocess(tree):
     start = _method(widget, "_startDescribe")
     assert "_BackgroundCall" not in _calls(start) and "startDescribe" in _calls(start)
     assert "info_args" in _calls(_method(_classes(tree)["CTNeRFReconLogic"], "startDescribe"))
+
+
+def test_threads_get_no_slicer_calls(tree):
+    """PythonQt is not thread-safe: what runs on a `_BackgroundCall` thread may not reach `slicer.app`.
+    The engine check's worker configuration reads Slicer's startup environment (a Qt call), so the
+    panel builds it on the GUI thread and hands it to the thread."""
+    with_engine = _method(_widget_class(tree), "_withEngine")
+    calls = [n for n in ast.walk(with_engine) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "_BackgroundCall"]
+    assert calls, "the engine check no longer runs on a thread: revisit this test"
+    for call in calls:
+        assert ast.unparse(call.args[0]) == "self.logic.missingEnginePackages" and len(call.args) == 3, ast.unparse(call)
+    assert "workerConfig" in _calls(with_engine)
+    probe = _method(_classes(tree)["CTNeRFReconLogic"], "missingEnginePackages")
+    assert "workerConfig" in [a.arg for a in probe.args.args]
+
+
+def test_a_closing_session_stops_the_pending_scan_summary(tree):
+    """The summary starts 400 ms after typing pauses; a timer left running across a module reload or a
+    scene close would start an `info` subprocess for a panel that is gone."""
+    stop = ast.unparse(_method(_widget_class(tree), "_stopSession"))
+    assert "self._describeTimer.stop()" in stop
+
+
+def test_installs_refresh_the_import_caches(tree):
+    """pip writes into site-packages from another process; `find_spec` right after it may still use the
+    finders' cached listings unless `importlib.invalidate_caches()` runs (importlib's documentation)."""
+    logic = _classes(tree)["CTNeRFReconLogic"]
+    for method in (_method(logic, "installEnginePackages"), _method(_widget_class(tree), "_ensureSlicerPackages")):
+        assert "invalidate_caches" in _calls(method), method.name
+
+
+def _number(node: ast.expr) -> float:
+    """A WithinRange bound written as a literal or simple arithmetic (2**31 - 1)."""
+    return eval(compile(ast.Expression(node), "<bound>", "eval"), {"__builtins__": {}})  # noqa: S307
+
+
+def test_spin_box_ranges_match_the_wrapper(tree, ui):
+    """connectGui sets a bound spin box's range from WithinRange (parameterNodeWrapper/guiConnectors.py),
+    so the .ui's own minimum and maximum are what Designer shows, not what Slicer uses: they must agree,
+    or the .ui misleads whoever edits it."""
+    fields = _wrapper_fields(tree)
+    checked = 0
+    for widget in ui.iter("widget"):
+        if widget.get("class") not in ("QSpinBox", "QDoubleSpinBox"):
+            continue
+        props = {p.get("name"): p for p in widget.findall("property")}
+        name = props.get("SlicerParameterName")
+        if name is None:
+            continue
+        annotation = fields[name.findtext("string")]
+        ranges = [n for n in ast.walk(annotation) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "WithinRange"]
+        if not ranges:
+            continue
+        low, high = (_number(a) for a in ranges[0].args)
+        # Qt's defaults when the .ui sets none: 0 and 99
+        ui_low = float(props["minimum"][0].text) if "minimum" in props else 0.0
+        ui_high = float(props["maximum"][0].text) if "maximum" in props else 99.0
+        assert (ui_low, ui_high) == (low, high), f"{widget.get('name')}: .ui {ui_low}..{ui_high}, wrapper {low}..{high}"
+        checked += 1
+    assert checked >= 5
+
+
+def test_the_engine_interpreter_is_a_python(tmp_path, monkeypatch):
+    """Inside Slicer `sys.executable` is SlicerApp-real, which cannot run `-m CTNeRFReconLib`: the
+    launcher PythonSlicer is taken from PATH or from beside the executable (as
+    slicer.util.executePythonModule looks for it), a Python outside the application is itself, and
+    anything else is refused with the fix. The function runs here as written in the module."""
+    import pathlib
+    import shutil
+    import sys
+
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    func = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_slicer_python")
+    fake_sys = type("FakeSys", (), {"platform": "linux", "executable": ""})()
+    namespace = {"pathlib": pathlib, "shutil": shutil, "sys": fake_sys}
+    exec(compile(ast.Module(body=[func], type_ignores=[]), str(MODULE_FILE), "exec"), namespace)  # noqa: S102
+    slicer_python = namespace["_slicer_python"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+
+    app = tmp_path / "bin" / "SlicerApp-real"
+    app.parent.mkdir()
+    app.write_text("")
+    fake_sys.executable = str(app)
+    with pytest.raises(ValueError, match="PythonSlicer"):
+        slicer_python()
+    launcher = app.with_name("PythonSlicer")
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    assert slicer_python() == str(launcher)
+    fake_sys.executable = sys.executable  # slicer-core, the tests: the interpreter itself
+    assert slicer_python() == sys.executable
+    monkeypatch.setenv("PATH", str(app.parent))
+    assert slicer_python() == str(launcher)
