@@ -282,3 +282,54 @@ def test_nerf_on_the_default_grid_is_as_good_with_support_and_trains_fewer_voxel
     assert rep["found"] and rep["training_voxels"] == n_on
     assert n_on < 0.6 * n_off
     assert p_on >= p_off - 0.1, results
+
+
+def test_the_support_sets_the_voxel_where_the_air_coarsened_it():
+    """`support_sets_voxel`: where the cap on the field of view's box coarsened the
+    training voxel, the support's box trains at a finer one (never finer than the output's) within the
+    same cap; the mask still holds every object voxel, the carve's box and its faces stay, a checkpoint's
+    support is taken back as it is and a run without the setting does not take it; where the cap did not
+    bite, nothing changes."""
+    from dataclasses import replace
+
+    from CTNeRFReconLib.methods import RunContext
+    from CTNeRFReconLib.nerf.config import NerfConfig
+    from CTNeRFReconLib.nerf.train import NerfTrainer, carve_support, reuse_support
+    from CTNeRFReconLib.support import Support
+
+    geo = _geometry()
+    scan = ScanData(_project(geo, PHANTOM), geo, "synthetic", "<support voxel test>")
+    out = default_grid(geo)
+    cap = out.n_voxels // 4
+    plain = NerfConfig(max_training_voxels=cap)
+    finer = replace(plain, support_sets_voxel=True)
+    assert NerfConfig.from_settings({"support_sets_voxel": True}).support_sets_voxel
+    assert not any(NerfConfig.from_settings({"preset": p}).support_sets_voxel for p in ("preview", "standard", "high"))
+    coarse_sup, coarse = carve_support(scan, out, plain)
+    sup, grid = carve_support(scan, out, finer)
+    h_out, h_coarse, h = (min(g.spacing_xyz) for g in (out, coarse, grid))
+    assert h_coarse > 1.3 * h_out  # the cap coarsened it
+    assert 0.999 * h_out <= h < 0.95 * h_coarse, (h_out, h, h_coarse)
+    assert grid.n_voxels <= cap < 1.3 * grid.n_voxels  # as fine as the cap allows, within rounding
+    for a, b in zip(sup.grid.bounds(), coarse_sup.grid.bounds()):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert sup.faces_reached == coarse_sup.faces_reached
+    assert sup.extra["voxel_from_support"]["training_mm"] == pytest.approx(h, abs=1e-4)
+    truth = _truth(sup.grid, PHANTOM)
+    assert not (truth & ~sup.mask).any(), "an object voxel was left out of the finer support"
+    assert sup.mask.mean() < 0.6
+    # the checkpoint's support, as resume and export read it
+    restored = Support.from_plain(sup.to_plain())
+    assert not reuse_support(scan, out, plain, Support.from_plain(sup.to_plain()))
+    assert reuse_support(scan, out, finer, restored)
+    assert carve_support(scan, out, finer)[1].to_dict() == grid.to_dict()
+    # the trainer reports it, and trains on that grid
+    ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview", max_training_voxels=cap,
+                                                          support_sets_voxel=True))
+    trainer = NerfTrainer(scan, out, NerfConfig.from_settings(ctx.settings), ctx)
+    assert trainer.grid.to_dict() == grid.to_dict()
+    assert ctx.report["support"]["voxel_from_support"]["carved_mm"] == pytest.approx(h_coarse, abs=1e-4)
+    # no cap to lift: the same grid either way
+    roomy = NerfConfig(max_training_voxels=10 * out.n_voxels)
+    assert carve_support(scan, out, replace(roomy, support_sets_voxel=True))[1].to_dict() == \
+        carve_support(scan, out, roomy)[1].to_dict()

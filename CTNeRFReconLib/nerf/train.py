@@ -113,7 +113,8 @@ def _remember(cache: list, scan: ScanData, key, result):
 
 def _support_key(out_grid: VolumeGrid, full: VolumeGrid, cfg: NerfConfig):
     return (out_grid.to_dict(), full.to_dict(), cfg.support_margin_voxels, cfg.extend_cut_ends,
-            cfg.extend_cut_sides, cfg.cut_sides_fraction, cfg.widen_reached_sides, cfg.measure_thin_sides)
+            cfg.extend_cut_sides, cfg.cut_sides_fraction, cfg.widen_reached_sides, cfg.measure_thin_sides,
+            cfg.support_sets_voxel)
 
 
 _LATERAL_CACHE: list = []
@@ -179,10 +180,19 @@ def reuse_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, support
         return False
     lateral, _ = _lateral_extension(scan, full, cfg)
     carved_on = full if lateral is None else lateral.grown(full)
-    extension = _axial_extension(scan, support, cfg) if support.grid.to_dict() != carved_on.to_dict() else None
-    expected = carved_on if extension is None else extension.grown(carved_on)
-    if support.grid.to_dict() != expected.to_dict():
-        return False
+    if cfg.support_sets_voxel and _finer_over(support.grid, carved_on, out_grid, cfg):
+        # trained at the voxel the support set (`_finer_for_support`) over the carve's box, which the
+        # axial extension may have lengthened: the checkpoint's data fingerprint ties it to this scan
+        extension = None
+        support.extra["voxel_from_support"] = {
+            "carved_mm": round(float(min(carved_on.spacing_xyz)), 4),
+            "training_mm": round(float(min(support.grid.spacing_xyz)), 4),
+            "output_mm": round(float(cfg.voxel_size or min(out_grid.spacing_xyz)), 4)}
+    else:
+        extension = _axial_extension(scan, support, cfg) if support.grid.to_dict() != carved_on.to_dict() else None
+        expected = carved_on if extension is None else extension.grown(carved_on)
+        if support.grid.to_dict() != expected.to_dict():
+            return False
     if lateral is not None:
         support.extra["widened"] = lateral.summary()
     if extension is not None:
@@ -190,6 +200,20 @@ def reuse_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, support
     support.extra["reused"] = True
     _remember(_SUPPORT_CACHE, scan, _support_key(out_grid, full, cfg), (support, _grid_holding(support, support.grid)))
     return True
+
+
+def _finer_over(grid: VolumeGrid, carved_on: VolumeGrid, out_grid: VolumeGrid, cfg: NerfConfig) -> bool:
+    """`grid` (a checkpoint's support grid) covers the box carving uses (or that box lengthened past its
+    ends) at a finer voxel, not finer than the output's: the support set the voxel there."""
+    if not (grid.is_axis_aligned and carved_on.is_axis_aligned):
+        return False
+    voxel = float(min(grid.spacing_xyz))
+    finest = float(cfg.voxel_size or min(out_grid.spacing_xyz))
+    if not (0.999 * finest <= voxel < 0.95 * float(min(carved_on.spacing_xyz))):
+        return False
+    (lo, hi), (clo, chi) = grid.bounds(), carved_on.bounds()
+    tol = 1e-3 * voxel
+    return bool(np.all(lo <= clo + tol) and np.all(hi >= chi - tol))
 
 
 def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
@@ -222,9 +246,47 @@ def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
     extension = _axial_extension(scan, support, cfg)
     if extension is not None:
         support = support.extended(extension)
+    if cfg.support_sets_voxel:
+        support = _finer_for_support(support, out_grid, cfg)
     support.extra["seconds"] = round(time.perf_counter() - t0, 3)
     result = (support, _grid_holding(support, support.grid))
     return _remember(_SUPPORT_CACHE, scan, key, result)
+
+
+def _finer_for_support(support, out_grid: VolumeGrid, cfg: NerfConfig):
+    """`support_sets_voxel`: the support on its grid's box at the finest voxel (never finer than the
+    output's) whose training grid, the support's box, holds at most `max_training_voxels`; `support`
+    itself when carving found nothing or the cap did not coarsen the voxel. The mask is the coarse one
+    at the finer voxels' centres (nearest voxel): its margin of `support_margin_voxels` coarse voxels
+    stays as wide in mm, and nothing is carved twice."""
+    from dataclasses import replace
+
+    from ..support import Support, bounding_box
+
+    if not support.found or not support.grid.is_axis_aligned:
+        return support
+    finest = float(cfg.voxel_size or min(out_grid.spacing_xyz))
+    coarse = float(min(support.grid.spacing_xyz))
+    lo, hi = support.bounds()
+    voxel = max(finest, float(np.prod(hi - lo) / cfg.max_training_voxels) ** (1 / 3))
+    for _ in range(3):  # the counts round: a few percent finer or coarser than asked
+        if voxel >= 0.95 * coarse:
+            return support
+        finer_cfg = replace(cfg, voxel_size=voxel, max_training_voxels=2 ** 62)
+        grid = _grid_over(support.grid.bounds(), out_grid, finer_cfg)
+        mask = support.mask_on(grid)
+        box = bounding_box(mask)
+        n = np.asarray(box[1]) - np.asarray(box[0]) + 1
+        if np.prod(n) <= cfg.max_training_voxels:
+            break
+        voxel *= float(np.prod(n) / cfg.max_training_voxels) ** (1 / 3) * 1.001
+    else:
+        return support
+    return Support(grid, mask, box_index=box, air_level=support.air_level, threshold=support.threshold,
+                   noise_sigma=support.noise_sigma, air_pixel_fraction=support.air_pixel_fraction,
+                   extra=dict(support.extra, voxel_from_support={
+                       "carved_mm": round(coarse, 4), "training_mm": round(float(min(grid.spacing_xyz)), 4),
+                       "output_mm": round(finest, 4)}))
 
 
 @dataclass
@@ -393,6 +455,12 @@ class NerfTrainer:
                 f"object support carved from the projections: box {self.grid.shape_xyz} of {full.shape_xyz} voxels "
                 f"({100 * self.grid.n_voxels / full.n_voxels:.0f} % of them), the support itself "
                 f"{100 * self.support.fraction:.0f} %; the volume is zero outside it")
+            finer = self.support.extra.get("voxel_from_support")
+            if finer:
+                self.ctx.on_message(
+                    f"the support sets the training voxel: {finer['training_mm']:g} mm over its box, where the field "
+                    f"of view's box needed {finer['carved_mm']:g} mm to stay within {self.cfg.max_training_voxels} "
+                    "voxels (support_sets_voxel)")
             extended = self.support.extra.get("extended")
             if extended:
                 self.ctx.on_message(
