@@ -285,7 +285,7 @@ def test_nerf_on_the_default_grid_is_as_good_with_support_and_trains_fewer_voxel
 
 
 def test_the_support_sets_the_voxel_where_the_air_coarsened_it():
-    """`support_sets_voxel`: where the cap on the field of view's box coarsened the
+    """`support_sets_voxel` (the high preset's): where the cap on the field of view's box coarsened the
     training voxel, the support's box trains at a finer one (never finer than the output's) within the
     same cap; the mask still holds every object voxel, the carve's box and its faces stay, a checkpoint's
     support is taken back as it is and a run without the setting does not take it; where the cap did not
@@ -303,8 +303,8 @@ def test_the_support_sets_the_voxel_where_the_air_coarsened_it():
     cap = out.n_voxels // 4
     plain = NerfConfig(max_training_voxels=cap)
     finer = replace(plain, support_sets_voxel=True)
-    assert NerfConfig.from_settings({"support_sets_voxel": True}).support_sets_voxel
-    assert not any(NerfConfig.from_settings({"preset": p}).support_sets_voxel for p in ("preview", "standard", "high"))
+    assert NerfConfig.from_settings({"preset": "high"}).support_sets_voxel
+    assert not any(NerfConfig.from_settings({"preset": p}).support_sets_voxel for p in ("preview", "standard"))
     coarse_sup, coarse = carve_support(scan, out, plain)
     sup, grid = carve_support(scan, out, finer)
     h_out, h_coarse, h = (min(g.spacing_xyz) for g in (out, coarse, grid))
@@ -329,6 +329,12 @@ def test_the_support_sets_the_voxel_where_the_air_coarsened_it():
     trainer = NerfTrainer(scan, out, NerfConfig.from_settings(ctx.settings), ctx)
     assert trainer.grid.to_dict() == grid.to_dict()
     assert ctx.report["support"]["voxel_from_support"]["carved_mm"] == pytest.approx(h_coarse, abs=1e-4)
+    # a time limit that buys too few iterations at the finer voxel is told so, with the fix
+    few = trainer._finer_voxel_too_short(trainer.FINER_VOXEL_MIN_ITERATIONS - 1)
+    assert few and "support_sets_voxel=false" in few and f"{min(grid.spacing_xyz):g}"[:4] in few
+    assert trainer._finer_voxel_too_short(trainer.FINER_VOXEL_MIN_ITERATIONS) is None
+    plain_ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview", max_training_voxels=cap))
+    assert NerfTrainer(scan, out, NerfConfig.from_settings(plain_ctx.settings), plain_ctx)._finer_voxel_too_short(1) is None
     # no cap to lift: the same grid either way
     roomy = NerfConfig(max_training_voxels=10 * out.n_voxels)
     assert carve_support(scan, out, replace(roomy, support_sets_voxel=True))[1].to_dict() == \
