@@ -78,17 +78,26 @@ def coarser_grid(grid: VolumeGrid, factor: float) -> VolumeGrid:
     return VolumeGrid.centered(tuple(int(k) for k in n), tuple((hi - lo) / n), tuple((lo + hi) / 2))
 
 
+def _finest_voxel(out_grid: VolumeGrid, cfg: NerfConfig) -> float:
+    """The training voxel before any cap: the configured one, else the output grid's finest spacing."""
+    return float(cfg.voxel_size or min(out_grid.spacing_xyz))
+
+
+def _tiled(box, voxel: float) -> VolumeGrid:
+    """`box` tiled by voxels of about `voxel` mm: the spacing follows from the rounded counts, so the
+    voxels cover the box exactly."""
+    lo, hi = (np.asarray(b, dtype=float) for b in box)
+    n = np.maximum(1, np.round((hi - lo) / voxel))
+    return VolumeGrid.centered(tuple(int(k) for k in n), tuple((hi - lo) / n), tuple((lo + hi) / 2))
+
+
 def _grid_over(box, out_grid: VolumeGrid, cfg: NerfConfig) -> VolumeGrid:
     lo, hi = (np.asarray(b, dtype=float) for b in box)
-    ext = hi - lo
-    voxel = cfg.voxel_size or float(min(out_grid.spacing_xyz))
-    n = np.maximum(1, np.round(ext / voxel))
+    voxel = _finest_voxel(out_grid, cfg)
+    n = np.maximum(1, np.round((hi - lo) / voxel))
     if np.prod(n) > cfg.max_training_voxels:
         voxel *= (np.prod(n) / cfg.max_training_voxels) ** (1 / 3)
-        n = np.maximum(1, np.round(ext / voxel))
-    # keep the box; spacing follows from the rounded counts so the voxels tile it exactly
-    spacing = ext / n
-    return VolumeGrid.centered(tuple(int(k) for k in n), tuple(spacing), tuple((lo + hi) / 2))
+    return _tiled((lo, hi), voxel)
 
 
 _SUPPORT_CACHE: list = []
@@ -184,10 +193,7 @@ def reuse_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, support
         # trained at the voxel the support set (`_finer_for_support`) over the carve's box, which the
         # axial extension may have lengthened: the checkpoint's data fingerprint ties it to this scan
         extension = None
-        support.extra["voxel_from_support"] = {
-            "carved_mm": round(float(min(carved_on.spacing_xyz)), 4),
-            "training_mm": round(float(min(support.grid.spacing_xyz)), 4),
-            "output_mm": round(float(cfg.voxel_size or min(out_grid.spacing_xyz)), 4)}
+        support.extra["voxel_from_support"] = _voxel_report(carved_on, support.grid, out_grid, cfg)
     else:
         extension = _axial_extension(scan, support, cfg) if support.grid.to_dict() != carved_on.to_dict() else None
         expected = carved_on if extension is None else extension.grown(carved_on)
@@ -208,12 +214,18 @@ def _finer_over(grid: VolumeGrid, carved_on: VolumeGrid, out_grid: VolumeGrid, c
     if not (grid.is_axis_aligned and carved_on.is_axis_aligned):
         return False
     voxel = float(min(grid.spacing_xyz))
-    finest = float(cfg.voxel_size or min(out_grid.spacing_xyz))
-    if not (0.999 * finest <= voxel < 0.95 * float(min(carved_on.spacing_xyz))):
+    if not (0.999 * _finest_voxel(out_grid, cfg) <= voxel < 0.95 * float(min(carved_on.spacing_xyz))):
         return False
     (lo, hi), (clo, chi) = grid.bounds(), carved_on.bounds()
     tol = 1e-3 * voxel
     return bool(np.all(lo <= clo + tol) and np.all(hi >= chi - tol))
+
+
+def _voxel_report(carved_on: VolumeGrid, trained_on: VolumeGrid, out_grid: VolumeGrid, cfg: NerfConfig) -> dict:
+    """run.json's `support.voxel_from_support`: the voxel carving used, the one the support set, the output's."""
+    return {"carved_mm": round(float(min(carved_on.spacing_xyz)), 4),
+            "training_mm": round(float(min(trained_on.spacing_xyz)), 4),
+            "output_mm": round(_finest_voxel(out_grid, cfg), 4)}
 
 
 def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
@@ -259,21 +271,18 @@ def _finer_for_support(support, out_grid: VolumeGrid, cfg: NerfConfig):
     itself when carving found nothing or the cap did not coarsen the voxel. The mask is the coarse one
     at the finer voxels' centres (nearest voxel): its margin of `support_margin_voxels` coarse voxels
     stays as wide in mm, and nothing is carved twice."""
-    from dataclasses import replace
-
     from ..support import Support, bounding_box
 
     if not support.found or not support.grid.is_axis_aligned:
         return support
-    finest = float(cfg.voxel_size or min(out_grid.spacing_xyz))
+    finest = _finest_voxel(out_grid, cfg)
     coarse = float(min(support.grid.spacing_xyz))
     lo, hi = support.bounds()
     voxel = max(finest, float(np.prod(hi - lo) / cfg.max_training_voxels) ** (1 / 3))
     for _ in range(3):  # the counts round: a few percent finer or coarser than asked
         if voxel >= 0.95 * coarse:
             return support
-        finer_cfg = replace(cfg, voxel_size=voxel, max_training_voxels=2 ** 62)
-        grid = _grid_over(support.grid.bounds(), out_grid, finer_cfg)
+        grid = _tiled(support.grid.bounds(), voxel)
         mask = support.mask_on(grid)
         box = bounding_box(mask)
         n = np.asarray(box[1]) - np.asarray(box[0]) + 1
@@ -284,9 +293,7 @@ def _finer_for_support(support, out_grid: VolumeGrid, cfg: NerfConfig):
         return support
     return Support(grid, mask, box_index=box, air_level=support.air_level, threshold=support.threshold,
                    noise_sigma=support.noise_sigma, air_pixel_fraction=support.air_pixel_fraction,
-                   extra=dict(support.extra, voxel_from_support={
-                       "carved_mm": round(coarse, 4), "training_mm": round(float(min(grid.spacing_xyz)), 4),
-                       "output_mm": round(finest, 4)}))
+                   extra=dict(support.extra, voxel_from_support=_voxel_report(support.grid, grid, out_grid, cfg)))
 
 
 @dataclass
