@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from CTNeRFReconLib.events import ExitCode
 from CTNeRFReconLib.methods import RunContext
 from CTNeRFReconLib.nerf.config import NerfConfig
@@ -66,3 +68,63 @@ def test_the_command_line_takes_a_time_limit_and_reports_it(tmp_path):
     assert bad.returncode == ExitCode.BAD_INPUT and "--time-limit" in bad.stderr
     bad = run_cli("reconstruct", case, "--out", tmp_path / "r3", "--time-limit", "0")
     assert bad.returncode == ExitCode.BAD_INPUT and "--time-limit" in bad.stderr
+
+
+def test_the_time_limit_chooses_the_voxel_the_support_sets(tmp_path, monkeypatch):
+    """`voxel_from_time_limit`: where the cap on the field of view's box coarsened the training voxel, a
+    timed run starts at that voxel and, at its first plan, starts again at the voxel the support sets when
+    the rate it measured buys enough iterations there, all within the one limit; otherwise it goes on.
+    The set-up lines are said once either way. A resumed run keeps its checkpoint's voxel; with the
+    setting off the preset decides. (The threshold is scaled down to this tiny case's iteration counts.)"""
+    from dataclasses import replace
+
+    from CTNeRFReconLib.fov import default_grid
+    from CTNeRFReconLib.nerf.method import NerfMethod, voxel_for_time_limit
+    from CTNeRFReconLib.nerf.train import carve_support
+
+    scan, _ = small_phantom_case(views=12, det=32, n=24)
+    out = default_grid(scan.geometry)
+    cap = out.n_voxels // 4
+    coarse = carve_support(scan, out, NerfConfig(max_training_voxels=cap))[1]
+    finer = carve_support(scan, out, NerfConfig(max_training_voxels=cap, support_sets_voxel=True))[1]
+    assert min(finer.spacing_xyz) < 0.95 * min(coarse.spacing_xyz)  # the case has a finer voxel to choose
+    limit = 8.0
+    settings = dict(preset="preview", iterations=100000, iterations_cap=100000, rays_start=1024, rays_end=2048,
+                    snapshot_every=0, eval_every=10, checkpoint_every=0, time_limit_s=limit,
+                    max_training_voxels=cap)
+
+    def timed(run_dir, needed, resume=False, **extra):
+        monkeypatch.setattr(NerfTrainer, "FINER_VOXEL_CHOSEN_FROM", needed)
+        messages = []
+        ctx = RunContext(device="cpu", settings=dict(settings, **extra), on_message=messages.append,
+                         run_dir=run_dir, resume=resume)
+        start = time.perf_counter()
+        if resume:
+            NerfMethod().check_resume(scan, out, ctx)
+        volume = NerfMethod().reconstruct(scan, out, ctx)
+        assert volume.grid.to_dict() == out.to_dict() and volume.array.max() > 0
+        return ctx, messages, time.perf_counter() - start
+
+    for needed, chosen in ((20, finer), (10 ** 9, coarse)):
+        run_dir = tmp_path / f"run_{needed}"
+        run_dir.mkdir()
+        ctx, messages, took = timed(run_dir, needed)
+        choice = ctx.report["voxel_from_time_limit"]
+        assert ctx.report["support"]["training_grid_shape_xyz"] == list(chosen.shape_xyz), choice
+        # the voxel predicted before the counts round (a few per cent on this tiny grid)
+        assert choice["chosen_mm"] == pytest.approx(min(chosen.spacing_xyz), rel=0.1)
+        assert choice["iterations_there"] < choice["iterations_here"]  # the finer voxel costs more per iteration
+        assert (choice["iterations_there"] >= needed) == (chosen is finer)
+        assert took < limit + 3.0, (took, ctx.report["time_budget"])
+        assert sum("object support carved" in m for m in messages) == 1, messages
+        assert any(("training there" if chosen is finer else "staying at") in m for m in messages), messages
+        # resumed with a time limit: the checkpoint's voxel, nothing chosen again
+        ctx, _, _ = timed(run_dir, 20 if chosen is coarse else 10 ** 9, resume=True, time_limit_s=4.0)
+        assert ctx.report["support"]["training_grid_shape_xyz"] == list(chosen.shape_xyz)
+        assert "voxel_from_time_limit" not in ctx.report
+    # the setting off, or no time limit: the preset decides
+    for extra in (dict(voxel_from_time_limit=False), dict(time_limit_s=None), dict(support=False)):
+        cfg = NerfConfig.from_settings(dict(settings, preset="high", **extra))
+        assert voxel_for_time_limit(cfg) == (cfg, False)
+    high = NerfConfig.from_settings(dict(settings, preset="high"))
+    assert voxel_for_time_limit(high) == (replace(high, support_sets_voxel=False), True)

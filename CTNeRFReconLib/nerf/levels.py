@@ -49,6 +49,19 @@ COST_SHARES = {
 }
 
 
+def grid_cost_ratio(base_shape_xyz, base_voxel: float, other_shape_xyz, other_voxel: float,
+                    integrator: str = "joseph", plane_resolution: int = 0) -> float:
+    """Cost of a full-grid generator-phase iteration on another training grid relative to one on the base
+    grid, by COST_SHARES: the generator's share grows with the planes' area (made at `plane_resolution`,
+    else the grid's longest side), the integrals' with the voxels a ray crosses (1 / voxel), the rest
+    with the voxel count. What a time limit buys at the voxel the support sets (train.py) follows from it."""
+    shares = COST_SHARES[integrator]
+    side = lambda shape: plane_resolution or max(shape)  # noqa: E731
+    return float(shares.generator * (side(other_shape_xyz) / side(base_shape_xyz)) ** 2
+                 + shares.integration * base_voxel / other_voxel
+                 + shares.voxels * np.prod(other_shape_xyz, dtype=float) / np.prod(base_shape_xyz, dtype=float))
+
+
 FROZEN_VOXEL_FACTOR = 0.2
 """The voxels' share of a step with the field frozen, relative to one that learns it: no materialising
 forwards or backwards and no optimiser step for the factors; the TV term and the detail grid's

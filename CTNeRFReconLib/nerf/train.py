@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from .config import NerfConfig
 from .detail import DetailGrid
 from .field import VMField
 from .generator import DirectFactors, FactorGenerator
-from .levels import LevelSchedule
+from .levels import LevelSchedule, grid_cost_ratio
 from .prior_weight import NoiseLaw, noise_law, poisson_ray_weights, tv_weight_from_data
 
 
@@ -120,10 +120,14 @@ def _remember(cache: list, scan: ScanData, key, result):
     return result
 
 
+_FINER_CACHE: list = []
+"""The same for the support at the voxel it sets (`support_sets_voxel`), beside the carve it comes from:
+a run whose time limit chose that voxel (`voxel_from_time_limit`) carves once."""
+
+
 def _support_key(out_grid: VolumeGrid, full: VolumeGrid, cfg: NerfConfig):
     return (out_grid.to_dict(), full.to_dict(), cfg.support_margin_voxels, cfg.extend_cut_ends,
-            cfg.extend_cut_sides, cfg.cut_sides_fraction, cfg.widen_reached_sides, cfg.measure_thin_sides,
-            cfg.support_sets_voxel)
+            cfg.extend_cut_sides, cfg.cut_sides_fraction, cfg.widen_reached_sides, cfg.measure_thin_sides)
 
 
 _LATERAL_CACHE: list = []
@@ -204,7 +208,8 @@ def reuse_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, support
     if extension is not None:
         support.extra["extended"] = extension.summary()
     support.extra["reused"] = True
-    _remember(_SUPPORT_CACHE, scan, _support_key(out_grid, full, cfg), (support, _grid_holding(support, support.grid)))
+    cache = _FINER_CACHE if "voxel_from_support" in support.extra else _SUPPORT_CACHE
+    _remember(cache, scan, _support_key(out_grid, full, cfg), (support, _grid_holding(support, support.grid)))
     return True
 
 
@@ -240,12 +245,25 @@ def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
     full = _grid_over(out_grid.bounds(), out_grid, cfg)
     if not cfg.support:
         return None, full
+    key = _support_key(out_grid, full, cfg)
+    finer = _cached(_FINER_CACHE, scan, key) if cfg.support_sets_voxel else None
+    if finer is not None:
+        return finer
+    found = _cached(_SUPPORT_CACHE, scan, key) or _carve(scan, out_grid, full, cfg, key)
+    if not cfg.support_sets_voxel:
+        return found
+    t0 = time.perf_counter()
+    support = _finer_for_support(found[0], out_grid, cfg)
+    if support is not found[0]:
+        support.extra["seconds"] = round(found[0].extra.get("seconds", 0.0) + time.perf_counter() - t0, 3)
+    return _remember(_FINER_CACHE, scan, key, (support, _grid_holding(support, support.grid)))
+
+
+def _carve(scan: ScanData, out_grid: VolumeGrid, full: VolumeGrid, cfg: NerfConfig, key):
+    """`carve_support`'s carve at the voxel the cap on the field of view's box allows, remembered under
+    `key`."""
     from ..support import SupportSettings, object_support
 
-    key = _support_key(out_grid, full, cfg)
-    found = _cached(_SUPPORT_CACHE, scan, key)
-    if found is not None:
-        return found
     t0 = time.perf_counter()
     lateral, stats = _lateral_extension(scan, full, cfg)
     if lateral is not None:
@@ -258,11 +276,20 @@ def carve_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig):
     extension = _axial_extension(scan, support, cfg)
     if extension is not None:
         support = support.extended(extension)
-    if cfg.support_sets_voxel:
-        support = _finer_for_support(support, out_grid, cfg)
     support.extra["seconds"] = round(time.perf_counter() - t0, 3)
     result = (support, _grid_holding(support, support.grid))
     return _remember(_SUPPORT_CACHE, scan, key, result)
+
+
+def _support_voxel(support, out_grid: VolumeGrid, cfg: NerfConfig) -> float | None:
+    """The voxel the support sets (`support_sets_voxel`), before the counts round: the finest (never finer
+    than the output's) at which the support's box holds at most `max_training_voxels`; None when carving
+    found nothing, or the cap did not coarsen the carve's voxel (this one not 5 % finer)."""
+    if support is None or not support.found or not support.grid.is_axis_aligned:
+        return None
+    lo, hi = support.bounds()
+    voxel = max(_finest_voxel(out_grid, cfg), float(np.prod(hi - lo) / cfg.max_training_voxels) ** (1 / 3))
+    return voxel if voxel < 0.95 * float(min(support.grid.spacing_xyz)) else None
 
 
 def _finer_for_support(support, out_grid: VolumeGrid, cfg: NerfConfig):
@@ -273,12 +300,10 @@ def _finer_for_support(support, out_grid: VolumeGrid, cfg: NerfConfig):
     stays as wide in mm, and nothing is carved twice."""
     from ..support import Support, bounding_box
 
-    if not support.found or not support.grid.is_axis_aligned:
+    voxel = _support_voxel(support, out_grid, cfg)
+    if voxel is None:
         return support
-    finest = _finest_voxel(out_grid, cfg)
     coarse = float(min(support.grid.spacing_xyz))
-    lo, hi = support.bounds()
-    voxel = max(finest, float(np.prod(hi - lo) / cfg.max_training_voxels) ** (1 / 3))
     for _ in range(3):  # the counts round: a few percent finer or coarser than asked
         if voxel >= 0.95 * coarse:
             return support
@@ -311,10 +336,20 @@ class NerfTrainer:
     """Owns the model, the optimiser and the rays of one reconstruction."""
 
     def __init__(self, scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, ctx: RunContext,
-                 fdk_volume: Volume | None = None):
+                 fdk_volume: Volume | None = None, choose_voxel: bool = False):
         self.scan, self.out_grid, self.cfg, self.ctx = scan, out_grid, cfg, ctx
         self.device = torch.device(ctx.device)
-        self._t_created = time.perf_counter()
+        self.created_at = time.perf_counter()
+        self.choose_voxel = choose_voxel
+        """Whether the time budget's first plan chooses the training voxel (`voxel_from_time_limit`): this
+        run then trains at the voxel the cap on the field of view allows and may hand over to one at the
+        voxel the support sets (`voxel_switch`)."""
+        self.voxel_switch: NerfConfig | None = None
+        """Set when `run` stopped at its first plan because the time limit buys enough iterations at the
+        voxel the support sets: the configuration to run instead (nerf/method.py builds it)."""
+        self._held_messages: list[str] | None = [] if choose_voxel else None
+        """What the set-up found, held until the voxel is chosen: said if this run goes on, dropped if the
+        run at the other voxel, which says its own, replaces it."""
         torch.manual_seed(ctx.seed)
         self.support, self.grid = carve_support(scan, out_grid, cfg)
         """The object's support (support.py; None when off) and the training grid over its box."""
@@ -392,11 +427,11 @@ class NerfTrainer:
         if edge_despite:
             share = f"; its weight counts the {counted - inside} training voxels past the sides too" \
                 if counted > inside and cfg.tv_weight is None else ""
-            self.ctx.on_message(f"edge-scaled TV on truncated projections ({edge_despite}){share}; "
-                                "`--setting tv_edge_when_truncated=false` gives plain TV, which holds down "
-                                "a bright rim at a cut the training grid does not go past (docs/nerf.md)")
+            self._say(f"edge-scaled TV on truncated projections ({edge_despite}){share}; "
+                      "`--setting tv_edge_when_truncated=false` gives plain TV, which holds down "
+                      "a bright rim at a cut the training grid does not go past (docs/nerf.md)")
         elif plain_because:
-            self.ctx.on_message(f"plain TV: {plain_because} (tv_edge_when_truncated=false)")
+            self._say(f"plain TV: {plain_because} (tv_edge_when_truncated=false)")
         self.target_peak = float(proj.max())
         chords = (self.rays[3] - self.rays[2])
         self._chord_98 = float(torch.quantile(chords[::max(1, len(chords) // 100000)], 0.98))
@@ -446,10 +481,76 @@ class NerfTrainer:
                                         "weights_mean": float(weights.mean())}
         return weights
 
+    def _say(self, text: str):
+        """A set-up line for the user (held while the voxel is still to be chosen)."""
+        if self._held_messages is None:
+            self.ctx.on_message(text)
+        else:
+            self._held_messages.append(text)
+
+    def _release_messages(self, say: bool = True):
+        """Says the held set-up lines (or drops them: `say` False) and stops holding."""
+        held, self._held_messages = self._held_messages or [], None
+        for text in held if say else ():
+            self.ctx.on_message(text)
+
     FINER_VOXEL_MIN_ITERATIONS = 800
     """Below about this many iterations the finer voxel of `support_sets_voxel` scores lower than the
     coarser one would in the same time (25-view abdomen: 397 iterations at 60 s gave 35.02 dB against
     36.31 for 802 coarser ones; about 950 at 180 s gave 36.80-36.89 against 36.71; docs/nerf.md)."""
+
+    FINER_VOXEL_CHOSEN_FROM = 1000
+    """`voxel_from_time_limit` trains at the support's voxel when the time limit buys at least this many
+    iterations there (predicted at the first plan): a margin over the break-even above, and near where
+    the abdomen reaches its end point at 2.13 mm (1200 iterations)."""
+
+    FINER_VOXEL_COST_FACTOR = 1.15
+    """The cost model's ratio of a finer grid's iteration to a coarser one's (levels.grid_cost_ratio)
+    times this is what the runs measured: on the 25-view abdomen 2.76 -> 2.13 mm the model says 1.63,
+    the iterations done in the same time 1.84-2.0 (the refinement phase's detail grid and its optimiser
+    outgrow the cache)."""
+
+    VOXEL_RATE_ITERATIONS = 12
+    """A run that chooses its voxel does so once it has measured its rate over this many iterations after
+    the time budget measured the export (which the interval it falls in would count as training): the
+    first plan, from one interval, misjudged the rate by up to a factor 2 (25-view abdomen at 180 s: first
+    plans of 1280 and 2419 iterations in two runs that did 2063 and 2032), and the rate counting the
+    export's interval by 40 % 12 iterations later; without it, within 10 % of the whole run's. 12 coarse
+    iterations take under a second there."""
+
+    def _voxel_from_time(self, budget: "TimeBudget") -> NerfConfig | None:
+        """Once the rate is measured (`VOXEL_RATE_ITERATIONS`) in a run that chooses its voxel (`choose_voxel`): the
+        configuration of a run at the voxel the support sets when the rate measured here buys at least
+        `FINER_VOXEL_CHOSEN_FROM` iterations there in the time left (less this run's set-up, which the
+        next run repeats), else None (this run goes on). What was weighed goes into run.json
+        (`method_report.voxel_from_time_limit`) and one line."""
+        fine = _support_voxel(self.support, self.out_grid, self.cfg)
+        rate = budget.seconds_per_unit_since(budget.export_measured_at)
+        if fine is None or rate is None:
+            return None  # nothing carved, or the cap on the field of view did not coarsen the voxel
+        coarse = float(min(self.grid.spacing_xyz))
+        lo, hi = self.support.bounds()
+        shape = np.maximum(1, np.round((hi - lo) / fine))  # the support's box at that voxel (no mask needed)
+        ratio = self.FINER_VOXEL_COST_FACTOR * grid_cost_ratio(
+            self.grid.shape_xyz, coarse, shape, fine, self.cfg.integrator, self.cfg.plane_resolution)
+        left = budget.remaining() - (self._loop_start - self.created_at)
+        planned, here_plan = (budget.plan_from(0, left, factor, rate) for factor in (ratio, 1.0))
+        finer = planned >= self.FINER_VOXEL_CHOSEN_FROM
+        self.ctx.report["voxel_from_time_limit"] = {
+            "chosen_mm": round(fine if finer else coarse, 4), "support_voxel_mm": round(fine, 4),
+            "field_of_view_voxel_mm": round(coarse, 4), "iterations_there": planned,
+            "iterations_needed": self.FINER_VOXEL_CHOSEN_FROM, "cost_ratio": round(ratio, 3),
+            "iterations_here": here_plan}
+        here = (f"the time limit buys about {planned} iterations at the support's voxel, about {fine:.3g} mm "
+                f"({here_plan} at {coarse:.3g} mm)")
+        self._release_messages(say=not finer)
+        if finer:
+            self.ctx.on_message(f"{here}: training there")
+            return replace(self.cfg, support_sets_voxel=True)
+        self.ctx.on_message(f"{here}: staying at {coarse:.3g} mm; it pays from about "
+                            f"{self.FINER_VOXEL_CHOSEN_FROM} (`--setting voxel_from_time_limit=false` keeps the "
+                            "preset's voxel)")
+        return None
 
     def _finer_voxel_too_short(self, planned: int) -> str | None:
         """What to tell a timed run whose support set a finer voxel than the cap on the field of view
@@ -457,9 +558,9 @@ class NerfTrainer:
         finer = None if self.support is None else self.support.extra.get("voxel_from_support")
         if not finer or planned >= self.FINER_VOXEL_MIN_ITERATIONS:
             return None
-        return (f"the time limit buys {planned} iterations at the support's {finer['training_mm']:g} mm voxel "
+        return (f"the time limit buys {planned} iterations at the support's {finer['training_mm']:.3g} mm voxel "
                 f"(support_sets_voxel); under about {self.FINER_VOXEL_MIN_ITERATIONS} the "
-                f"{finer['carved_mm']:g} mm voxel scores higher in the same time: give more time, or "
+                f"{finer['carved_mm']:.3g} mm voxel scores higher in the same time: give more time, or "
                 "`--setting support_sets_voxel=false` (docs/nerf.md, \"The support sets the voxel\")")
 
     def _report_support(self, out_grid: VolumeGrid):
@@ -474,19 +575,19 @@ class NerfTrainer:
         self.ctx.report["support"] = info
         if self.support.found:
             full = self.support.grid
-            self.ctx.on_message(
+            self._say(
                 f"object support carved from the projections: box {self.grid.shape_xyz} of {full.shape_xyz} voxels "
                 f"({100 * self.grid.n_voxels / full.n_voxels:.0f} % of them), the support itself "
                 f"{100 * self.support.fraction:.0f} %; the volume is zero outside it")
             finer = self.support.extra.get("voxel_from_support")
             if finer:
-                self.ctx.on_message(
-                    f"the support sets the training voxel: {finer['training_mm']:g} mm over its box, where the field "
-                    f"of view's box needed {finer['carved_mm']:g} mm to stay within {self.cfg.max_training_voxels} "
+                self._say(
+                    f"the support sets the training voxel: {finer['training_mm']:.3g} mm over its box, where the field "
+                    f"of view's box needed {finer['carved_mm']:.3g} mm to stay within {self.cfg.max_training_voxels} "
                     "voxels (support_sets_voxel)")
             extended = self.support.extra.get("extended")
             if extended:
-                self.ctx.on_message(
+                self._say(
                     f"the object goes on past the detector's {', '.join(extended['edges'])} edge(s): training "
                     f"{' and '.join(f'{mm:g}' for mm in extended['mm'])} mm past the box's ends along "
                     f"{extended['axis']} (the output grid is unchanged)")
@@ -497,14 +598,14 @@ class NerfTrainer:
                                 ([f for f in faces if f in trained_past], True)):
                 warning = faces_warning(group, out_grid, trained_past=past)
                 if warning:
-                    self.ctx.on_message("warning: " + warning)
+                    self._say("warning: " + warning)
         else:
-            self.ctx.on_message(f"no object support carved: {self.support.reason}")
+            self._say(f"no object support carved: {self.support.reason}")
         widened = self.support.extra.get("widened")
         if widened:
             from ..lateral_extension import describe_faces
 
-            self.ctx.on_message(
+            self._say(
                 f"the object is wider than the field of view (the detector's {', '.join(widened['edges'])} "
                 f"edge(s) see it): training {describe_faces(widened)} (the output grid is unchanged)")
 
@@ -884,7 +985,9 @@ class NerfTrainer:
         return True
 
     # -- the loop -------------------------------------------------------------------------------
-    def run(self) -> Volume:
+    def run(self) -> Volume | None:
+        """Trains and returns the output volume; None when the time budget's first plan chose the
+        voxel the support sets (`voxel_switch`)."""
         cfg, ctx = self.cfg, self.ctx
         self.state.rays_per_batch_cap = cfg.rays_end
         resumed = ctx.resume and self.load_checkpoint()
@@ -894,10 +997,15 @@ class NerfTrainer:
         it = self.state.iteration
         budget = None
         if cfg.time_limit_s:
-            start = ctx.clock_start if ctx.clock_start is not None else self._t_created
+            start = ctx.clock_start if ctx.clock_start is not None else self.created_at
             budget = TimeBudget(cfg.time_limit_s, start, it, cfg.iterations,
                                 cfg.iterations_cap or 4 * cfg.iterations, cost=self.iteration_cost)
             self._planned_iterations = budget.planned
+        self._loop_start = time.perf_counter()
+        # the voxel is still to be chosen (`_voxel_from_time`); till then the set-up lines are held
+        voxel_pending = self.choose_voxel and budget is not None and not resumed
+        if not voxel_pending:
+            self._release_messages()
         last_loss, last_psnr = float("nan"), float("nan")
         while it < self.iterations and not ctx.should_stop():
             if budget is not None and budget.expired():
@@ -929,12 +1037,21 @@ class NerfTrainer:
                 planned = budget.observe(it, self.output_volume)
                 if planned is not None:
                     self._planned_iterations = planned
-                    if not budget.announced:
-                        budget.announced = True
-                        ctx.on_message(budget.message())
-                        short = self._finer_voxel_too_short(planned)
-                        if short:
-                            ctx.on_message("warning: " + short)
+                if voxel_pending and budget.export_measured_at is not None and \
+                        it >= budget.export_measured_at + self.VOXEL_RATE_ITERATIONS:
+                    voxel_pending = False
+                    self.voxel_switch = self._voxel_from_time(budget)
+                    if self.voxel_switch is not None:
+                        return None  # nothing went out yet: no progress, snapshot or checkpoint
+                    self._release_messages()
+                if budget.rate is not None and not budget.announced and not voxel_pending:
+                    budget.announced = True
+                    ctx.on_message(budget.message())
+                    short = self._finer_voxel_too_short(self.iterations)
+                    if short:
+                        ctx.on_message("warning: " + short)
+            if voxel_pending:
+                continue  # nothing goes out from a run the next one may replace (about 15 iterations)
             if it % cfg.eval_every == 0 or it == self.iterations:
                 val = self.validation_psnr()
                 self.state.history.append((it, last_loss, last_psnr, elapsed))
@@ -959,6 +1076,7 @@ class NerfTrainer:
                             rays_per_batch=self.state.rays_per_batch, lr=self.optimizer.param_groups[0]["lr"],
                             elapsed_s=round(self.state.elapsed_s, 3), gpu_mem_mb=_gpu_mem_mb(self.device),
                             tv_weight=self.tv_weight)
+        self._release_messages()  # stopped before the voxel was chosen
         if budget is not None:
             ctx.report["time_budget"] = budget.summary(it, self.iterations, ctx.should_stop())
             ctx.on_message(budget.final_message(it, self.iterations))
@@ -997,6 +1115,10 @@ class TimeBudget:
         self._first_iteration = iteration
         self._next_plan = iteration + 3
         self.rate: float | None = None
+        self.seconds_per_unit: float | None = None
+        """Seconds per cost unit over the latest window (one full-grid iteration at the largest batch)."""
+        self.export_measured_at: int | None = None
+        """The iteration after which the export was timed (its interval holds the export too)."""
         self.deadline_hit = False
         self.announced = False
         self.min_iterations = min(self.MIN_ITERATIONS, self.initial)
@@ -1038,6 +1160,7 @@ class TimeBudget:
             t = time.perf_counter()
             export()
             self.note_export(time.perf_counter() - t)
+            self.export_measured_at = it
             now = time.perf_counter()
         # the rate over the latest window (skip the first iteration: set-up and first-call costs)
         window = max(3, self.planned // 40)
@@ -1047,7 +1170,7 @@ class TimeBudget:
             return None
         (i0, t0), (i1, t1) = recent[0], recent[-1]
         self.rate = max(1, i1 - i0) / max(t1 - t0, 1e-6)
-        seconds_per_unit = max((t1 - t0) / max(self._units(i0, i1, self.planned), 1e-9), 1e-9)
+        seconds_per_unit = self.seconds_per_unit = self._seconds_per_unit(recent)
         planned = self._longest_plan(it, self.remaining(now), seconds_per_unit)
         planned = max(it + 1, self._first_iteration + self.min_iterations, min(planned, self.cap))
         # re-plan every ~2.5 % of the plan (more often early), never in the last ~3 %
@@ -1064,6 +1187,27 @@ class TimeBudget:
         if self.cost is None:
             return float(stop - start)
         return float(np.sum(self.cost(np.arange(start, stop), planned)))
+
+    def seconds_per_unit_since(self, iteration: int) -> float | None:
+        """Seconds per cost unit over every iteration measured after `iteration` (None before two
+        samples): a steadier rate than the latest window's early in the run."""
+        samples = [(i, t) for i, t in self._samples if i > iteration]
+        return self._seconds_per_unit(samples) if len(samples) >= 2 else None
+
+    def _seconds_per_unit(self, samples: list[tuple[int, float]]) -> float:
+        """Seconds per cost unit between the first and the last of (iteration, time) samples."""
+        (i0, t0), (i1, t1) = samples[0], samples[-1]
+        return max((t1 - t0) / max(self._units(i0, i1, self.planned), 1e-9), 1e-9)
+
+    def plan_from(self, it: int, left_s: float, cost_factor: float = 1.0,
+                  seconds_per_unit: float | None = None) -> int:
+        """The longest plan (at most the cap) whose iterations from `it` on fit in `left_s` when each costs
+        `cost_factor` times what `seconds_per_unit` (else the latest window's rate) says: what another
+        grid's run would plan. 0 before the first measurement."""
+        spu = seconds_per_unit or self.seconds_per_unit
+        if spu is None:
+            return 0
+        return min(self.cap, self._longest_plan(it, left_s, spu * cost_factor))
 
     def _longest_plan(self, it: int, left_s: float, seconds_per_unit: float) -> int:
         """The largest plan (at most the cap) whose iterations from `it` on fit in `left_s`."""
