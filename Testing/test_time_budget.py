@@ -72,8 +72,8 @@ def test_the_command_line_takes_a_time_limit_and_reports_it(tmp_path):
 
 def test_the_time_limit_chooses_the_voxel_the_support_sets(tmp_path, monkeypatch):
     """`voxel_from_time_limit`: where the cap on the field of view's box coarsened the training voxel, a
-    timed run starts at that voxel and, at its first plan, starts again at the voxel the support sets when
-    the rate it measured buys enough iterations there, all within the one limit; otherwise it goes on.
+    timed run starts at that voxel and, once it has measured its rate, starts again at the voxel the
+    support sets when that rate buys enough iterations there, all within the one limit; otherwise it goes on.
     The set-up lines are said once either way. A resumed run keeps its checkpoint's voxel; with the
     setting off the preset decides. (The threshold is scaled down to this tiny case's iteration counts.)"""
     from dataclasses import replace

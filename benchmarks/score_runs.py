@@ -26,7 +26,8 @@ SCORE_PY = Path(__file__).resolve().parents[2] / "shared" / "bench" / "score.py"
 def referee_score(reference: Path, volume: Path, margin: int) -> dict:
     """score.py's last line (a JSON object) for one volume."""
     if not SCORE_PY.exists():
-        raise SystemExit(f"{SCORE_PY} not found: this script scores with the referee's score.py (../shared beside the repository)")
+        raise SystemExit(f"{SCORE_PY} not found: this script scores with the referee's score.py "
+                         "(../shared beside the repository)")
     out = subprocess.run([sys.executable, str(SCORE_PY), str(reference), str(volume), "--margin", str(margin)],
                          capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])

@@ -208,8 +208,11 @@ def reuse_support(scan: ScanData, out_grid: VolumeGrid, cfg: NerfConfig, support
     if extension is not None:
         support.extra["extended"] = extension.summary()
     support.extra["reused"] = True
-    cache = _FINER_CACHE if "voxel_from_support" in support.extra else _SUPPORT_CACHE
-    _remember(cache, scan, _support_key(out_grid, full, cfg), (support, _grid_holding(support, support.grid)))
+    finer = "voxel_from_support" in support.extra
+    if not finer:
+        _FINER_CACHE.clear()  # a finer support comes from this one from now on, not from an earlier carve
+    _remember(_FINER_CACHE if finer else _SUPPORT_CACHE, scan, _support_key(out_grid, full, cfg),
+              (support, _grid_holding(support, support.grid)))
     return True
 
 
@@ -341,12 +344,12 @@ class NerfTrainer:
         self.device = torch.device(ctx.device)
         self.created_at = time.perf_counter()
         self.choose_voxel = choose_voxel
-        """Whether the time budget's first plan chooses the training voxel (`voxel_from_time_limit`): this
-        run then trains at the voxel the cap on the field of view allows and may hand over to one at the
-        voxel the support sets (`voxel_switch`)."""
+        """Whether the run chooses its training voxel once it has measured its rate
+        (`voxel_from_time_limit`): it then trains at the voxel the cap on the field of view allows and may
+        hand over to a run at the voxel the support sets (`voxel_switch`)."""
         self.voxel_switch: NerfConfig | None = None
-        """Set when `run` stopped at its first plan because the time limit buys enough iterations at the
-        voxel the support sets: the configuration to run instead (nerf/method.py builds it)."""
+        """Set when `run` stopped early (`_voxel_from_time`) because the time limit buys enough iterations
+        at the voxel the support sets: the configuration to run instead (nerf/method.py builds it)."""
         self._held_messages: list[str] | None = [] if choose_voxel else None
         """What the set-up found, held until the voxel is chosen: said if this run goes on, dropped if the
         run at the other voxel, which says its own, replaces it."""
@@ -501,8 +504,8 @@ class NerfTrainer:
 
     FINER_VOXEL_CHOSEN_FROM = 1000
     """`voxel_from_time_limit` trains at the support's voxel when the time limit buys at least this many
-    iterations there (predicted at the first plan): a margin over the break-even above, and near where
-    the abdomen reaches its end point at 2.13 mm (1200 iterations)."""
+    iterations there (predicted from the rate measured early): a margin over the break-even above, and
+    near where the abdomen reaches its end point at 2.13 mm (1200 iterations)."""
 
     FINER_VOXEL_COST_FACTOR = 1.15
     """The cost model's ratio of a finer grid's iteration to a coarser one's (levels.grid_cost_ratio)
@@ -519,8 +522,8 @@ class NerfTrainer:
     iterations take under a second there."""
 
     def _voxel_from_time(self, budget: "TimeBudget") -> NerfConfig | None:
-        """Once the rate is measured (`VOXEL_RATE_ITERATIONS`) in a run that chooses its voxel (`choose_voxel`): the
-        configuration of a run at the voxel the support sets when the rate measured here buys at least
+        """Once the rate is measured (`VOXEL_RATE_ITERATIONS`) in a run that chooses its voxel
+        (`choose_voxel`): the configuration of a run at the voxel the support sets when that rate buys at least
         `FINER_VOXEL_CHOSEN_FROM` iterations there in the time left (less this run's set-up, which the
         next run repeats), else None (this run goes on). What was weighed goes into run.json
         (`method_report.voxel_from_time_limit`) and one line."""
@@ -582,9 +585,9 @@ class NerfTrainer:
             finer = self.support.extra.get("voxel_from_support")
             if finer:
                 self._say(
-                    f"the support sets the training voxel: {finer['training_mm']:.3g} mm over its box, where the field "
-                    f"of view's box needed {finer['carved_mm']:.3g} mm to stay within {self.cfg.max_training_voxels} "
-                    "voxels (support_sets_voxel)")
+                    f"the support sets the training voxel: {finer['training_mm']:.3g} mm over its box, where the "
+                    f"field of view's box needed {finer['carved_mm']:.3g} mm to stay within "
+                    f"{self.cfg.max_training_voxels} voxels (support_sets_voxel)")
             extended = self.support.extra.get("extended")
             if extended:
                 self._say(
@@ -986,7 +989,7 @@ class NerfTrainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> Volume | None:
-        """Trains and returns the output volume; None when the time budget's first plan chose the
+        """Trains and returns the output volume; None when the run chose, early on, to train at the
         voxel the support sets (`voxel_switch`)."""
         cfg, ctx = self.cfg, self.ctx
         self.state.rays_per_batch_cap = cfg.rays_end
