@@ -532,8 +532,7 @@ class NerfTrainer:
         if fine is None or rate is None:
             return None  # nothing carved, or the cap on the field of view did not coarsen the voxel
         coarse = float(min(self.grid.spacing_xyz))
-        lo, hi = self.support.bounds()
-        shape = np.maximum(1, np.round((hi - lo) / fine))  # the support's box at that voxel (no mask needed)
+        shape = _tiled(self.support.bounds(), fine).shape_xyz  # the support's box at that voxel (no mask needed)
         ratio = self.FINER_VOXEL_COST_FACTOR * grid_cost_ratio(
             self.grid.shape_xyz, coarse, shape, fine, self.cfg.integrator, self.cfg.plane_resolution)
         left = budget.remaining() - (self._loop_start - self.created_at)
