@@ -85,6 +85,11 @@ SLICER_PACKAGES = {"yaml": "pyyaml", "skimage": "scikit-image"}
 """Import name -> pip name of what the panel's own work in Slicer's Python needs (scan summary, projections,
 comparison) and Slicer does not ship (it ships numpy, scipy and SimpleITK)."""
 
+PATH_HISTORY_KEYS = {"dataPathLineEdit": "CTNeRFRecon/Scan", "runFolderPathLineEdit": "CTNeRFRecon/RunFolder",
+                     "interpreterPathLineEdit": "CTNeRFRecon/EnginePython"}
+"""QSettings keys of the path fields' drop-down history (ctkPathLineEdit keeps it only under a settingKey and
+adds to it only when asked: addCurrentPathToHistory, called when a run starts, as DICOMPatcher does)."""
+
 POLL_INTERVAL_MS = 250
 DESCRIBE_DELAY_MS = 400
 """Pause in typing a data path before the scan is read for its summary."""
@@ -381,6 +386,9 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.windowPresetComboBox.addItem(label, preset)
         # activated: the user's choice only, never a programmatic change
         self.ui.windowPresetComboBox.connect("activated(int)", self.onWindowPresetChosen)
+        # before the parameter node is bound: the history fills the drop-downs, the node then sets the text
+        for name, key in PATH_HISTORY_KEYS.items():
+            getattr(self.ui, name).settingKey = key
 
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -751,6 +759,8 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 session = self.logic.startReconstruction(self._parameterNode)
             self._session = session
             self._lastRunFolder = session.run_dir
+            for name in PATH_HISTORY_KEYS:  # what a run used goes into the fields' drop-downs (empty ones do not)
+                getattr(self.ui, name).addCurrentPathToHistory()
             self._shownOutput = self._shownChart = False
             self._differenceNode = self._metricsTableNode = None
             self._logShown = 0
@@ -940,7 +950,7 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._shownChart = True  # the loss curve from its first point; it redraws as rows arrive
             with self._guarded("Failed to show the loss chart.", waitCursor=False):
                 self.logic.showMonitorLayout(session.chart_node)
-        if session.output_node is not None and not self._shownOutput:
+        if session.has_run_volume and not self._shownOutput:  # not an empty node, nor the last run's volume
             self._shownOutput = True
             self._parameterNode.outputVolume = session.output_node
             slicer.util.setSliceViewerLayers(background=session.output_node, fit=True)

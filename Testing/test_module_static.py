@@ -283,6 +283,30 @@ def test_the_panel_stays_bound_to_its_parameter_node(tree):
     assert "parameterNode is inputParameterNode.parameterNode" in ast.unparse(first.test)
 
 
+def test_the_views_follow_the_runs_first_volume(tree):
+    """The session holds the output node from the start when the panel gives it one: a node the selector
+    made empty, or the last run's. Fitting the views to it and rendering it must wait for this run's first
+    volume (`has_run_volume`, tested on a real scene in test_slicer_bridge.py): the fit is done once, and
+    volume rendering refuses a node without voxels."""
+    poll = _method(_widget_class(tree), "_pollSession")
+    shown = next(n for n in ast.walk(poll) if isinstance(n, ast.If) and "_shownOutput" in ast.unparse(n.test))
+    assert "session.has_run_volume" in ast.unparse(shown.test), ast.unparse(shown.test)
+
+
+def test_the_path_fields_keep_a_history(tree, ui):
+    """ctkPathLineEdit shows a history drop-down that stays empty unless the module names a settingKey and
+    calls addCurrentPathToHistory (CTK's ctkPathLineEdit.cpp; Slicer's DICOMPatcher does both): every path
+    field of the .ui gets a key, and a started run adds the paths it used."""
+    path_fields = {name for name, cls in _widget_names(ui).items() if cls == "ctkPathLineEdit"}
+    keys = next(ast.literal_eval(n.value) for n in tree.body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "PATH_HISTORY_KEYS")
+    assert set(keys) == path_fields and len(set(keys.values())) == len(keys)
+    widget = _widget_class(tree)
+    setup, start = (ast.unparse(_method(widget, name)) for name in ("setup", "_start"))
+    assert ".settingKey = key" in setup and "PATH_HISTORY_KEYS.items()" in setup
+    assert ".addCurrentPathToHistory()" in start and "PATH_HISTORY_KEYS" in start
+
+
 def test_closing_the_scene_drops_pending_actions(tree):
     """A check of an external interpreter runs on a thread with the action to start after it (a run, the
     demo); when the scene closes meanwhile, that action must not start later in the next scene."""

@@ -92,11 +92,12 @@ class NodeWatcher:
 
 
 def run_session(scene, case: Path, out: Path, method: str, timeout: float = 240, watcher: NodeWatcher | None = None,
-                reference_node=None, options: SessionOptions | None = None, on_poll=None,
+                reference_node=None, options: SessionOptions | None = None, on_poll=None, output_node=None,
                 **request) -> ReconstructionSession:
     session = ReconstructionSession(
         scene, ReconstructRequest(data=case, out=out, method=method, device="cpu", preset="preview", **request),
-        WorkerConfig(), options or SessionOptions(name="recon"), reference_node=reference_node).start()
+        WorkerConfig(), options or SessionOptions(name="recon"), reference_node=reference_node,
+        output_node=output_node).start()
     deadline = time.monotonic() + timeout
     try:
         while not session.state.done and time.monotonic() < deadline:
@@ -249,6 +250,34 @@ def test_grid_from_a_missing_reference_is_refused_before_any_process(scene, case
 
 
 # -------------------------------------------------------------------------------- real worker
+
+@pytest.mark.skipif(not _have("fdk"), reason="the engine's fdk method (CTNeRFReconLib/fdk.py) is not there yet")
+def test_an_output_node_given_empty_counts_as_the_runs_volume_only_once_filled(scene, case, tmp_path):
+    """The output selector's "Create new Volume" hands the panel a node with neither voxels nor display node
+    (Slicer's qMRMLNodeFactory adds the bare node), and a second Start hands it the last run's node. The
+    panel fits the views and turns on volume rendering when `has_run_volume` says so: never for the empty
+    node or the old volume, and from the first volume of this run on, filled and displayable."""
+    given = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "made by the selector")
+    assert given.GetImageData() is None and given.GetDisplayNode() is None
+    seen = []
+
+    def look(session):
+        seen.append((session.has_run_volume, session.volumes_applied, given.GetImageData() is not None,
+                     given.GetDisplayNode() is not None))
+
+    first = run_session(scene, case, tmp_path / "first", "fdk", output_node=given, on_poll=look)
+    assert first.state is SessionState.FINISHED, first.message
+    assert seen and seen[0][0] is False  # the first poll comes before the engine has written a volume
+    for ready, applied, voxels, display in seen:
+        assert ready == (applied > 0) and (not ready or (voxels and display)), (ready, applied, voxels, display)
+    assert first.has_run_volume and first.output_node is given
+    assert [n.GetID() for n in _volume_nodes(scene)] == [given.GetID()]
+
+    again = ReconstructionSession(scene, ReconstructRequest(data=case, out=tmp_path / "again", method="fdk",
+                                                            device="cpu"),
+                                  WorkerConfig(), SessionOptions(name="recon"), output_node=given)
+    assert given.GetImageData() is not None and not again.has_run_volume  # the last run's volume
+
 
 @pytest.mark.skipif(not _have("fdk"), reason="the engine's fdk method (CTNeRFReconLib/fdk.py) is not there yet")
 def test_fdk_run_lands_the_feature_at_its_ras_point_and_compares_like_numpy(scene, case, tmp_path):

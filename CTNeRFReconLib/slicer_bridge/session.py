@@ -239,6 +239,14 @@ class ReconstructionSession:
     # ------------------------------------------------------------------------------ control
 
     @property
+    def has_run_volume(self) -> bool:
+        """The output node holds a volume of this run. What the panel waits for before it fits the slice
+        views and turns on volume rendering: the node it was given may still be empty (the output selector's
+        "Create new Volume" adds a node with neither voxels nor display node) or hold the previous run's
+        volume, on another grid."""
+        return self.output_node is not None and self.volumes_applied > 0
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.request.out)
 
