@@ -330,9 +330,11 @@ def test_the_support_sets_the_voxel_where_the_air_coarsened_it():
     assert trainer.grid.to_dict() == grid.to_dict()
     assert ctx.report["support"]["voxel_from_support"]["carved_mm"] == pytest.approx(h_coarse, abs=1e-4)
     # a time limit that buys too few iterations at the finer voxel is told so, with the fix
-    few = trainer._finer_voxel_too_short(trainer.FINER_VOXEL_MIN_ITERATIONS - 1)
+    least = trainer._finer_voxel_iterations(trainer.FINER_VOXEL_MIN_ITERATIONS)  # scaled to this case's views
+    few = trainer._finer_voxel_too_short(least - 1)
     assert few and "support_sets_voxel=false" in few and f"{min(grid.spacing_xyz):.3g}" in few
-    assert trainer._finer_voxel_too_short(trainer.FINER_VOXEL_MIN_ITERATIONS) is None
+    assert f"under about {least} at {scan.n_views} views" in few
+    assert trainer._finer_voxel_too_short(least) is None
     plain_ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview", max_training_voxels=cap))
     assert NerfTrainer(scan, out, NerfConfig.from_settings(plain_ctx.settings), plain_ctx)._finer_voxel_too_short(1) is None
     # no cap to lift: the same grid either way

@@ -392,6 +392,7 @@ class NerfTrainer:
             hold = np.round(np.linspace(0, scan.n_views, cfg.holdout_views, endpoint=False)
                             + scan.n_views / (2 * cfg.holdout_views)).astype(int) % scan.n_views
         train_views = np.setdiff1d(views, hold)
+        self.n_train_views = len(train_views)
         self.rays, self.targets, hit = self._rays_for(scan, train_views)
         self.ray_run = ray_run_for(cfg.ray_run, scan.geometry.det_shape[1])
         self.val = None
@@ -498,14 +499,30 @@ class NerfTrainer:
             self.ctx.on_message(text)
 
     FINER_VOXEL_MIN_ITERATIONS = 800
-    """Below about this many iterations the finer voxel of `support_sets_voxel` scores lower than the
-    coarser one would in the same time (25-view abdomen: 397 iterations at 60 s gave 35.02 dB against
-    36.31 for 802 coarser ones; about 950 at 180 s gave 36.80-36.89 against 36.71; docs/nerf.md)."""
+    """At 25 views: below about this many iterations the finer voxel of `support_sets_voxel` scores lower
+    than the coarser one would in the same time (the abdomen: 397 iterations at 60 s gave 35.02 dB against
+    36.31 for 802 coarser ones; about 950 at 180 s gave 36.80-36.89 against 36.71). It scales with the
+    views (`_finer_voxel_iterations`; docs/nerf.md)."""
 
     FINER_VOXEL_CHOSEN_FROM = 1000
-    """`voxel_from_time_limit` trains at the support's voxel when the time limit buys at least this many
-    iterations there (predicted from the rate measured early): a margin over the break-even above, and
-    near where the abdomen reaches its end point at 2.13 mm (1200 iterations)."""
+    """At 25 views: `voxel_from_time_limit` trains at the support's voxel when the time limit buys at least
+    this many iterations there (predicted from the rate measured early): a margin over the break-even
+    above, and near where the abdomen reaches its end point at 2.13 mm (1200 iterations). It scales with
+    the views (`_finer_voxel_iterations`)."""
+
+    FINER_VOXEL_VIEWS = 25
+    """The views at which the two counts above were measured."""
+
+    def _finer_voxel_iterations(self, at_25_views: int) -> int:
+        """A count measured at 25 views (above) for this scan's training views: the break-even falls as the
+        views grow, since more views resolve detail that only the finer voxel holds. Against the coarser voxel
+        in the same time on the abdomen, the finer one lost 0.19 dB after 962 iterations at 10 views and
+        gained 0.16 after about 1000 at 25 (180 s); at 50 views it lost 1.46 dB after 266 (60 s) and gained
+        0.26 after 501 (90 s) and 0.73 after 905 (180 s); at 100 views it gained 0.58 after 664 (120 s). The
+        break-even is about inverse to the views; the count never goes below its value at 50 views, under
+        which nothing was measured."""
+        views = max(1, self.n_train_views)
+        return max(at_25_views // 2, int(round(at_25_views * self.FINER_VOXEL_VIEWS / views)))
 
     FINER_VOXEL_COST_FACTOR = 1.15
     """The cost model's ratio of a finer grid's iteration to a coarser one's (levels.grid_cost_ratio)
@@ -537,11 +554,12 @@ class NerfTrainer:
             self.grid.shape_xyz, coarse, shape, fine, self.cfg.integrator, self.cfg.plane_resolution)
         left = budget.remaining() - (self._loop_start - self.created_at)
         planned, here_plan = (budget.plan_from(0, left, factor, rate) for factor in (ratio, 1.0))
-        finer = planned >= self.FINER_VOXEL_CHOSEN_FROM
+        needed = self._finer_voxel_iterations(self.FINER_VOXEL_CHOSEN_FROM)
+        finer = planned >= needed
         self.ctx.report["voxel_from_time_limit"] = {
             "chosen_mm": round(fine if finer else coarse, 4), "support_voxel_mm": round(fine, 4),
             "field_of_view_voxel_mm": round(coarse, 4), "iterations_there": planned,
-            "iterations_needed": self.FINER_VOXEL_CHOSEN_FROM, "cost_ratio": round(ratio, 3),
+            "iterations_needed": needed, "views": self.n_train_views, "cost_ratio": round(ratio, 3),
             "iterations_here": here_plan}
         here = (f"the time limit buys about {planned} iterations at the support's voxel, about {fine:.3g} mm "
                 f"({here_plan} at {coarse:.3g} mm)")
@@ -549,8 +567,8 @@ class NerfTrainer:
         if finer:
             self.ctx.on_message(f"{here}: training there")
             return replace(self.cfg, support_sets_voxel=True)
-        self.ctx.on_message(f"{here}: staying at {coarse:.3g} mm; it pays from about "
-                            f"{self.FINER_VOXEL_CHOSEN_FROM} (`--setting voxel_from_time_limit=false` keeps the "
+        self.ctx.on_message(f"{here}: staying at {coarse:.3g} mm; it pays from about {needed} at "
+                            f"{self.n_train_views} views (`--setting voxel_from_time_limit=false` keeps the "
                             "preset's voxel)")
         return None
 
@@ -558,10 +576,11 @@ class NerfTrainer:
         """What to tell a timed run whose support set a finer voxel than the cap on the field of view
         allowed, when the time buys too few iterations for it to pay; None otherwise."""
         finer = None if self.support is None else self.support.extra.get("voxel_from_support")
-        if not finer or planned >= self.FINER_VOXEL_MIN_ITERATIONS:
+        least = self._finer_voxel_iterations(self.FINER_VOXEL_MIN_ITERATIONS)
+        if not finer or planned >= least:
             return None
         return (f"the time limit buys {planned} iterations at the support's {finer['training_mm']:.3g} mm voxel "
-                f"(support_sets_voxel); under about {self.FINER_VOXEL_MIN_ITERATIONS} the "
+                f"(support_sets_voxel); under about {least} at {self.n_train_views} views the "
                 f"{finer['carved_mm']:.3g} mm voxel scores higher in the same time: give more time, or "
                 "`--setting support_sets_voxel=false` (docs/nerf.md, \"The support sets the voxel\")")
 
