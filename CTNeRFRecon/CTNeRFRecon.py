@@ -88,7 +88,9 @@ comparison) and Slicer does not ship (it ships numpy, scipy and SimpleITK)."""
 PATH_HISTORY_KEYS = {"dataPathLineEdit": "CTNeRFRecon/Scan", "runFolderPathLineEdit": "CTNeRFRecon/RunFolder",
                      "interpreterPathLineEdit": "CTNeRFRecon/EnginePython"}
 """QSettings keys of the path fields' drop-down history (ctkPathLineEdit keeps it only under a settingKey and
-adds to it only when asked: addCurrentPathToHistory, called when a run starts, as DICOMPatcher does)."""
+adds to it only when asked: addCurrentPathToHistory, called when a run starts, as DICOMPatcher does). CTK
+reads the history into the drop-down when the key is set, so a path added shows from the next start of
+Slicer, as in Slicer's own modules: reading it again at once would clear the field's text on the way."""
 
 POLL_INTERVAL_MS = 250
 DESCRIBE_DELAY_MS = 400
