@@ -333,7 +333,8 @@ def test_the_support_sets_the_voxel_where_the_air_coarsened_it():
     least = trainer._finer_voxel_iterations(trainer.FINER_VOXEL_MIN_ITERATIONS)  # scaled to this case's views
     few = trainer._finer_voxel_too_short(least - 1)
     assert few and "support_sets_voxel=false" in few and f"{min(grid.spacing_xyz):.3g}" in few
-    assert f"under about {least} at {scan.n_views} views" in few
+    assert f"under about {least} at {trainer._finer_voxel_scan()} the" in few
+    assert trainer._finer_voxel_scan().startswith(f"{scan.n_views} views")
     assert trainer._finer_voxel_too_short(least) is None
     plain_ctx = RunContext(device="cpu", seed=0, settings=dict(preset="preview", max_training_voxels=cap))
     assert NerfTrainer(scan, out, NerfConfig.from_settings(plain_ctx.settings), plain_ctx)._finer_voxel_too_short(1) is None

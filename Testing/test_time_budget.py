@@ -115,7 +115,8 @@ def test_the_time_limit_chooses_the_voxel_the_support_sets(tmp_path, monkeypatch
         assert choice["chosen_mm"] == pytest.approx(min(chosen.spacing_xyz), rel=0.1)
         assert choice["iterations_there"] < choice["iterations_here"]  # the finer voxel costs more per iteration
         # the threshold follows the training views: the count at 25 views times 25 / views, at least half of it
-        assert choice["iterations_needed"] == max(needed // 2, round(needed * 25 / choice["views"]))
+        assert choice["iterations_needed"] == max(needed // 2, round(needed * 25 / choice["views_counted"]))
+        assert choice["views_counted"] <= choice["views"]
         assert 0 < choice["views"] <= scan.n_views
         assert (choice["iterations_there"] >= choice["iterations_needed"]) == (chosen is finer)
         assert took < limit + 3.0, (took, ctx.report["time_budget"])
@@ -134,13 +135,27 @@ def test_the_time_limit_chooses_the_voxel_the_support_sets(tmp_path, monkeypatch
 
 
 def test_the_finer_voxel_pays_sooner_with_more_views():
-    """The iterations the finer voxel needs to pay (measured at 25 views) scale inversely with the views, and
-    never fall below their value at 50 views, the most measured (docs/nerf.md, "The break-even follows the
+    """The iterations the finer voxel needs to pay (measured at 25 views of about 1e5 photons per ray) scale
+    inversely with the views, counted down where the air's noise says fewer photons (never up), and never
+    fall below their value at 50 views, the most measured (docs/nerf.md, "The break-even follows the
     views")."""
     from types import SimpleNamespace
 
-    def needs(views, at_25=1000):
-        return NerfTrainer._finer_voxel_iterations(SimpleNamespace(n_train_views=views, FINER_VOXEL_VIEWS=25), at_25)
+    def trainer(views, air_variance):
+        t = SimpleNamespace(n_train_views=views, air_noise_variance=air_variance,
+                            FINER_VOXEL_VIEWS=NerfTrainer.FINER_VOXEL_VIEWS,
+                            FINER_VOXEL_PHOTONS=NerfTrainer.FINER_VOXEL_PHOTONS)
+        t._finer_voxel_views = lambda: NerfTrainer._finer_voxel_views(t)
+        return t
+
+    def needs(views, at_25=1000, air_variance=1e-5):
+        return NerfTrainer._finer_voxel_iterations(trainer(views, air_variance), at_25)
 
     assert [needs(v) for v in (10, 25, 40, 50, 100)] == [2500, 1000, 625, 500, 500]
     assert needs(50, 800) == 400 and needs(200, 800) == 400
+    assert needs(50, air_variance=None) == 500  # no air to measure the noise in: the views alone
+    assert needs(50, air_variance=1e-6) == 500  # more photons than measured: not counted up
+    assert needs(50, air_variance=1.02e-5) == 500  # I0 1e5 as the air's noise measured it on the benchmark cases
+    assert needs(50, air_variance=1e-4) == 4500 and needs(100, air_variance=1e-4) == 2250  # I0 1e4: 1e4 / 9e4
+    assert NerfTrainer._finer_voxel_scan(trainer(50, 1e-4)) == "50 views of about 1e+04 photons per ray"
+    assert NerfTrainer._finer_voxel_scan(trainer(50, 1e-5)) == "50 views"

@@ -403,6 +403,8 @@ class NerfTrainer:
         self.target_power = float((self.targets ** 2).mean()) + 1e-12
         noise = noise_law(proj if len(hold) == 0 else proj[train_views], hit)
         self.noise_variance = noise.mean_variance
+        self.air_noise_variance = noise.air_variance
+        """The line integrals' noise variance in the air (about 1 / the photons per unattenuated ray), or None."""
         self.ray_weights = self._ray_weights(noise)
         """Per-ray weights of the data term (None: least squares, every ray alike)."""
         truncation = self._truncation(scan)
@@ -513,16 +515,36 @@ class NerfTrainer:
     FINER_VOXEL_VIEWS = 25
     """The views at which the two counts above were measured."""
 
+    FINER_VOXEL_PHOTONS = 9e4
+    """The photons per unattenuated ray at which they were measured: the benchmark cases' I0 of 1e5, less
+    a tenth for the spread of its estimate from the air's noise (9.8e4-1e5 on those cases)."""
+
+    def _finer_voxel_views(self) -> float:
+        """The training views, counted down where the air's noise says fewer photons per ray than
+        FINER_VOXEL_PHOTONS (never up): a noisier view says less about the detail only the finer voxel
+        holds. At 50 views and ten times the photon noise (I0 1e4) the finer voxel lost 0.22 dB after 681
+        iterations (120 s), where at I0 1e5 it gained 0.26 after 501."""
+        views = float(max(1, self.n_train_views))
+        if self.air_noise_variance:
+            views *= min(1.0, 1.0 / (self.air_noise_variance * self.FINER_VOXEL_PHOTONS))
+        return views
+
     def _finer_voxel_iterations(self, at_25_views: int) -> int:
         """A count measured at 25 views (above) for this scan's training views: the break-even falls as the
         views grow, since more views resolve detail that only the finer voxel holds. Against the coarser voxel
         in the same time on the abdomen, the finer one lost 0.19 dB after 962 iterations at 10 views and
         gained 0.16 after about 1000 at 25 (180 s); at 50 views it lost 1.46 dB after 266 (60 s) and gained
         0.26 after 501 (90 s) and 0.73 after 905 (180 s); at 100 views it gained 0.58 after 664 (120 s). The
-        break-even is about inverse to the views; the count never goes below its value at 50 views, under
-        which nothing was measured."""
-        views = max(1, self.n_train_views)
+        break-even is about inverse to the views (counted down for photon noise: `_finer_voxel_views`); the
+        count never goes below its value at 50 views, under which nothing was measured."""
+        views = max(1e-3, self._finer_voxel_views())
         return max(at_25_views // 2, int(round(at_25_views * self.FINER_VOXEL_VIEWS / views)))
+
+    def _finer_voxel_scan(self) -> str:
+        """The views (and the photons, where they count the views down) in the lines about the finer voxel."""
+        photons = 1.0 / self.air_noise_variance if self.air_noise_variance else None
+        fewer = photons is not None and photons < self.FINER_VOXEL_PHOTONS
+        return f"{self.n_train_views} views" + (f" of about {photons:.2g} photons per ray" if fewer else "")
 
     FINER_VOXEL_COST_FACTOR = 1.15
     """The cost model's ratio of a finer grid's iteration to a coarser one's (levels.grid_cost_ratio)
@@ -559,7 +581,8 @@ class NerfTrainer:
         self.ctx.report["voxel_from_time_limit"] = {
             "chosen_mm": round(fine if finer else coarse, 4), "support_voxel_mm": round(fine, 4),
             "field_of_view_voxel_mm": round(coarse, 4), "iterations_there": planned,
-            "iterations_needed": needed, "views": self.n_train_views, "cost_ratio": round(ratio, 3),
+            "iterations_needed": needed, "views": self.n_train_views,
+            "views_counted": round(self._finer_voxel_views(), 2), "cost_ratio": round(ratio, 3),
             "iterations_here": here_plan}
         here = (f"the time limit buys about {planned} iterations at the support's voxel, about {fine:.3g} mm "
                 f"({here_plan} at {coarse:.3g} mm)")
@@ -568,7 +591,7 @@ class NerfTrainer:
             self.ctx.on_message(f"{here}: training there")
             return replace(self.cfg, support_sets_voxel=True)
         self.ctx.on_message(f"{here}: staying at {coarse:.3g} mm; it pays from about {needed} at "
-                            f"{self.n_train_views} views (`--setting voxel_from_time_limit=false` keeps the "
+                            f"{self._finer_voxel_scan()} (`--setting voxel_from_time_limit=false` keeps the "
                             "preset's voxel)")
         return None
 
@@ -580,7 +603,7 @@ class NerfTrainer:
         if not finer or planned >= least:
             return None
         return (f"the time limit buys {planned} iterations at the support's {finer['training_mm']:.3g} mm voxel "
-                f"(support_sets_voxel); under about {least} at {self.n_train_views} views the "
+                f"(support_sets_voxel); under about {least} at {self._finer_voxel_scan()} the "
                 f"{finer['carved_mm']:.3g} mm voxel scores higher in the same time: give more time, or "
                 "`--setting support_sets_voxel=false` (docs/nerf.md, \"The support sets the voxel\")")
 
