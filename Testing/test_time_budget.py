@@ -145,6 +145,7 @@ def test_the_finer_voxel_pays_sooner_with_more_views():
         t = SimpleNamespace(n_train_views=views, air_noise_variance=air_variance,
                             FINER_VOXEL_VIEWS=NerfTrainer.FINER_VOXEL_VIEWS,
                             FINER_VOXEL_PHOTONS=NerfTrainer.FINER_VOXEL_PHOTONS)
+        t._photons_per_ray = lambda: NerfTrainer._photons_per_ray(t)
         t._finer_voxel_views = lambda: NerfTrainer._finer_voxel_views(t)
         return t
 

@@ -16,21 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_default_grid import referee_score  # noqa: E402
+
 SCORE_PY = Path(__file__).resolve().parents[2] / "shared" / "bench" / "score.py"
-
-
-def referee_score(reference: Path, volume: Path, margin: int) -> dict:
-    """score.py's last line (a JSON object) for one volume."""
-    if not SCORE_PY.exists():
-        raise SystemExit(f"{SCORE_PY} not found: this script scores with the referee's score.py "
-                         "(../shared beside the repository)")
-    out = subprocess.run([sys.executable, str(SCORE_PY), str(reference), str(volume), "--margin", str(margin)],
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def peak_rss_mb(log: Path) -> float | None:
@@ -52,7 +46,7 @@ def row_of(run_dir: Path, reference: Path, margin: int) -> dict:
             "training_grid_shape_xyz": support.get("training_grid_shape_xyz"),
             "voxel_from_support": support.get("voxel_from_support"),
             "voxel_from_time_limit": report.get("voxel_from_time_limit"),
-            "score": referee_score(reference, run_dir / "volume.nrrd", margin)}
+            "score": referee_score(SCORE_PY, reference, run_dir / "volume.nrrd", margin)}
 
 
 def main(argv=None) -> int:
@@ -65,6 +59,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.out and args.out.exists():
         raise SystemExit(f"{args.out} exists: name another --out (nothing is overwritten)")
+    if not SCORE_PY.exists():  # no fallback to our own metrics: the figures here are the referee's
+        raise SystemExit(f"{SCORE_PY} not found: this script scores with the referee's score.py "
+                         "(../shared beside the repository)")
     rows = [row_of(run, args.reference, args.margin) for run in args.runs]
     print(f"{'run':<16} {'PSNR3D':>7} {'SSIM3D':>7} {'iter':>6} {'s':>6} {'MB':>7}  grid / voxel chosen")
     for r in rows:

@@ -519,15 +519,18 @@ class NerfTrainer:
     """The photons per unattenuated ray at which they were measured: the benchmark cases' I0 of 1e5, less
     a tenth for the spread of its estimate from the air's noise (9.8e4-1e5 on those cases)."""
 
+    def _photons_per_ray(self) -> float | None:
+        """The photons per unattenuated ray the air's noise gives (1 / its variance), or None without air."""
+        return 1.0 / self.air_noise_variance if self.air_noise_variance else None
+
     def _finer_voxel_views(self) -> float:
         """The training views, counted down where the air's noise says fewer photons per ray than
         FINER_VOXEL_PHOTONS (never up): a noisier view says less about the detail only the finer voxel
         holds. At 50 views and ten times the photon noise (I0 1e4) the finer voxel lost 0.22 dB after 681
         iterations (120 s), where at I0 1e5 it gained 0.26 after 501."""
+        photons = self._photons_per_ray()
         views = float(max(1, self.n_train_views))
-        if self.air_noise_variance:
-            views *= min(1.0, 1.0 / (self.air_noise_variance * self.FINER_VOXEL_PHOTONS))
-        return views
+        return views * min(1.0, photons / self.FINER_VOXEL_PHOTONS) if photons else views
 
     def _finer_voxel_iterations(self, at_25_views: int) -> int:
         """A count measured at 25 views (above) for this scan's training views: the break-even falls as the
@@ -542,7 +545,7 @@ class NerfTrainer:
 
     def _finer_voxel_scan(self) -> str:
         """The views (and the photons, where they count the views down) in the lines about the finer voxel."""
-        photons = 1.0 / self.air_noise_variance if self.air_noise_variance else None
+        photons = self._photons_per_ray()
         fewer = photons is not None and photons < self.FINER_VOXEL_PHOTONS
         return f"{self.n_train_views} views" + (f" of about {photons:.2g} photons per ray" if fewer else "")
 
@@ -575,7 +578,7 @@ class NerfTrainer:
         ratio = self.FINER_VOXEL_COST_FACTOR * grid_cost_ratio(
             self.grid.shape_xyz, coarse, shape, fine, self.cfg.integrator, self.cfg.plane_resolution)
         left = budget.remaining() - (self._loop_start - self.created_at)
-        planned, here_plan = (budget.plan_from(0, left, factor, rate) for factor in (ratio, 1.0))
+        planned, here_plan = (budget.plan_from(0, left, rate, factor) for factor in (ratio, 1.0))
         needed = self._finer_voxel_iterations(self.FINER_VOXEL_CHOSEN_FROM)
         finer = planned >= needed
         self.ctx.report["voxel_from_time_limit"] = {
@@ -1159,8 +1162,6 @@ class TimeBudget:
         self._first_iteration = iteration
         self._next_plan = iteration + 3
         self.rate: float | None = None
-        self.seconds_per_unit: float | None = None
-        """Seconds per cost unit over the latest window (one full-grid iteration at the largest batch)."""
         self.export_measured_at: int | None = None
         """The iteration after which the export was timed (its interval holds the export too)."""
         self.deadline_hit = False
@@ -1214,7 +1215,7 @@ class TimeBudget:
             return None
         (i0, t0), (i1, t1) = recent[0], recent[-1]
         self.rate = max(1, i1 - i0) / max(t1 - t0, 1e-6)
-        seconds_per_unit = self.seconds_per_unit = self._seconds_per_unit(recent)
+        seconds_per_unit = self._seconds_per_unit(recent)
         planned = self._longest_plan(it, self.remaining(now), seconds_per_unit)
         planned = max(it + 1, self._first_iteration + self.min_iterations, min(planned, self.cap))
         # re-plan every ~2.5 % of the plan (more often early), never in the last ~3 %
@@ -1243,15 +1244,10 @@ class TimeBudget:
         (i0, t0), (i1, t1) = samples[0], samples[-1]
         return max((t1 - t0) / max(self._units(i0, i1, self.planned), 1e-9), 1e-9)
 
-    def plan_from(self, it: int, left_s: float, cost_factor: float = 1.0,
-                  seconds_per_unit: float | None = None) -> int:
+    def plan_from(self, it: int, left_s: float, seconds_per_unit: float, cost_factor: float = 1.0) -> int:
         """The longest plan (at most the cap) whose iterations from `it` on fit in `left_s` when each costs
-        `cost_factor` times what `seconds_per_unit` (else the latest window's rate) says: what another
-        grid's run would plan. 0 before the first measurement."""
-        spu = seconds_per_unit or self.seconds_per_unit
-        if spu is None:
-            return 0
-        return min(self.cap, self._longest_plan(it, left_s, spu * cost_factor))
+        `cost_factor` times what `seconds_per_unit` says: what another grid's run would plan."""
+        return min(self.cap, self._longest_plan(it, left_s, seconds_per_unit * cost_factor))
 
     def _longest_plan(self, it: int, left_s: float, seconds_per_unit: float) -> int:
         """The largest plan (at most the cap) whose iterations from `it` on fit in `left_s`."""
