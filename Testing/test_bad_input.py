@@ -59,6 +59,20 @@ def test_unknown_format(tmp_path):
     refused(tmp_path, "format")
 
 
+def test_a_folder_whose_one_scan_file_is_broken_gets_that_files_error(tmp_path):
+    """"No scan found" would hide what is wrong with the file meant as the scan."""
+    (tmp_path / "geometry.xml").write_text("<RTKThreeDCircularGeometry><SourceToIsocenter")
+    err = refused(tmp_path, "xml")
+    assert "geometry.xml" in str(err) and "line 1" in str(err)
+    (tmp_path / "geometry.xml").write_text("<Foo/>")
+    assert "<Foo>" in str(refused(tmp_path, "root"))
+    (tmp_path / "scan.json").write_text(json.dumps({"views": 3}))
+    err = refused(tmp_path, "format")                               # two candidates: both named
+    assert "geometry.xml" in str(err) and "scan.json" in str(err)
+    (tmp_path / "geometry.xml").unlink()
+    assert "scan.json" in str(refused(tmp_path, "geometry"))
+
+
 def test_missing_path(tmp_path):
     refused(tmp_path / "nope.json", "path")
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..data import ScanData
 from .r2gaussian import load_r2gaussian
-from .rtk import IMAGE_SUFFIXES, is_rtk_xml, load_rtk, write_rtk_case
+from .rtk import IMAGE_SUFFIXES, is_rtk_xml, load_rtk, read_rtk_geometry_xml, write_rtk_case
 from .safe_pickle import safe_load
 from .stack import load_stack, read_description, write_stack
 from .tigre import naf_to_scan, tigre_dict_to_scan
@@ -72,6 +72,7 @@ def _load_file(path: Path, projections) -> ScanData:
     if path.suffix.lower() == ".xml":
         if is_rtk_xml(path):
             return load_rtk(path, projections)
+        read_rtk_geometry_xml(path)  # names what is wrong: not well-formed (where), or another root element
         raise ScanFormatError(path, "root", "is not an RTK ThreeDCircularProjectionGeometry XML (or not "
                               "well-formed)", "give RTK's geometry file, written by rtksimulatedgeometry or "
                               "ThreeDCircularProjectionGeometryXMLFileWriter")
@@ -94,6 +95,20 @@ def _load_file(path: Path, projections) -> ScanData:
                           "RTK geometry XML with its stack, or a JSON/YAML scan description")
 
 
+def _refuse_near_misses(folder: Path, files: list[Path], projections) -> None:
+    """A folder with no scan may still hold a file meant as one: a geometry.xml that does not parse, a
+    scan description missing its keys. "No scan found" would hide what is wrong with it, so one such file
+    is loaded for its own error (which names its field), and several are named."""
+    misses = [p for p in files if p.suffix.lower() in (".xml",) + _DESC_SUFFIXES and p.name != "meta_data.json"]
+    if len(misses) == 1:
+        _load_file(misses[0], projections)  # raises the file's own error; loading it would have found it
+    if misses:
+        names = ", ".join(p.name for p in misses[:6])
+        raise ScanFormatError(folder, "format", f"no scan found in this folder: none of {names} is an RTK "
+                              "geometry XML or a scan description (JSON/YAML with 'geometry' and 'projections')",
+                              "give the file meant as the scan itself, to see what is wrong with it")
+
+
 def _load_folder(path: Path, projections) -> ScanData:
     if (path / "meta_data.json").exists():
         return load_r2gaussian(path)
@@ -107,6 +122,7 @@ def _load_folder(path: Path, projections) -> ScanData:
         kind, p = candidates[0]
         return load_rtk(p, projections) if kind == "RTK geometry" else _load_file(p, projections)
     if not candidates:
+        _refuse_near_misses(path, files, projections)
         raise ScanFormatError(path, "format", "no scan found in this folder (no meta_data.json, RTK geometry "
                               "XML, scan JSON/YAML or pickle)", "give the scan file itself, or a folder holding one")
     names = ", ".join(f"{p.name} ({kind})" for kind, p in candidates[:6])
