@@ -5,7 +5,8 @@ JSON object per line from its stdout; the same lines are appended to `<run>/even
 client that lost the pipe can re-read the run from the folder. Version 1 of the protocol:
 
 * every event has ``"protocol": 1``, ``"event"`` (its kind) and ``"time"`` (Unix seconds, UTC);
-* order: ``started``, then any number of ``progress`` and ``snapshot``, then exactly one of
+* order: ``started``, then any number of ``progress`` and ``snapshot``, then at most one
+  ``projection_check`` (not for a cancelled run, nor when the check itself failed), then exactly one of
   ``finished`` (``"cancelled": true`` when the user stopped it) or ``failed``; a refusal of bad
   input is a lone ``failed`` event;
 * numbers that are not finite (NaN, inf) are sent as ``null``.

@@ -132,7 +132,7 @@ class RunFolder:
             return os.fstat(probe.fileno()).st_mtime
 
     OUTPUT_NAMES = ("volume.nrrd", "snapshot.nrrd", "run.json", "metrics.json", "preview.png", "projections.png",
-                    "loss.png", "checkpoint.pt", "reference.nrrd")
+                    "loss.png", "checkpoint.pt", "reference.nrrd", "projection_check.png")
 
     def remove_stale_temporaries(self) -> list[str]:
         """Remove what a killed worker left half-written: the hidden temporary files of atomic writes

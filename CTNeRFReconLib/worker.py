@@ -491,7 +491,7 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
         nonlocal last_iteration
         last_iteration = fields.get("iteration", last_iteration)
         fields.setdefault("elapsed_s", round(time.perf_counter() - t0, 3))
-        for key in ("iteration", "loss", "projection_psnr", "rays_per_batch", "lr", "gpu_mem_mb"):
+        for key in ("iteration", "iterations", "loss", "projection_psnr", "rays_per_batch", "lr", "gpu_mem_mb"):
             fields.setdefault(key, None)
         progress.append(fields)
         events.emit("progress", **fields)

@@ -57,6 +57,7 @@ def test_a_corrupt_snapshot_from_an_older_version_is_replaced(case, tmp_path):
     good = (run / "snapshot.nrrd").read_bytes()
     (run / "snapshot.nrrd").write_bytes(good[: len(good) // 3])  # torn by a non-atomic writer
     (run / ".volume.abc123.nrrd").write_bytes(b"NRRD0004\n")     # a temporary left by a killed one
+    (run / ".projection_check.abc123.png").write_bytes(b"\x89PNG")  # killed while drawing the check
     res = _run(case, run, "--resume", "--iterations", "6")
     assert res.returncode == 0, res.stderr
     assert folder_problems(run) == [] and temporaries(run) == []

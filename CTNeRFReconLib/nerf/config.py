@@ -182,8 +182,9 @@ class NerfConfig:
     starts at the voxel the cap on the field of view allows, and once it has measured its rate (15
     iterations in) starts again at the voxel the support sets if that rate buys enough iterations there:
     1000 at 25 views, scaled by 25 / views and never under 500, the views counted down where the air's
-    noise says fewer photons than about 1e5 per ray (`NerfTrainer.FINER_VOXEL_CHOSEN_FROM`,
-    `_finer_voxel_iterations`: more views pay for the finer voxel sooner), about 2 s of set-up lost. Past
+    noise says fewer photons than about 9e4 per ray, the cases' 1e5 less a tenth for the estimate
+    (`NerfTrainer.FINER_VOXEL_CHOSEN_FROM`, `_finer_voxel_iterations`: more views pay for the finer voxel
+    sooner), about 2 s of set-up lost. Past
     about 1200 iterations the coarser voxel stops gaining, while the finer one gains from about 800 at 25 views:
     on the 25-view abdomen at `--time-limit 300` 37.04 dB at 2.13 mm against 36.76 at 2.76 mm
     (docs/nerf.md, "The voxel follows the time limit"). A resumed run keeps its checkpoint's voxel."""
