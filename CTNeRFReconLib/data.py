@@ -39,8 +39,14 @@ class ScanData:
     """Held-out views shipped with the data (NAF 'val'), if any."""
     notes: list[str] = field(default_factory=list)
     """What the loader understood or assumed, shown by `info`."""
+    defects: np.ndarray | None = None
+    """(V, rows, cols) True where a pixel holds no measurement: NaN or infinity in the given projections
+    (a panel's dead pixels and lines; `formats.validate.MAX_DEFECT_FRACTION` bounds them). Set here from
+    the projections; their values are then filled (`_filled_from_nearest`) so that every method can read
+    the stack, and nerf leaves those rays out of its fit."""
 
     def __post_init__(self):
+        self._mark_defects()
         p = self.projections
         if p.ndim != 3:
             raise ValueError(f"{self.source_path}: projections must be (views, rows, cols), got shape {p.shape}")
@@ -51,6 +57,18 @@ class ScanData:
         if tuple(p.shape[1:]) != self.geometry.det_shape:
             raise ValueError(f"{self.source_path}: projection images are {p.shape[1:]} (rows, cols) but the "
                              f"geometry says the detector is {self.geometry.det_shape}")
+
+    def _mark_defects(self):
+        missing = ~np.isfinite(self.projections)
+        if not missing.any():
+            return
+        self.defects = missing if self.defects is None else (self.defects | missing)
+        self.projections = _filled_from_nearest(self.projections, missing)
+        views = int(missing.reshape(len(missing), -1).any(axis=1).sum())
+        self.notes.append(f"{int(missing.sum())} detector pixels in {views} of {len(missing)} views hold no value "
+                          "(NaN or infinity: dead pixels or lines of the panel, or a log of zero counts): nerf "
+                          "leaves their rays out of its fit; FDK and the previews read each from the nearest "
+                          "measured pixel of its view")
 
     @property
     def n_views(self) -> int:
@@ -82,5 +100,24 @@ class ScanData:
             info["reference_grid"] = self.reference.grid.to_dict()
         if self.validation is not None:
             info["validation_views"] = self.validation.n_views
+        if self.defects is not None:
+            info["defect_pixels"] = int(self.defects.sum())
         info["notes"] = list(self.notes)
         return info
+
+
+def _filled_from_nearest(projections: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Each missing pixel takes the value of the nearest measured pixel of its own view (SciPy's exact
+    Euclidean distance transform gives the nearest one's index). Why nearest and not an interpolation: a
+    dead line then repeats its neighbour, no new values are made up, and a view stays within its measured
+    range; nerf does not read them at all."""
+    from scipy.ndimage import distance_transform_edt
+
+    out = np.array(projections, dtype=np.float32, copy=True)
+    for v in np.flatnonzero(missing.reshape(len(missing), -1).any(axis=1)):
+        if missing[v].all():
+            out[v] = 0.0
+            continue
+        nearest = distance_transform_edt(missing[v], return_distances=False, return_indices=True)
+        out[v] = out[v][tuple(nearest)]
+    return out

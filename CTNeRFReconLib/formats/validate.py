@@ -21,6 +21,11 @@ I0 = 1e3, 0.01 at 1e4), so a few such values are normal; anything below -0.2 (tr
 """
 INTENSITY_SUSPECT = 30.0
 """Line integrals above 30 (transmission e^-30) do not occur: such data are raw intensities."""
+MAX_DEFECT_FRACTION = 0.02
+"""Pixels without a value (NaN or infinity: a flat panel's dead pixels and lines, or a log taken of zero
+counts) are taken as missing measurements up to this share of any view's pixels; `ScanData` then marks
+and fills them (`defects`). A dead column of a 240-column panel is 0.4 % of a view; more than 2 % says the
+data are broken, not the panel, and is refused."""
 
 
 class ScanFormatError(ValueError):
@@ -78,14 +83,20 @@ def check_projections(proj, file, field: str = "projections") -> np.ndarray:
     arr = arr.astype(np.float32, copy=False)
     bad = ~np.isfinite(arr)
     if bad.any():
-        v = int(np.argwhere(bad)[0][0])
-        raise ScanFormatError(file, field, f"contains {int(bad.sum())} NaN/inf values (first in view {v})",
-                              "remove or repair the broken views (dead pixels: interpolate them)")
-    lo, hi = float(arr.min()), float(arr.max())
+        share = bad.reshape(arr.shape[0], -1).mean(axis=1)
+        if share.max() > MAX_DEFECT_FRACTION:
+            v = int(np.argmax(share))
+            raise ScanFormatError(
+                file, field, f"contains {int(bad.sum())} NaN/inf values; view {v} has {share[v]:.1%} of its pixels "
+                f"without a value, more than the {MAX_DEFECT_FRACTION:.0%} that dead pixels or lines of a panel "
+                "explain (those are left out of the fit)", "remove or repair the broken views (a log taken of "
+                "zero or negative counts gives NaN/inf: check the dark and flat correction)")
+        arr = np.where(bad, np.float32(np.nan), arr)  # infinities too: every one a missing value (ScanData)
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
     if hi == 0.0 and lo == 0.0:
         raise ScanFormatError(file, field, "all projections are zero",
                               "check that the right file/array was given")
-    per_view = np.abs(arr).reshape(arr.shape[0], -1).max(axis=1)
+    per_view = np.nanmax(np.abs(arr).reshape(arr.shape[0], -1), axis=1)
     if np.any(per_view == 0):
         views = np.flatnonzero(per_view == 0)[:10].tolist()
         raise ScanFormatError(file, field, f"view(s) {views} are entirely zero (dropped frames?)",
@@ -120,15 +131,19 @@ def intensities_to_line_integrals(raw, file, field: str, i0=None, flat=None, dar
     """-log((I - dark) / (flat - dark)) or -log((I - dark) / (I0 - dark)), transmission kept in [1e-6, 1].
 
     The floor bounds line integrals at 13.8 where a pixel saw no photons; the ceiling turns
-    noise above the open beam (more photons than the flat field) into zero attenuation.
+    noise above the open beam (more photons than the flat field) into zero attenuation. A pixel
+    without a value, or dead in the flat field (not above the dark level), gives NaN: a missing
+    measurement, which `check_projections` accepts up to `MAX_DEFECT_FRACTION` of a view.
     """
     raw = np.asarray(raw, dtype=np.float64)
     if raw.ndim != 3:
         raise ScanFormatError(file, field, f"has shape {raw.shape}, expected (views, rows, cols)",
                               "give a 3D stack of intensity images")
-    if not np.all(np.isfinite(raw)):
-        raise ScanFormatError(file, field, "contains NaN or infinity", "repair the broken images")
-    if raw.max() <= 0:
+    if not np.any(np.isfinite(raw)):
+        raise ScanFormatError(file, field, "holds no finite value (NaN or infinity throughout)",
+                              "repair the broken images")
+    raw = np.where(np.isfinite(raw), raw, np.nan)  # an infinite count is no measurement either
+    if np.nanmax(raw) <= 0:
         raise ScanFormatError(file, field, "all intensities are zero or negative",
                               "check that the right file was given")
     shape = raw.shape[1:]
@@ -145,11 +160,14 @@ def intensities_to_line_integrals(raw, file, field: str, i0=None, flat=None, dar
     else:
         raise ScanFormatError(file, "i0", "intensities need an I0 or a flat field",
                               "add 'i0' (open-beam counts) or 'flat' (and optionally 'dark')")
-    if np.any(np.asarray(open_beam) <= 0):
-        raise ScanFormatError(file, where, "the open beam is not brighter than the dark level everywhere",
+    dead = np.asarray(open_beam) <= 0
+    if dead.mean() > MAX_DEFECT_FRACTION:
+        raise ScanFormatError(file, where, "the open beam is not brighter than the dark level"
+                              + ("" if dead.ndim == 0 else f" in {dead.mean():.1%} of the detector's pixels"),
                               "give a flat field / I0 above the dark field")
-    trans = np.clip((raw - darkv) / open_beam, 1e-6, 1.0)
-    return (-np.log(trans)).astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        trans = np.clip((raw - darkv) / np.where(dead, np.nan, open_beam), 1e-6, 1.0)  # NaN stays NaN
+        return (-np.log(trans)).astype(np.float32)
 
 
 def check_circular_distances(sid, sdd, file, field_sid: str = "sid", field_sdd: str = "sdd"):
