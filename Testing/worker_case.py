@@ -68,7 +68,7 @@ def write_small_case(folder: Path) -> Path:
 
 
 def write_with_bad_voxel(source: Path, target: Path, index_zyx, value: float) -> Path:
-    """Copy an image file with one voxel (array index z, y, x) set to `value` (NaN, inf, ...)."""
+    """Copy an image file with one voxel (array index z, y, x; slices for more) set to `value` (NaN, inf, ...)."""
     import SimpleITK as sitk
 
     img = sitk.ReadImage(str(source))

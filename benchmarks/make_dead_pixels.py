@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""A case with a flat panel's defects: dead columns and scattered dead pixels, the same in every view.
+
+Real panels have them (a defect map ships with each detector); after the log they are NaN or infinity,
+or whatever a reader turned them into. This writes a copy of an RTK case (geometry.xml and
+projections.mha, as make_rtk_case.py writes them) with the defect pixels set to `--fill`: `nan` (what
+the log of a dead pixel gives, which the library marks and leaves out) or `zero` (what a reader that
+maps NaN to 0 gives: rays that seem to cross only air). Reconstruct it as a user would and score it
+against the intact case's reference:
+
+    python benchmarks/make_dead_pixels.py ~/.cache/ctnerf_bench/cases/abd25 /tmp/dead25 --fill nan
+    python -m CTNeRFReconLib reconstruct /tmp/dead25 --out /tmp/dead25_run --time-limit 120
+    python benchmarks/score_runs.py ~/.cache/ctnerf_bench/cases/abd25/reference.nrrd /tmp/dead25_run \\
+        --out dead25.json --note "..."
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+
+def defect_map(rows: int, cols: int, columns: list[float], pixel_share: float, seed: int) -> np.ndarray:
+    """(rows, cols) True at the dead columns (given as fractions of the width) and at random pixels."""
+    dead = np.random.default_rng(seed).random((rows, cols)) < pixel_share
+    for where in columns:
+        dead[:, int(round(where * (cols - 1)))] = True
+    return dead
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("case", type=Path, help="an RTK case folder: geometry.xml and projections.mha")
+    ap.add_argument("out", type=Path, help="the new case folder (must not exist)")
+    ap.add_argument("--columns", type=float, nargs="*", default=[0.45, 0.5, 0.62],
+                    help="dead columns, as fractions of the detector's width (default: three through the body)")
+    ap.add_argument("--pixels", type=float, default=0.002, help="share of scattered dead pixels (default 0.2 %%)")
+    ap.add_argument("--fill", choices=("nan", "zero"), default="nan")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.out.exists():
+        ap.error(f"{args.out} exists; choose a new folder")
+    stack = sitk.ReadImage(str(args.case / "projections.mha"))
+    proj = sitk.GetArrayFromImage(stack).astype(np.float32)  # (views, rows, cols)
+    dead = defect_map(proj.shape[1], proj.shape[2], args.columns, args.pixels, args.seed)
+    proj[:, dead] = np.nan if args.fill == "nan" else 0.0
+    args.out.mkdir(parents=True)
+    shutil.copy(args.case / "geometry.xml", args.out / "geometry.xml")
+    out = sitk.GetImageFromArray(proj)
+    out.CopyInformation(stack)
+    sitk.WriteImage(out, str(args.out / "projections.mha"))
+    said = {"case": str(args.case), "fill": args.fill, "columns": args.columns, "pixel_share": args.pixels,
+            "dead_per_view": int(dead.sum()), "share_of_view": round(float(dead.mean()), 5)}
+    (args.out.parent / f"{args.out.name}.defects.json").write_text(json.dumps(said, indent=1))
+    print(json.dumps(said))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
