@@ -40,10 +40,11 @@ class ScanData:
     notes: list[str] = field(default_factory=list)
     """What the loader understood or assumed, shown by `info`."""
     defects: np.ndarray | None = None
-    """(V, rows, cols) True where a pixel holds no measurement: NaN or infinity in the given projections
-    (a panel's dead pixels and lines; `formats.validate.MAX_DEFECT_FRACTION` bounds them). Set here from
-    the projections; their values are then filled (`_filled_from_nearest`) so that every method can read
-    the stack, and nerf leaves those rays out of its fit."""
+    """(V, rows, cols) True where a pixel reading holds no measurement: NaN or infinity in the given
+    projections (`formats.validate.MAX_DEFECT_FRACTION` bounds them), or a pixel stuck at air in the object's
+    shadow (`stuck_at_air`): a panel's dead pixels and lines. Set here from the projections; their values
+    are then filled (`_filled_from_nearest`) so that every method can read the stack, and nerf leaves those
+    rays out of its fit."""
 
     def __post_init__(self):
         self._mark_defects()
@@ -59,16 +60,25 @@ class ScanData:
                              f"geometry says the detector is {self.geometry.det_shape}")
 
     def _mark_defects(self):
+        if self.projections.ndim != 3:
+            return  # refused below
         missing = ~np.isfinite(self.projections)
-        if not missing.any():
+        stuck = stuck_at_air(self.projections, _orbit_plane_rows(self.geometry))
+        if not missing.any() and not stuck.any():
             return
-        self.defects = missing if self.defects is None else (self.defects | missing)
-        self.projections = _filled_from_nearest(self.projections, missing)
-        views = int(missing.reshape(len(missing), -1).any(axis=1).sum())
-        self.notes.append(f"{int(missing.sum())} detector pixels in {views} of {len(missing)} views hold no value "
-                          "(NaN or infinity: dead pixels or lines of the panel, or a log of zero counts): nerf "
-                          "leaves their rays out of its fit; FDK and the previews read each from the nearest "
-                          "measured pixel of its view")
+        if missing.any():
+            views = int(missing.reshape(len(missing), -1).any(axis=1).sum())
+            self.notes.append(f"{int(missing.sum())} detector pixels in {views} of {len(missing)} views hold no "
+                              "value (NaN or infinity: dead pixels or lines of the panel, or a log of zero counts)")
+        if stuck.any():
+            self.notes.append(f"{int(stuck.sum())} detector pixels read air in the object's shadow in most views "
+                              "while their neighbours on both sides read object (a line of the panel stuck at zero, "
+                              "or dead pixels a reader turned into zeros): taken as dead")
+        self.notes.append("nerf leaves the dead pixels' rays out of its fit; FDK and the previews read each from "
+                          "the nearest measured pixel of its view")
+        dead = missing | stuck[None]
+        self.defects = dead if self.defects is None else (self.defects | dead)
+        self.projections = _filled_from_nearest(self.projections, self.defects)
 
     @property
     def n_views(self) -> int:
@@ -104,6 +114,79 @@ class ScanData:
             info["defect_pixels"] = int(self.defects.sum())
         info["notes"] = list(self.notes)
         return info
+
+
+STUCK_OBJECT_SHARE = 0.25
+"""A pixel can only be stuck at air where its neighbours read clearly object: at least this share of the
+stack's 99th percentile (the thickest rays; 2 on the abdomen, 0.13 on the tests' small phantom) and at least
+`STUCK_OBJECT_MIN`."""
+STUCK_OBJECT_MIN = 0.1
+"""Line integral (10 % attenuation): far above the photon noise of any air a scan has (0.03 at 1e3 photons)."""
+STUCK_RATIO = 0.1
+"""...and it reads at most this share of the lesser side: no real projection drops tenfold and rises again
+within two pixels, except where a gap lines up with the ray, which happens in a few views, not most."""
+
+
+def _larger_of_next_two(padded: np.ndarray, axis: int, step: int) -> np.ndarray:
+    """For each pixel of an image padded by 2 (NaN), the larger of the pixels 1 and 2 steps away along
+    `axis` (NaN-aware: a border or dead neighbour does not count)."""
+    rows, cols = padded.shape[0] - 4, padded.shape[1] - 4
+    near, far = [slice(2, 2 + rows), slice(2, 2 + cols)], [slice(2, 2 + rows), slice(2, 2 + cols)]
+    size = (rows, cols)[axis]
+    near[axis] = slice(2 + step, 2 + step + size)
+    far[axis] = slice(2 + 2 * step, 2 + 2 * step + size)
+    return np.fmax(padded[tuple(near)], padded[tuple(far)])
+
+
+def _orbit_plane_rows(geometry: ConeBeamGeometry) -> np.ndarray | None:
+    """(V,) the detector row where the plane of a cone-beam orbit (through the isocentre) lands in each view,
+    or None for parallel beam (and a geometry that does not say)."""
+    if geometry.parallel or geometry.det_shape[0] < 1:
+        return None
+    try:
+        return np.array([geometry.project_points(np.zeros(3), v)[0, 0] for v in range(geometry.n_views)])
+    except (ValueError, FloatingPointError, ZeroDivisionError):
+        return None
+
+
+def stuck_at_air(projections: np.ndarray, orbit_plane_rows: np.ndarray | None = None) -> np.ndarray:
+    """(rows, cols) True at pixels stuck at (or near) zero: in at least half of the views (and 3) where both
+    sides of them read object (the larger of the next two pixels on each side, along a row or a column, at
+    least `STUCK_OBJECT_SHARE` of the stack's 99th percentile), they read at most `STUCK_RATIO` of the lesser
+    side. The second pixel on each
+    side lets a pair of adjacent dead lines be found; three or more side by side are not (each outer one has
+    a dead pair beside it). A pixel stuck high cannot be told from a thin dense wire on the rotation axis, which
+    also stands out in every view, so only the low side is read. Nor can a row stuck low be told from a thin air
+    gap in the orbit's plane: the one row whose rays stay in that plane in every view (`orbit_plane_rows`, two
+    rows either side) is read along the row only; with parallel rays (None) every row keeps its plane, so no
+    pixel is read across the rows. Why by hand: no library offers a defect test across the views of a
+    projection stack; this is a few numpy shifts per view."""
+    views, rows, cols = projections.shape
+    sample = np.asarray(projections[np.unique(np.linspace(0, views - 1, min(views, 16)).round().astype(int))])
+    finite = sample[np.isfinite(sample)]
+    floor = max(STUCK_OBJECT_MIN, STUCK_OBJECT_SHARE * float(np.percentile(finite, 99))) if finite.size else np.inf
+    row_index = np.arange(rows)[:, None]
+    chances = np.zeros((rows, cols), dtype=np.int32)
+    votes = np.zeros((rows, cols), dtype=np.int32)
+    for v in range(views):
+        p = np.asarray(projections[v], dtype=np.float32)
+        padded = np.pad(p, 2, constant_values=np.nan)
+        seen = np.zeros((rows, cols), dtype=bool)
+        low = np.zeros((rows, cols), dtype=bool)
+        for axis in (0, 1):
+            with np.errstate(invalid="ignore"):
+                # np.minimum, not fmin: a side with no reading (border, NaN) gives no chance
+                both = np.minimum(_larger_of_next_two(padded, axis, -1), _larger_of_next_two(padded, axis, 1))
+                chance = both >= floor
+                if axis == 0:  # across the rows: not near the orbit plane's row, nor at all with parallel rays
+                    if orbit_plane_rows is None:
+                        continue
+                    chance &= np.abs(row_index - orbit_plane_rows[v]) > 2.5
+                seen |= chance
+                low |= chance & (p <= STUCK_RATIO * both)
+        chances += seen
+        votes += low
+    return (chances >= 3) & (2 * votes >= chances)
 
 
 def _filled_from_nearest(projections: np.ndarray, missing: np.ndarray) -> np.ndarray:

@@ -482,6 +482,9 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
                 reference=p.reference_info, resumed=opts.resume, run_dir=folder.root, pid=os.getpid())
     console.say(f"{p.method_name} on {p.device}: {p.scan.n_views} views of {g.det_shape[0]}x{g.det_shape[1]}, "
                 f"grid {p.grid.shape_xyz} at {p.grid.spacing_xyz[0]:.3g} mm ({p.grid_source}) -> {folder.root}")
+    if p.scan.defects is not None:  # worth a line: the user may not know the panel has them (run.json: notes)
+        console.say(f"{int(p.scan.defects.sum())} pixel readings (pixels x views) hold no measurement (dead "
+                    "pixels): left out of the fit")
 
     progress: list[dict] = []
     sequence = folder.last_snapshot_sequence() if opts.resume else 0

@@ -50,6 +50,15 @@ def ray_run_for(setting: int, columns: int) -> int:
     return max(1, min(int(setting), int(columns) // RAY_RUN_ROW_FRACTION))
 
 
+def _huber_mean(residual: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Mean of Huber's penalty (r^2 within delta, 2 delta |r| - delta^2 beyond: the same value and slope at
+    delta) with delta `threshold` times the batch's robust spread, 1.4826 x the median of |r| (no gradient
+    through it). Why relative: at the start every residual is large and the term must be least squares."""
+    size = residual.abs()
+    delta = threshold * 1.4826 * float(size.detach().median()) + 1e-12
+    return torch.where(size <= delta, residual ** 2, 2.0 * delta * size - delta ** 2).mean()
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, (MemoryError, _BatchTooLarge)):
         return True
@@ -910,10 +919,8 @@ class NerfTrainer:
             g["lr"] = base * self.lr_factor(it)
         vol = self._training_volume()
         pred = self.integrate(vol, o, d, tn, tf, jitter_seed=self.ctx.seed * 7_000_003 + it)
-        if self.ray_weights is None:
-            data = ((pred - meas) ** 2).mean()
-        else:
-            data = (self.ray_weights[idx] * (pred - meas) ** 2).mean()
+        residual = pred - meas if self.ray_weights is None else (pred - meas) * self.ray_weights[idx].sqrt()
+        data = _huber_mean(residual, cfg.robust_data) if cfg.robust_data > 0 else (residual ** 2).mean()
         loss = data / self.target_power
         if self.tv_weight > 0:
             tv = _tv(vol, self.tv_edge(), fused_kernel=self._kernel is not None)
@@ -921,7 +928,8 @@ class NerfTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        mse = data.item() if self.ray_weights is None else float(((pred.detach() - meas) ** 2).mean())
+        plain = self.ray_weights is None and cfg.robust_data <= 0
+        mse = data.item() if plain else float(((pred.detach() - meas) ** 2).mean())
         psnr = 10 * math.log10(self.target_peak ** 2 / max(mse, 1e-20))
         return loss.item(), psnr
 

@@ -65,7 +65,8 @@ def describe_summary(summary: dict) -> str:
         parts.append(f"detector displaced {summary['displaced_detector']['offset_mm']:.4g} mm on a full orbit "
                      "(half-fan: the whole circle it measures is reconstructed)")
     if summary.get("defect_pixels"):
-        parts.append(f"{summary['defect_pixels']} pixels without a value (dead pixels: left out of the fit)")
+        parts.append(f"{summary['defect_pixels']} pixel readings without a measurement (dead pixels: left out "
+                     "of the fit)")
     return ", ".join(parts)
 
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""A case whose air is not zero: a constant offset and a drift from view to view, as real scans have.
+
+After flat-fielding, a scanner's air reads a little off zero (scatter, the flat field's own error, the
+detector's lag), and the level moves from view to view with the tube's output. This writes a copy of an
+RTK case (geometry.xml and projections.mha, as make_rtk_case.py writes them) with `--offset` added to
+every line integral and a normal drift of standard deviation `--drift` added per view (seeded), so the
+reconstruction can be run and scored as a user would against the intact case's reference:
+
+    python benchmarks/make_air_offset.py ~/.cache/ctnerf_bench/cases/abd25 /tmp/off25 --offset 0.02
+    python -m CTNeRFReconLib reconstruct /tmp/off25 --out /tmp/off25_run --time-limit 120
+    python benchmarks/score_runs.py ~/.cache/ctnerf_bench/cases/abd25/reference.nrrd /tmp/off25_run \\
+        --out off25.json --note "..."
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("case", type=Path, help="an RTK case folder: geometry.xml and projections.mha")
+    ap.add_argument("out", type=Path, help="the new case folder (must not exist)")
+    ap.add_argument("--offset", type=float, default=0.0, help="added to every line integral")
+    ap.add_argument("--drift", type=float, default=0.0, help="standard deviation of a per-view offset")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.out.exists():
+        ap.error(f"{args.out} exists; choose a new folder")
+    stack = sitk.ReadImage(str(args.case / "projections.mha"))
+    proj = sitk.GetArrayFromImage(stack).astype(np.float32)  # (views, rows, cols)
+    per_view = args.offset + args.drift * np.random.default_rng(args.seed).standard_normal(len(proj))
+    proj += per_view[:, None, None].astype(np.float32)
+    args.out.mkdir(parents=True)
+    shutil.copy(args.case / "geometry.xml", args.out / "geometry.xml")
+    out = sitk.GetImageFromArray(proj)
+    out.CopyInformation(stack)
+    sitk.WriteImage(out, str(args.out / "projections.mha"))
+    said = {"case": str(args.case), "offset": args.offset, "drift": args.drift, "seed": args.seed,
+            "per_view": [round(float(x), 5) for x in per_view]}
+    (args.out.parent / f"{args.out.name}.air.json").write_text(json.dumps(said, indent=1))
+    print(json.dumps({k: v for k, v in said.items() if k != "per_view"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
