@@ -94,7 +94,12 @@ def projection_residuals(volume: Volume, scan: ScanData, stride: int | None = No
     n_v, n_u = scan.geometry.det_shape
     r0 = (stride - 1) // 2 if stride > 1 else 0
     meas = np.asarray(scan.projections, dtype=np.float32)[:, r0::stride, r0::stride][:, :pred.shape[1], :pred.shape[2]]
-    return np.sqrt(np.mean((pred.astype(np.float64) - meas) ** 2, axis=(1, 2)))
+    squared = (pred.astype(np.float64) - meas) ** 2
+    if scan.defects is None:
+        return np.sqrt(squared.mean(axis=(1, 2)))
+    # dead pixels hold their neighbour's value, not a measurement: left out, as from the fit
+    kept = ~scan.defects[:, r0::stride, r0::stride][:, :pred.shape[1], :pred.shape[2]]
+    return np.sqrt((squared * kept).sum(axis=(1, 2)) / np.maximum(kept.sum(axis=(1, 2)), 1))
 
 
 def projection_check(volume: Volume, scan: ScanData, png_path=None, view: int | None = None,

@@ -168,3 +168,48 @@ def test_the_command_line_says_how_many_and_writes_them_into_run_json(tmp_path):
     said = json.loads((tmp_path / "run" / "run.json").read_text())["data"]
     assert said["defect_pixels"] == 24 * 11 and any("hold no value" in n for n in said["notes"])
     assert (tmp_path / "run" / "volume.nrrd").exists()
+
+
+def test_a_mask_given_with_the_scan_is_filled_and_checked():
+    scan, _ = small_phantom_case()
+    given = np.zeros(scan.projections.shape, dtype=bool)
+    given[:, 10, 5] = True
+    proj = scan.projections.copy()
+    proj[:, 10, 5] = 99.0  # what a panel's defect map says is not a measurement
+    marked = ScanData(proj, scan.geometry, "synthetic", "<defect map>", defects=given)
+    assert np.array_equal(marked.defects, given) and marked.projections.max() < 99.0
+    with pytest.raises(ValueError, match="bool mask"):
+        ScanData(proj, scan.geometry, "synthetic", "<defect map>", defects=given[:, :, :-1])
+    # a stack that does not match its geometry is refused as such, before any defect is looked for
+    with pytest.raises(ValueError, match="projections but the geometry has"):
+        ScanData(np.concatenate([proj, proj[:1]]), scan.geometry, "synthetic", "<one view too many>")
+
+
+def test_more_stuck_pixels_than_a_panels_lines_are_kept_as_measured():
+    """Many pixels that pass the stuck test (here every fourth column at zero: 25 % of the panel) are not a
+    panel's dead lines; dropping them would drop a quarter of the data, so they stay, with a note."""
+    scan, _ = small_phantom_case()
+    proj = scan.projections.copy()
+    proj[:, :, ::4] = 0.0
+    kept = ScanData(proj, scan.geometry, "synthetic", "<slotted>")
+    assert kept.defects is None and any("kept as measured" in n for n in kept.notes)
+
+
+def test_a_pixel_without_a_value_in_the_flat_frame_is_dead_in_every_view(tmp_path):
+    lines = _lines()
+    raw = (2e4 * np.exp(-lines) + 100).astype(np.float32)
+    flat = np.full((16, 16), 2e4 + 100.0)
+    flat[7, 7] = np.nan
+    np.save(tmp_path / "flat.npy", flat)
+    scan = load_scan(_stack(tmp_path, raw, kind="intensity", flat="flat.npy", dark=100.0))
+    assert scan.defects[:, 7, 7].all() and scan.defects.sum() == 4
+
+
+def test_r2_gaussian_meta_data_under_another_name_loads(tmp_path):
+    from CTNeRFReconLib.formats.r2gaussian import write_r2gaussian
+
+    sc = {"mode": "cone", "DSD": 1500.0, "DSO": 1000.0, "nDetector": [16, 16], "sDetector": [32.0, 32.0],
+          "nVoxel": [8, 8, 8], "sVoxel": [8.0, 8.0, 8.0]}
+    folder = write_r2gaussian(tmp_path / "r2", _lines(), np.arange(4.0) * 90, sc)
+    (folder / "meta_data.json").rename(folder / "meta.json")
+    assert load_scan(folder).n_views == 4

@@ -95,18 +95,20 @@ def _load_file(path: Path, projections) -> ScanData:
                           "RTK geometry XML with its stack, or a JSON/YAML scan description")
 
 
-def _refuse_near_misses(folder: Path, files: list[Path], projections) -> None:
-    """A folder with no scan may still hold a file meant as one: a geometry.xml that does not parse, a
-    scan description missing its keys. "No scan found" would hide what is wrong with it, so one such file
-    is loaded for its own error (which names its field), and several are named."""
+def _near_miss(folder: Path, files: list[Path], projections) -> ScanData | None:
+    """A folder with no scan found may still hold a file meant as one: a geometry.xml that does not parse, a
+    scan description missing its keys (or R2-Gaussian's meta data under another name, which loads). "No scan
+    found" would hide what is wrong with it, so one such file is loaded: its scan, or its own error (which
+    names its field); several are named. None when there is none."""
     misses = [p for p in files if p.suffix.lower() in (".xml",) + _DESC_SUFFIXES and p.name != "meta_data.json"]
     if len(misses) == 1:
-        _load_file(misses[0], projections)  # raises the file's own error; loading it would have found it
+        return _load_file(misses[0], projections)
     if misses:
         names = ", ".join(p.name for p in misses[:6])
         raise ScanFormatError(folder, "format", f"no scan found in this folder: none of {names} is an RTK "
                               "geometry XML or a scan description (JSON/YAML with 'geometry' and 'projections')",
                               "give the file meant as the scan itself, to see what is wrong with it")
+    return None
 
 
 def _load_folder(path: Path, projections) -> ScanData:
@@ -122,7 +124,9 @@ def _load_folder(path: Path, projections) -> ScanData:
         kind, p = candidates[0]
         return load_rtk(p, projections) if kind == "RTK geometry" else _load_file(p, projections)
     if not candidates:
-        _refuse_near_misses(path, files, projections)
+        found = _near_miss(path, files, projections)
+        if found is not None:
+            return found
         raise ScanFormatError(path, "format", "no scan found in this folder (no meta_data.json, RTK geometry "
                               "XML, scan JSON/YAML or pickle)", "give the scan file itself, or a folder holding one")
     names = ", ".join(f"{p.name} ({kind})" for kind, p in candidates[:6])

@@ -115,16 +115,20 @@ def check_projections(proj, file, field: str = "projections") -> np.ndarray:
 
 
 def _field_image(value, shape, file, field: str):
-    """A scalar, a (rows, cols) image or a stack of them (averaged) matching the detector."""
+    """A scalar, a (rows, cols) image or a stack of them (averaged) matching the detector. An image's pixels
+    without a value (NaN, infinity: dead in the flat or dark frame) stay NaN, dead pixels of every view, up
+    to `MAX_DEFECT_FRACTION` of the detector."""
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim == 3:
         arr = arr.mean(axis=0)
     if arr.ndim not in (0, 2) or (arr.ndim == 2 and arr.shape != tuple(shape)):
         raise ScanFormatError(file, field, f"has shape {arr.shape}, the projections are {tuple(shape)}",
                               "give one number or an image of the detector's size")
-    if not np.all(np.isfinite(arr)):
-        raise ScanFormatError(file, field, "contains NaN or infinity", "repair the image")
-    return arr
+    bad = ~np.isfinite(arr)
+    if bad.mean() > (MAX_DEFECT_FRACTION if arr.ndim == 2 else 0.0):
+        raise ScanFormatError(file, field, "contains NaN or infinity" + (f" in {bad.mean():.1%} of its pixels, more "
+                              "than a panel's dead pixels" if arr.ndim == 2 else ""), "repair the image")
+    return np.where(bad, np.nan, arr)
 
 
 def intensities_to_line_integrals(raw, file, field: str, i0=None, flat=None, dark=None) -> np.ndarray:
@@ -160,7 +164,7 @@ def intensities_to_line_integrals(raw, file, field: str, i0=None, flat=None, dar
     else:
         raise ScanFormatError(file, "i0", "intensities need an I0 or a flat field",
                               "add 'i0' (open-beam counts) or 'flat' (and optionally 'dark')")
-    dead = np.asarray(open_beam) <= 0
+    dead = ~(np.asarray(open_beam) > 0)  # NaN too: a pixel dead in the flat or dark frame
     if dead.mean() > MAX_DEFECT_FRACTION:
         raise ScanFormatError(file, where, "the open beam is not brighter than the dark level"
                               + ("" if dead.ndim == 0 else f" in {dead.mean():.1%} of the detector's pixels"),
