@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
+
+from case_edit import write_edited_case
 
 
 def main(argv=None) -> int:
@@ -31,17 +32,9 @@ def main(argv=None) -> int:
     ap.add_argument("--drift", type=float, default=0.0, help="standard deviation of a per-view offset")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.out.exists():
-        ap.error(f"{args.out} exists; choose a new folder")
-    stack = sitk.ReadImage(str(args.case / "projections.mha"))
-    proj = sitk.GetArrayFromImage(stack).astype(np.float32)  # (views, rows, cols)
-    per_view = args.offset + args.drift * np.random.default_rng(args.seed).standard_normal(len(proj))
-    proj += per_view[:, None, None].astype(np.float32)
-    args.out.mkdir(parents=True)
-    shutil.copy(args.case / "geometry.xml", args.out / "geometry.xml")
-    out = sitk.GetImageFromArray(proj)
-    out.CopyInformation(stack)
-    sitk.WriteImage(out, str(args.out / "projections.mha"))
+    views = len(list(ET.parse(args.case / "geometry.xml").getroot().iter("Projection")))
+    per_view = args.offset + args.drift * np.random.default_rng(args.seed).standard_normal(views)
+    write_edited_case(args.case, args.out, lambda proj: proj + per_view[:, None, None].astype(np.float32))
     said = {"case": str(args.case), "offset": args.offset, "drift": args.drift, "seed": args.seed,
             "per_view": [round(float(x), 5) for x in per_view]}
     (args.out.parent / f"{args.out.name}.air.json").write_text(json.dumps(said, indent=1))

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
+
+from case_edit import write_edited_case
 
 
 def defect_map(rows: int, cols: int, columns: list[float], pixel_share: float, seed: int) -> np.ndarray:
@@ -42,17 +42,15 @@ def main(argv=None) -> int:
     ap.add_argument("--fill", choices=("nan", "zero"), default="nan")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.out.exists():
-        ap.error(f"{args.out} exists; choose a new folder")
-    stack = sitk.ReadImage(str(args.case / "projections.mha"))
-    proj = sitk.GetArrayFromImage(stack).astype(np.float32)  # (views, rows, cols)
-    dead = defect_map(proj.shape[1], proj.shape[2], args.columns, args.pixels, args.seed)
-    proj[:, dead] = np.nan if args.fill == "nan" else 0.0
-    args.out.mkdir(parents=True)
-    shutil.copy(args.case / "geometry.xml", args.out / "geometry.xml")
-    out = sitk.GetImageFromArray(proj)
-    out.CopyInformation(stack)
-    sitk.WriteImage(out, str(args.out / "projections.mha"))
+    found = {}
+
+    def with_defects(proj: np.ndarray) -> np.ndarray:
+        found["dead"] = dead = defect_map(proj.shape[1], proj.shape[2], args.columns, args.pixels, args.seed)
+        proj[:, dead] = np.nan if args.fill == "nan" else 0.0
+        return proj
+
+    write_edited_case(args.case, args.out, with_defects)
+    dead = found["dead"]
     said = {"case": str(args.case), "fill": args.fill, "columns": args.columns, "pixel_share": args.pixels,
             "dead_per_view": int(dead.sum()), "share_of_view": round(float(dead.mean()), 5)}
     (args.out.parent / f"{args.out.name}.defects.json").write_text(json.dumps(said, indent=1))
