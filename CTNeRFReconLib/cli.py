@@ -34,6 +34,9 @@ def _add_reconstruct(sub):
                    "R2-Gaussian folder, geometry file + --projections)")
     p.add_argument("--out", type=Path, required=True, metavar="RUN_DIR", help="run folder (created if missing)")
     p.add_argument("--projections", type=Path, metavar="FILE", help="projection stack, when DATA is a geometry file")
+    p.add_argument("--drop-views", type=int, nargs="+", default=(), metavar="N",
+                   help="leave these views (indices into the data) out of everything: a corrupt frame, or one the "
+                   "projection check names; the views left are numbered anew")
     p.add_argument("--reference", type=Path, metavar="CT_FILE",
                    help="reference CT: its grid becomes the output grid and the result is scored against it")
     p.add_argument("--reference-units", choices=("auto", "mu", "hu"), default="auto",
@@ -150,7 +153,8 @@ def _reconstruct(args) -> int:
     from .worker import ReconstructOptions, run_reconstruction
 
     opts = ReconstructOptions(
-        data=args.data, out=args.out, projections=args.projections, reference=args.reference,
+        data=args.data, out=args.out, projections=args.projections, drop_views=tuple(args.drop_views),
+        reference=args.reference,
         reference_units=args.reference_units, mu_water=args.mu_water, method=args.method, preset=args.preset,
         device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
         grid_spacing=args.grid_spacing, grid_size=None if args.grid_size is None else tuple(args.grid_size),

@@ -79,11 +79,35 @@ class ScanData:
             self.notes.append(f"{int(stuck.sum())} detector pixels read air in the object's shadow in most views "
                               "while their neighbours on both sides read object (a line of the panel stuck at zero, "
                               "or dead pixels a reader turned into zeros): taken as dead")
-        self.notes.append("nerf leaves the dead pixels' rays out of its fit; FDK and the previews read each from "
-                          "the nearest measured pixel of its view")
+        left_out = ("nerf leaves the dead pixels' rays out of its fit; FDK and the previews read each from the "
+                    "nearest measured pixel of its view")
+        if left_out not in self.notes:  # a scan made from another (without_views) has it already
+            self.notes.append(left_out)
         dead = missing | stuck[None]
         self.defects = dead if self.defects is None else (self.defects | dead)
         self.projections = _filled_from_nearest(self.projections, self.defects)
+
+    def without_views(self, drop) -> "ScanData":
+        """The scan without the given views (indices into this scan), for `--drop-views`: every method, the
+        support and the checks see only the views left, numbered anew. A bad request is a ScanFormatError
+        naming `--drop-views`."""
+        from .formats.validate import ScanFormatError
+
+        drop = sorted({int(v) for v in drop})
+        wrong = [v for v in drop if not 0 <= v < self.n_views]
+        if wrong:
+            raise ScanFormatError("--drop-views", "--drop-views", f"names view(s) {wrong}; {self.source_path} has "
+                                  f"views 0 to {self.n_views - 1}", "give indices into the data's views")
+        keep = np.setdiff1d(np.arange(self.n_views), drop)
+        if len(keep) < 3:
+            raise ScanFormatError("--drop-views", "--drop-views", f"would leave {len(keep)} of {self.n_views} "
+                                  "views", "drop fewer views: a reconstruction needs at least 3")
+        note = (f"views {drop} left out (--drop-views): the {len(keep)} views left are numbered 0 to {len(keep) - 1}"
+                + ("" if self.geometry.angles is None else
+                   f"; the dropped ones at {[round(float(np.degrees(self.geometry.angles[v])), 2) for v in drop]} deg"))
+        return ScanData(self.projections[keep], self.geometry.subset(keep), self.source_format, self.source_path,
+                        grid=self.grid, reference=self.reference, validation=self.validation,
+                        notes=[*self.notes, note], defects=None if self.defects is None else self.defects[keep])
 
     @property
     def n_views(self) -> int:

@@ -51,6 +51,9 @@ class ReconstructOptions:
     """Run folder."""
     projections: Path | None = None
     """Projection stack when `data` is a geometry file."""
+    drop_views: tuple[int, ...] = ()
+    """Views (indices into the data) left out of everything: a corrupt frame, or one stored under the wrong
+    angle, which the projection check names (`ScanData.without_views`)."""
     reference: Path | None = None
     """Reference CT: its grid becomes the output grid, and the result is scored against it."""
     reference_units: str = "auto"
@@ -362,6 +365,8 @@ def prepare(opts: ReconstructOptions) -> Prepared:
     # then the data, the reference and the grid, still before torch loads: a broken file is refused in
     # about a second (reading it), not after the method's imports
     scan = load_scan(Path(opts.data), projections=None if opts.projections is None else Path(opts.projections))
+    if opts.drop_views:
+        scan = scan.without_views(opts.drop_views)
     reference, reference_info = None, None
     if opts.reference is not None:
         reference, units = load_reference(opts.reference, opts.reference_units, opts.mu_water)
@@ -568,8 +573,11 @@ def _projection_check(p: Prepared, volume: Volume, folder: RunFolder, events: Ev
                 angles_deg=res["angles_deg"], held_out=res["held_out"], median_rmse=res["median_rmse"],
                 worst_view=res["worst_view"], path=res["path"])
     if res["worst_ratio"] > 3:
+        dropped = any("(--drop-views)" in note for note in p.scan.notes)  # then views are numbered anew
+        hint = "" if dropped or res["worst_view"] in res["held_out"] else (
+            f"; if that frame is bad, `--drop-views {res['worst_view']}` leaves it out")
         console.say(f"projection check: view {res['worst_view']} leaves {res['worst_ratio']:.1f} x the median "
-                    f"residual (a bad view or a geometry error?): {res['path']}")
+                    f"residual (a bad view or a geometry error?): {res['path']}{hint}")
     return res
 
 

@@ -213,3 +213,23 @@ def test_r2_gaussian_meta_data_under_another_name_loads(tmp_path):
     folder = write_r2gaussian(tmp_path / "r2", _lines(), np.arange(4.0) * 90, sc)
     (folder / "meta_data.json").rename(folder / "meta.json")
     assert load_scan(folder).n_views == 4
+
+
+def test_views_the_user_drops_are_left_out_of_everything(tmp_path):
+    """`--drop-views`: the projection check names a bad view; the user leaves it out and the run sees only the
+    others (FDK, nerf, the support alike), numbered anew, and says which were dropped."""
+    from worker_case import run_cli, write_small_case
+
+    case = write_small_case(tmp_path / "case")
+    res = run_cli("reconstruct", case, "--out", tmp_path / "run", "--method", "fdk", "--drop-views", "5", "17")
+    assert res.returncode == 0, res.stderr
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["data"]["views"] == 22 and any("views [5, 17] left out (--drop-views)" in n for n in run["data"]["notes"])
+    started = json.loads(res.stdout.splitlines()[0])
+    assert started["event"] == "started" and started["views"] == 22
+    refused = run_cli("reconstruct", case, "--out", tmp_path / "run2", "--method", "fdk", "--drop-views", "24")
+    assert refused.returncode == 2 and "--drop-views" in refused.stderr and "views 0 to 23" in refused.stderr
+    scan = load_scan(case)
+    kept = scan.without_views([0, 3])
+    assert kept.n_views == scan.n_views - 2 and np.array_equal(kept.projections[0], scan.projections[1])
+    assert np.allclose(kept.geometry.sources[2], scan.geometry.sources[4])
