@@ -3,6 +3,7 @@ projections changed: what the scripts that imitate real detectors (make_dead_pix
 share."""
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -23,3 +24,11 @@ def write_edited_case(case: Path, out: Path, edit: Callable[[np.ndarray], np.nda
     image = sitk.GetImageFromArray(proj)
     image.CopyInformation(stack)
     sitk.WriteImage(image, str(out / "projections.mha"))
+
+
+def case_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every case-editing script starts with: the case folder and the new one."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("case", type=Path, help="an RTK case folder: geometry.xml and projections.mha")
+    ap.add_argument("out", type=Path, help="the new case folder (must not exist)")
+    return ap

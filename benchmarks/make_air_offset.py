@@ -14,20 +14,16 @@ reconstruction can be run and scored as a user would against the intact case's r
 """
 from __future__ import annotations
 
-import argparse
 import json
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 
-from case_edit import write_edited_case
+from case_edit import case_parser, write_edited_case
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("case", type=Path, help="an RTK case folder: geometry.xml and projections.mha")
-    ap.add_argument("out", type=Path, help="the new case folder (must not exist)")
+    ap = case_parser(__doc__)
     ap.add_argument("--offset", type=float, default=0.0, help="added to every line integral")
     ap.add_argument("--drift", type=float, default=0.0, help="standard deviation of a per-view offset")
     ap.add_argument("--seed", type=int, default=0)

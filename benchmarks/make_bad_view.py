@@ -10,18 +10,13 @@ term's Huber zone (`--setting robust_data=4`) is for:
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import numpy as np
 
-from case_edit import write_edited_case
+from case_edit import case_parser, write_edited_case
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("case", type=Path, help="an RTK case folder: geometry.xml and projections.mha")
-    ap.add_argument("out", type=Path, help="the new case folder (must not exist)")
+    ap = case_parser(__doc__)
     ap.add_argument("--view", type=int, default=12, help="the view to corrupt")
     ap.add_argument("--from-view", type=int, default=13, help="whose image it gets")
     args = ap.parse_args(argv)

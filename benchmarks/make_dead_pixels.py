@@ -15,13 +15,11 @@ against the intact case's reference:
 """
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 
-from case_edit import write_edited_case
+from case_edit import case_parser, write_edited_case
 
 
 def defect_map(rows: int, cols: int, columns: list[float], pixel_share: float, seed: int) -> np.ndarray:
@@ -33,9 +31,7 @@ def defect_map(rows: int, cols: int, columns: list[float], pixel_share: float, s
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("case", type=Path, help="an RTK case folder: geometry.xml and projections.mha")
-    ap.add_argument("out", type=Path, help="the new case folder (must not exist)")
+    ap = case_parser(__doc__)
     ap.add_argument("--columns", type=float, nargs="*", default=[0.45, 0.5, 0.62],
                     help="dead columns, as fractions of the detector's width (default: three through the body)")
     ap.add_argument("--pixels", type=float, default=0.002, help="share of scattered dead pixels (default 0.2 %%)")
