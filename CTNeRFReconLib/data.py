@@ -79,10 +79,9 @@ class ScanData:
             self.notes.append(f"{int(stuck.sum())} detector pixels read air in the object's shadow in most views "
                               "while their neighbours on both sides read object (a line of the panel stuck at zero, "
                               "or dead pixels a reader turned into zeros): taken as dead")
-        left_out = ("nerf leaves the dead pixels' rays out of its fit; FDK and the previews read each from the "
-                    "nearest measured pixel of its view")
-        if left_out not in self.notes:  # a scan made from another (without_views) has it already
-            self.notes.append(left_out)
+        if missing.any() or stuck.any():  # a mask given with the scan (without_views) was noted where it was found
+            self.notes.append("nerf leaves the dead pixels' rays out of its fit; FDK and the previews read each "
+                              "from the nearest measured pixel of its view")
         dead = missing | stuck[None]
         self.defects = dead if self.defects is None else (self.defects | dead)
         self.projections = _filled_from_nearest(self.projections, self.defects)
@@ -199,13 +198,14 @@ def stuck_at_air(projections: np.ndarray, orbit_plane_rows: np.ndarray | None = 
     sides of them read object (the larger of the next two pixels on each side, along a row or a column, at
     least `STUCK_OBJECT_SHARE` of the stack's 99th percentile), they read at most `STUCK_RATIO` of the lesser
     side. The second pixel on each side lets a pair of adjacent dead lines be found; three or more side by
-    side are not (each outer one has a dead pair beside it). A pixel stuck high cannot be told from a thin dense wire on the rotation axis, which
-    also stands out in every view, so only the low side is read. Nor can a row stuck low be told from a thin air
-    gap in or near the orbit's plane, whose rays stay in that gap in every view: rows within
-    `ORBIT_PLANE_BAND` of the plane's row (`orbit_plane_rows`) are read along the row only; with parallel rays
-    (None) every row keeps its plane, so no pixel is read across the rows. A detector rolled about its normal
-    moves the plane's row across the columns; the band's width covers a small roll. Why by hand: no library offers a defect test across the views of a
-    projection stack; this is a few numpy shifts per view."""
+    side are not (each outer one has a dead pair beside it). A pixel stuck high cannot be told from a thin
+    dense wire on the rotation axis, which also stands out in every view, so only the low side is read. Nor
+    can a row stuck low be told from a thin air gap in or near the orbit's plane, whose rays stay in that gap
+    in every view: rows within `ORBIT_PLANE_BAND` of the plane's row (`orbit_plane_rows`) are read along the
+    row only; with parallel rays (None) every row keeps its plane, so no pixel is read across the rows. A
+    detector rolled about its normal moves the plane's row across the columns; the band's width covers a
+    small roll. Why by hand: no library offers a defect test across the views of a projection stack; this is
+    a few numpy shifts per view."""
     views, rows, cols = projections.shape
     voting = np.unique(np.linspace(0, views - 1, min(views, STUCK_VOTING_VIEWS)).round().astype(int))
     sample = np.asarray(projections[voting[np.unique(np.linspace(0, len(voting) - 1, min(len(voting), 16))

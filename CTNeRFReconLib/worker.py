@@ -541,7 +541,7 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
         paths["loss_preview"] = folder.loss_preview
     if sequence:
         paths["snapshot"] = folder.snapshot
-    check = None if cancelled else _projection_check(p, volume, folder, events, console)
+    check = None if cancelled else _projection_check(p, volume, folder, events, console, bool(opts.drop_views))
     if check is not None:
         paths["projection_check"] = check["path"]
         run_info["projection_check"] = {k: check[k] for k in ("view", "angle_deg", "median_rmse", "worst_view",
@@ -559,7 +559,8 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
     return ExitCode.OK
 
 
-def _projection_check(p: Prepared, volume: Volume, folder: RunFolder, events: EventWriter, console: Console):
+def _projection_check(p: Prepared, volume: Volume, folder: RunFolder, events: EventWriter, console: Console,
+                      views_dropped: bool):
     """projection_check.png and the `projection_check` event (projection_check.py); never fails the run."""
     try:
         from .projection_check import projection_check
@@ -573,8 +574,8 @@ def _projection_check(p: Prepared, volume: Volume, folder: RunFolder, events: Ev
                 angles_deg=res["angles_deg"], held_out=res["held_out"], median_rmse=res["median_rmse"],
                 worst_view=res["worst_view"], path=res["path"])
     if res["worst_ratio"] > 3:
-        dropped = any("(--drop-views)" in note for note in p.scan.notes)  # then views are numbered anew
-        hint = "" if dropped or res["worst_view"] in res["held_out"] else (
+        # after --drop-views the views are numbered anew, and a held-out view is not one of the data's
+        hint = "" if views_dropped or res["worst_view"] in res["held_out"] else (
             f"; if that frame is bad, `--drop-views {res['worst_view']}` leaves it out")
         console.say(f"projection check: view {res['worst_view']} leaves {res['worst_ratio']:.1f} x the median "
                     f"residual (a bad view or a geometry error?): {res['path']}{hint}")

@@ -1,24 +1,26 @@
 """A copy of an RTK case (geometry.xml and projections.mha, as make_rtk_case.py writes them) with its
-projections changed: what the scripts that imitate real detectors (make_dead_pixels.py, make_air_offset.py)
-share."""
+projections changed: what the scripts that imitate real detectors (make_dead_pixels.py, make_air_offset.py,
+make_bad_view.py) share."""
 from __future__ import annotations
 
 import argparse
 import shutil
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import SimpleITK as sitk
 
 
-def write_edited_case(case: Path, out: Path, edit: Callable[[np.ndarray], np.ndarray]) -> None:
-    """Write `out` (a new folder) with the case's geometry and `edit` applied to its (views, rows, cols)
-    float32 line integrals; the stack keeps its origin, spacing and direction."""
+def read_case(case: Path, out: Path) -> tuple[np.ndarray, sitk.Image]:
+    """The case's (views, rows, cols) float32 line integrals and their stack (for its origin, spacing and
+    direction); refuses an `out` that exists before anything is read."""
     if out.exists():
         raise SystemExit(f"{out} exists; choose a new folder")
     stack = sitk.ReadImage(str(case / "projections.mha"))
-    proj = edit(sitk.GetArrayFromImage(stack).astype(np.float32))
+    return sitk.GetArrayFromImage(stack).astype(np.float32), stack
+
+
+def write_case(case: Path, out: Path, proj: np.ndarray, stack: sitk.Image) -> None:
+    """`out` (a new folder) with the case's geometry and `proj` as its stack, placed as `stack` was."""
     out.mkdir(parents=True)
     shutil.copy(case / "geometry.xml", out / "geometry.xml")
     image = sitk.GetImageFromArray(proj)

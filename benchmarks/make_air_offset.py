@@ -15,11 +15,10 @@ reconstruction can be run and scored as a user would against the intact case's r
 from __future__ import annotations
 
 import json
-import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from case_edit import case_parser, write_edited_case
+from case_edit import case_parser, read_case, write_case
 
 
 def main(argv=None) -> int:
@@ -28,9 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--drift", type=float, default=0.0, help="standard deviation of a per-view offset")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    views = len(list(ET.parse(args.case / "geometry.xml").getroot().iter("Projection")))
-    per_view = args.offset + args.drift * np.random.default_rng(args.seed).standard_normal(views)
-    write_edited_case(args.case, args.out, lambda proj: proj + per_view[:, None, None].astype(np.float32))
+    proj, stack = read_case(args.case, args.out)
+    per_view = args.offset + args.drift * np.random.default_rng(args.seed).standard_normal(len(proj))
+    write_case(args.case, args.out, proj + per_view[:, None, None].astype(np.float32), stack)
     said = {"case": str(args.case), "offset": args.offset, "drift": args.drift, "seed": args.seed,
             "per_view": [round(float(x), 5) for x in per_view]}
     (args.out.parent / f"{args.out.name}.air.json").write_text(json.dumps(said, indent=1))

@@ -10,9 +10,7 @@ term's Huber zone (`--setting robust_data=4`) is for:
 """
 from __future__ import annotations
 
-import numpy as np
-
-from case_edit import case_parser, write_edited_case
+from case_edit import case_parser, read_case, write_case
 
 
 def main(argv=None) -> int:
@@ -20,12 +18,9 @@ def main(argv=None) -> int:
     ap.add_argument("--view", type=int, default=12, help="the view to corrupt")
     ap.add_argument("--from-view", type=int, default=13, help="whose image it gets")
     args = ap.parse_args(argv)
-
-    def corrupted(proj: np.ndarray) -> np.ndarray:
-        proj[args.view] = proj[args.from_view]
-        return proj
-
-    write_edited_case(args.case, args.out, corrupted)
+    proj, stack = read_case(args.case, args.out)
+    proj[args.view] = proj[args.from_view]
+    write_case(args.case, args.out, proj, stack)
     print(f"{args.out}: view {args.view} holds view {args.from_view}'s image")
     return 0
 

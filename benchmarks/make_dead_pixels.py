@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 
-from case_edit import case_parser, write_edited_case
+from case_edit import case_parser, read_case, write_case
 
 
 def defect_map(rows: int, cols: int, columns: list[float], pixel_share: float, seed: int) -> np.ndarray:
@@ -38,15 +38,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fill", choices=("nan", "zero"), default="nan")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    found = {}
-
-    def with_defects(proj: np.ndarray) -> np.ndarray:
-        found["dead"] = dead = defect_map(proj.shape[1], proj.shape[2], args.columns, args.pixels, args.seed)
-        proj[:, dead] = np.nan if args.fill == "nan" else 0.0
-        return proj
-
-    write_edited_case(args.case, args.out, with_defects)
-    dead = found["dead"]
+    proj, stack = read_case(args.case, args.out)
+    dead = defect_map(proj.shape[1], proj.shape[2], args.columns, args.pixels, args.seed)
+    proj[:, dead] = np.nan if args.fill == "nan" else 0.0
+    write_case(args.case, args.out, proj, stack)
     said = {"case": str(args.case), "fill": args.fill, "columns": args.columns, "pixel_share": args.pixels,
             "dead_per_view": int(dead.sum()), "share_of_view": round(float(dead.mean()), 5)}
     (args.out.parent / f"{args.out.name}.defects.json").write_text(json.dumps(said, indent=1))
