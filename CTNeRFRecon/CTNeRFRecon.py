@@ -209,6 +209,9 @@ class CTNeRFReconParameterNode:
     """nerf: a table top or a holder leaves the field of view and the run's log does not say it trains past
     it: train at least 0.4 of the half-side past every side the object reaches where the edge rays see no
     body going on (`widen_reached_sides`; by default the run measures how far, `measure_thin_sides`)."""
+    leaveOutViews: str = ""
+    """Views of the data left out of the run (`--drop-views`), counted from 0 as the projection check names
+    them: e.g. "12" or "10-12, 30"; empty: every view."""
     runFolder: str = ""
     """Empty: a new folder under Slicer's temporary folder for each run."""
     pythonInterpreter: str = ""
@@ -1305,10 +1308,12 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
 
     def startReconstruction(self, parameters, runFolder=None, resume: bool = False):
         """Start a run in the background; returns the ReconstructionSession to poll."""
-        from CTNeRFReconLib.slicer_bridge.session import ReconstructionSession, grid_request_fields, method_extra_args
+        from CTNeRFReconLib.slicer_bridge.session import (ReconstructionSession, grid_request_fields, method_extra_args,
+                                                           parse_view_list)
         from CTNeRFReconLib.slicer_bridge.worker import ReconstructRequest
 
         data = self._checkedDataPath(parameters.dataPath)
+        dropViews = parse_view_list(parameters.leaveOutViews)
         grid = grid_request_fields(parameters.gridChoice, parameters.gridSpacing,
                                    (parameters.gridSizeX, parameters.gridSizeY, parameters.gridSizeZ))
         fromReference = parameters.gridChoice == "reference"
@@ -1327,7 +1332,7 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
         extra = method_extra_args(parameters.method, parameters.timeLimit, parameters.tableBeyondView)
         request = ReconstructRequest(
             data=data, out=pathlib.Path(runFolder), method=parameters.method, preset=parameters.preset,
-            device=parameters.device, seed=parameters.seed, resume=resume,
+            device=parameters.device, seed=parameters.seed, resume=resume, drop_views=dropViews,
             iterations=parameters.iterations or None, snapshot_every=parameters.snapshotEvery or None,
             extra_args=extra, **grid)
         options = self.sessionOptions(parameters, grid_from_reference=fromReference)

@@ -101,6 +101,8 @@ def _add_info(sub):
     p = sub.add_parser("info", help="show what was detected in a scan (format, geometry, default grid)")
     p.add_argument("data", type=Path, metavar="DATA")
     p.add_argument("--projections", type=Path, metavar="FILE")
+    p.add_argument("--drop-views", type=int, nargs="+", default=(), metavar="N",
+                   help="describe the scan without these views, as `reconstruct --drop-views` sees it")
     p.add_argument("--json", action="store_true", help="print JSON (one line) instead of text")
     p.add_argument("--no-support", action="store_true",
                    help="skip carving the object's support (seconds on large scans; needs torch): only what the "
@@ -229,14 +231,28 @@ def _info(args) -> int:
     from .events import to_json_value
     from .formats import describe, load_scan
 
-    scan = load_scan(args.data, projections=args.projections)
-    details = info_dict(scan, support=not args.no_support)
+    # views with nothing to fit are named, not refused: this is where a user looks at the data; the
+    # rest is worked out without them, as reconstruct sees the scan once they are left out
+    scan = load_scan(args.data, projections=args.projections, keep_bad_views=True)
+    bad = sorted(set(scan.bad_views) - set(args.drop_views))
+    leave_out = sorted(set(args.drop_views) | set(bad))
+    reason = "--drop-views" if not bad else "nothing to reconstruct from in " + ", ".join(map(str, bad)) + (
+        "; --drop-views" if args.drop_views else "")
+    analysed = scan.without_views(leave_out, reason) if leave_out else scan
+    details = info_dict(analysed, support=not args.no_support)
+    if bad:
+        details["bad_views"] = {str(v): scan.bad_views[v] for v in bad}
     if args.json:
         print(json.dumps(to_json_value(details)))  # one line: what a caller reads (slicer_bridge.commands)
         return ExitCode.OK
-    print(describe(scan)["description"])
-    for note in details.get("notes", [])[len(scan.summary().get("notes", [])):]:
+    print(describe(analysed)["description"])
+    for note in details.get("notes", [])[len(analysed.summary().get("notes", [])):]:
         print(note)
+    if bad:
+        print(f"views with nothing to reconstruct from, left out here; reconstruct refuses them until they are "
+              f"left out with --drop-views {' '.join(map(str, leave_out))}:")
+        for v in bad:
+            print(f"  view {v} {scan.bad_views[v]}")
     grid = details["default_grid"]
     displaced = details.get("displaced_detector")
     if displaced:

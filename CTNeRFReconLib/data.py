@@ -45,6 +45,13 @@ class ScanData:
     shadow (`stuck_at_air`): a panel's dead pixels and lines. Set here from the projections; their values
     are then filled (`_filled_from_nearest`) so that every method can read the stack, and nerf leaves those
     rays out of its fit."""
+    projections_file: str | None = None
+    """The file the projections were read from where it is not `source_path` (an RTK case's stack beside
+    its geometry XML), for messages about them."""
+    bad_views: dict[int, str] = field(default_factory=dict)
+    """Views that hold nothing to fit, with what is wrong: entirely zero (a dropped frame), or more than
+    `formats.validate.MAX_DEFECT_FRACTION` of the pixels without a value. Set here from the projections;
+    `formats.load_scan` refuses a scan with any that the user did not leave out (`--drop-views`)."""
 
     def __post_init__(self):
         p = self.projections
@@ -63,6 +70,7 @@ class ScanData:
 
     def _mark_defects(self):
         missing = ~np.isfinite(self.projections)
+        self._find_bad_views(missing)
         stuck = stuck_at_air(self.projections, _orbit_plane_rows(self.geometry))
         if stuck.mean() > STUCK_MAX_FRACTION:  # not a panel's lines: an object that fools the test
             self.notes.append(f"{int(stuck.sum())} detector pixels ({stuck.mean():.1%}) read air in the object's "
@@ -86,7 +94,20 @@ class ScanData:
         self.defects = dead if self.defects is None else (self.defects | dead)
         self.projections = _filled_from_nearest(self.projections, self.defects)
 
-    def without_views(self, drop) -> "ScanData":
+    def _find_bad_views(self, missing: np.ndarray):
+        from .formats.validate import MAX_DEFECT_FRACTION
+
+        views = len(missing)
+        share = missing.reshape(views, -1).mean(axis=1)
+        peak = np.where(missing, 0.0, np.abs(self.projections)).reshape(views, -1).max(axis=1)
+        for v in range(views):
+            if share[v] > MAX_DEFECT_FRACTION:
+                self.bad_views[v] = (f"has {share[v]:.1%} of its pixels without a value (more than the "
+                                     f"{MAX_DEFECT_FRACTION:.0%} a panel's dead pixels and lines explain)")
+            elif peak[v] == 0:
+                self.bad_views[v] = "is entirely zero (a dropped frame?)"
+
+    def without_views(self, drop, reason: str = "--drop-views") -> "ScanData":
         """The scan without the given views (indices into this scan), for `--drop-views`: every method, the
         support and the checks see only the views left, numbered anew. A bad request is a ScanFormatError
         naming `--drop-views`."""
@@ -101,12 +122,13 @@ class ScanData:
         if len(keep) < 3:
             raise ScanFormatError("--drop-views", "--drop-views", f"would leave {len(keep)} of {self.n_views} "
                                   "views", "drop fewer views: a reconstruction needs at least 3")
-        note = (f"views {drop} left out (--drop-views): the {len(keep)} views left are numbered 0 to {len(keep) - 1}"
+        note = (f"views {drop} left out ({reason}): the {len(keep)} views left are numbered 0 to {len(keep) - 1}"
                 + ("" if self.geometry.angles is None else
                    f"; the dropped ones at {[round(float(np.degrees(self.geometry.angles[v])), 2) for v in drop]} deg"))
         return ScanData(self.projections[keep], self.geometry.subset(keep), self.source_format, self.source_path,
                         grid=self.grid, reference=self.reference, validation=self.validation,
-                        notes=[*self.notes, note], defects=None if self.defects is None else self.defects[keep])
+                        notes=[*self.notes, note], defects=None if self.defects is None else self.defects[keep],
+                        projections_file=self.projections_file)
 
     @property
     def n_views(self) -> int:
@@ -140,6 +162,8 @@ class ScanData:
             info["validation_views"] = self.validation.n_views
         if self.defects is not None:
             info["defect_pixels"] = int(self.defects.sum())
+        if self.bad_views:
+            info["bad_views"] = {str(v): why for v, why in sorted(self.bad_views.items())}
         info["notes"] = list(self.notes)
         return info
 
@@ -165,18 +189,25 @@ across the rows: near that plane a ray's height changes little across the object
 off the plane stays in air over a 100 mm object at 500 mm from the source)."""
 STUCK_RATIO = 0.1
 """...and it reads at most this share of the lesser side: no real projection drops tenfold and rises again
-within two pixels, except where a gap lines up with the ray, which happens in a few views, not most."""
+within a few pixels, except where a gap lines up with the ray, which happens in a few views, not most."""
+STUCK_MAX_RUN = 4
+"""Each side is the largest of the next this many pixels, so up to this many adjacent dead lines are found
+(a tiled panel's seam, a dead readout group); wider runs are not tested (a wider air slot lined up with the
+rays in most views is more likely an object than a panel)."""
 
 
-def _larger_of_next_two(padded: np.ndarray, axis: int, step: int) -> np.ndarray:
-    """For each pixel of an image padded by 2 (NaN), the larger of the pixels 1 and 2 steps away along
-    `axis` (NaN-aware: a border or dead neighbour does not count)."""
-    rows, cols = padded.shape[0] - 4, padded.shape[1] - 4
-    near, far = [slice(2, 2 + rows), slice(2, 2 + cols)], [slice(2, 2 + rows), slice(2, 2 + cols)]
+def _largest_of_next(padded: np.ndarray, axis: int, step: int) -> np.ndarray:
+    """For each pixel of an image padded by `STUCK_MAX_RUN` (NaN), the largest of the pixels 1 to
+    `STUCK_MAX_RUN` steps away along `axis` (NaN-aware: a border or dead neighbour does not count)."""
+    k = STUCK_MAX_RUN
+    rows, cols = padded.shape[0] - 2 * k, padded.shape[1] - 2 * k
     size = (rows, cols)[axis]
-    near[axis] = slice(2 + step, 2 + step + size)
-    far[axis] = slice(2 + 2 * step, 2 + 2 * step + size)
-    return np.fmax(padded[tuple(near)], padded[tuple(far)])
+    out = None
+    for d in range(1, k + 1):
+        window = [slice(k, k + rows), slice(k, k + cols)]
+        window[axis] = slice(k + d * step, k + d * step + size)
+        out = padded[tuple(window)] if out is None else np.fmax(out, padded[tuple(window)])
+    return out
 
 
 def _orbit_plane_rows(geometry: ConeBeamGeometry) -> np.ndarray | None:
@@ -195,10 +226,9 @@ def _orbit_plane_rows(geometry: ConeBeamGeometry) -> np.ndarray | None:
 
 def stuck_at_air(projections: np.ndarray, orbit_plane_rows: np.ndarray | None = None) -> np.ndarray:
     """(rows, cols) True at pixels stuck at (or near) zero: in at least half of the views (and 3) where both
-    sides of them read object (the larger of the next two pixels on each side, along a row or a column, at
-    least `STUCK_OBJECT_SHARE` of the stack's 99th percentile), they read at most `STUCK_RATIO` of the lesser
-    side. The second pixel on each side lets a pair of adjacent dead lines be found; three or more side by
-    side are not (each outer one has a dead pair beside it). A pixel stuck high cannot be told from a thin
+    sides of them read object (the largest of the next `STUCK_MAX_RUN` pixels on each side, along a row or a
+    column, at least `STUCK_OBJECT_SHARE` of the stack's 99th percentile), they read at most `STUCK_RATIO` of
+    the lesser side. Reading several pixels on each side finds up to `STUCK_MAX_RUN` adjacent dead lines. A pixel stuck high cannot be told from a thin
     dense wire on the rotation axis, which also stands out in every view, so only the low side is read. Nor
     can a row stuck low be told from a thin air gap in or near the orbit's plane, whose rays stay in that gap
     in every view: rows within `ORBIT_PLANE_BAND` of the plane's row (`orbit_plane_rows`) are read along the
@@ -218,13 +248,13 @@ def stuck_at_air(projections: np.ndarray, orbit_plane_rows: np.ndarray | None = 
     votes = np.zeros((rows, cols), dtype=np.int32)
     for v in voting:
         p = np.asarray(projections[v], dtype=np.float32)
-        padded = np.pad(p, 2, constant_values=np.nan)
+        padded = np.pad(p, STUCK_MAX_RUN, constant_values=np.nan)
         seen = np.zeros((rows, cols), dtype=bool)
         low = np.zeros((rows, cols), dtype=bool)
         for axis in (0, 1):
             with np.errstate(invalid="ignore"):
                 # np.minimum, not fmin: a side with no reading (border, NaN) gives no chance
-                both = np.minimum(_larger_of_next_two(padded, axis, -1), _larger_of_next_two(padded, axis, 1))
+                both = np.minimum(_largest_of_next(padded, axis, -1), _largest_of_next(padded, axis, 1))
                 chance = both >= floor
                 if axis == 0:  # across the rows: not near the orbit plane's row, nor at all with parallel rays
                     if orbit_plane_rows is None:

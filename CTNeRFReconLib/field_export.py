@@ -189,7 +189,8 @@ def _trained_field(run_dir: Path, ck_path: Path, info: dict | None, device: str)
 
     data, proj = options.get("data"), options.get("projections")
     try:
-        scan = load_scan(Path(data), projections=None if not proj else Path(proj))
+        scan = load_scan(Path(data), projections=None if not proj else Path(proj),
+                         drop_views=tuple(options.get("drop_views") or ()))  # the views the run was fitted to
     except (ValueError, OSError) as exc:
         raise _NoField("data", f"the run's data {data} cannot be read now ({' '.join(str(exc).split())[:200]}); "
                        "the field's attenuation scale and support come from it",

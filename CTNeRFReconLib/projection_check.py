@@ -32,6 +32,29 @@ STEP_VOXELS = 0.8
 """Sample spacing along rays, in voxels of the volume (as the nerf method's training)."""
 
 
+SUSPECT_RATIO = 3.0
+"""A training view whose residual is more than this many times the median is named as suspect (a bad
+frame or a geometry error): the run's console and the Slicer panel's log suggest leaving it out."""
+
+
+def suspect_view(check: dict, dropped=()) -> int | None:
+    """The view of the data (counted before `dropped` was left out, i.e. as the user names views for
+    `--drop-views`) that a projection check's result or event singles out, or None: its largest residual
+    is a training view's and more than SUSPECT_RATIO times the median. Held-out views are not the data's
+    to drop."""
+    worst, median = check.get("worst_view"), check.get("median_rmse")
+    rmse = check.get("rmse") or []
+    if worst is None or not median or worst in (check.get("held_out") or ()) or not 0 <= worst < len(rmse):
+        return None
+    if rmse[worst] is None or rmse[worst] <= SUSPECT_RATIO * median:
+        return None
+    view = int(worst)
+    for gone in sorted(set(int(v) for v in dropped)):  # back to the data's numbering
+        if gone <= view:
+            view += 1
+    return view
+
+
 def view_angles_deg(geometry) -> np.ndarray:
     """The gantry angle of each view in degrees: the geometry's own angles where it has them, else the
     source's azimuth about the frame's rotation axis (RTK: y, source at +z at 0; TIGRE: z, +x at 0)."""
@@ -217,7 +240,9 @@ def check_run(run_dir, view: int | None = None, out=None, device: str = "cpu", u
         raise _refuse(run_dir / "run.json", "options.data", "does not name the run's data",
                       "check a run folder written by `reconstruct`")
     proj = options.get("projections")
-    scan = load_scan(Path(options["data"]), projections=None if not proj else Path(proj))
+    # the views the run was fitted to, numbered as its own end-of-run check numbered them
+    scan = load_scan(Path(options["data"]), projections=None if not proj else Path(proj),
+                     drop_views=tuple(options.get("drop_views") or ()))
     if view is not None and not (0 <= int(view) < scan.n_views + (scan.validation.n_views if scan.validation else 0)):
         raise _refuse("--view", "--view", f"is {view}; the scan has {scan.n_views} views (0 to {scan.n_views - 1})",
                       "give a view index in that range")

@@ -364,9 +364,8 @@ def prepare(opts: ReconstructOptions) -> Prepared:
         FDKConfig(**{k: v for k, v in (("filter", opts.fdk_filter), ("cutoff", opts.fdk_cutoff)) if v is not None})
     # then the data, the reference and the grid, still before torch loads: a broken file is refused in
     # about a second (reading it), not after the method's imports
-    scan = load_scan(Path(opts.data), projections=None if opts.projections is None else Path(opts.projections))
-    if opts.drop_views:
-        scan = scan.without_views(opts.drop_views)
+    scan = load_scan(Path(opts.data), projections=None if opts.projections is None else Path(opts.projections),
+                     drop_views=opts.drop_views)
     reference, reference_info = None, None
     if opts.reference is not None:
         reference, units = load_reference(opts.reference, opts.reference_units, opts.mu_water)
@@ -541,7 +540,7 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
         paths["loss_preview"] = folder.loss_preview
     if sequence:
         paths["snapshot"] = folder.snapshot
-    check = None if cancelled else _projection_check(p, volume, folder, events, console, bool(opts.drop_views))
+    check = None if cancelled else _projection_check(p, volume, folder, events, console, opts.drop_views)
     if check is not None:
         paths["projection_check"] = check["path"]
         run_info["projection_check"] = {k: check[k] for k in ("view", "angle_deg", "median_rmse", "worst_view",
@@ -560,10 +559,10 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
 
 
 def _projection_check(p: Prepared, volume: Volume, folder: RunFolder, events: EventWriter, console: Console,
-                      views_dropped: bool):
+                      dropped: tuple[int, ...]):
     """projection_check.png and the `projection_check` event (projection_check.py); never fails the run."""
     try:
-        from .projection_check import projection_check
+        from .projection_check import projection_check, suspect_view
 
         title = f"{p.method_name} ({p.scan.n_views} views): rendered through the output volume"
         res = projection_check(volume, p.scan, folder.root / "projection_check.png", device=p.device, title=title)
@@ -573,12 +572,13 @@ def _projection_check(p: Prepared, volume: Volume, folder: RunFolder, events: Ev
     events.emit("projection_check", view=res["view"], angle_deg=res["angle_deg"], rmse=res["rmse"],
                 angles_deg=res["angles_deg"], held_out=res["held_out"], median_rmse=res["median_rmse"],
                 worst_view=res["worst_view"], path=res["path"])
-    if res["worst_ratio"] > 3:
-        # after --drop-views the views are numbered anew, and a held-out view is not one of the data's
-        hint = "" if views_dropped or res["worst_view"] in res["held_out"] else (
-            f"; if that frame is bad, `--drop-views {res['worst_view']}` leaves it out")
-        console.say(f"projection check: view {res['worst_view']} leaves {res['worst_ratio']:.1f} x the median "
-                    f"residual (a bad view or a geometry error?): {res['path']}{hint}")
+    suspect = suspect_view(res, dropped)
+    if suspect is not None:
+        # the check numbers the views the run kept; the hint names the data's, with those already left out
+        named = f"view {res['worst_view']}" + (f" (view {suspect} of the data)" if dropped else "")
+        views = " ".join(str(v) for v in sorted({*dropped, suspect}))
+        console.say(f"projection check: {named} leaves {res['worst_ratio']:.1f} x the median residual (a bad view "
+                    f"or a geometry error?): {res['path']}; if that frame is bad, `--drop-views {views}` leaves it out")
     return res
 
 

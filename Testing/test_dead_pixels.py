@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import SimpleITK as sitk
 import pytest
 
 from CTNeRFReconLib.cli import info_dict
@@ -68,8 +69,37 @@ def test_a_view_with_more_missing_than_dead_lines_explain_is_refused(tmp_path):
     proj[1].reshape(-1)[:too_many] = np.nan
     with pytest.raises(ScanFormatError) as info:
         load_scan(_stack(tmp_path, proj))
-    assert info.value.field == "projections" and "view 1" in str(info.value)
-    assert "p.npy" in str(info.value)
+    assert info.value.field == "projections" and "view 1 has 2.7% of its pixels without a value" in str(info.value)
+    assert "p.npy" in str(info.value) and "`--drop-views 1`" in info.value.fix
+    # left out, the rest is read; kept for looking at (info, the panel's stack), it is named
+    assert load_scan(tmp_path / "scan.json", drop_views=(1,)).n_views == 3
+    assert list(load_scan(tmp_path / "scan.json", keep_bad_views=True).bad_views) == [1]
+
+
+def test_a_dropped_frame_is_named_by_info_and_the_panel_and_refused_until_left_out(tmp_path, capsys):
+    """A view entirely zero (a frame the acquisition lost): nothing to fit. `reconstruct` refuses it before
+    any work with the --drop-views that leaves it out; `info` and the panel's scan line name it instead of
+    refusing, and work out the rest (grid, support) without it."""
+    from CTNeRFReconLib.cli import main
+    from CTNeRFReconLib.slicer_bridge.projections import load_scan_file
+
+    proj = _lines()
+    proj[2] = 0.0
+    path = _stack(tmp_path, proj)
+    with pytest.raises(ScanFormatError, match=r"view 2 is entirely zero \(a dropped frame\?\)") as refused:
+        load_scan(path, drop_views=(0,))
+    assert "`--drop-views 0 2`" in refused.value.fix and "Leave out views" in refused.value.fix
+    assert load_scan_file(path).bad_views == {2: "is entirely zero (a dropped frame?)"}
+    assert main(["info", str(path), "--no-support"]) == 0
+    out = capsys.readouterr().out
+    assert "3 views of 16 rows" in out and "--drop-views 2:" in out and "  view 2 is entirely zero" in out
+    assert main(["info", str(path), "--no-support", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["views"] == 3 and said["bad_views"] == {"2": "is entirely zero (a dropped frame?)"}
+    assert ("view 2 is entirely zero (a dropped frame?): nothing to reconstruct from; Start refuses the scan until "
+            "Advanced > Leave out views holds 2") in describe_summary(said)
+    assert main(["info", str(path), "--no-support", "--json", "--drop-views", "2"]) == 0
+    assert "bad_views" not in json.loads(capsys.readouterr().out)
 
 
 def test_a_pixel_dead_in_the_flat_field_is_a_defect_in_every_view(tmp_path):
@@ -154,6 +184,23 @@ def test_a_thin_air_gap_in_the_orbit_plane_is_not_a_stuck_row():
             assert not np.delete(found, row, axis=1).any()
 
 
+@pytest.mark.parametrize("width", [3, 4])
+def test_a_seam_of_adjacent_dead_columns_is_found_whole(width):
+    """A tiled panel's seam or a dead readout group: up to `STUCK_MAX_RUN` adjacent columns at zero are found,
+    every one of them, in the object's shadow; nothing else is."""
+    from CTNeRFReconLib.data import STUCK_MAX_RUN
+
+    assert width <= STUCK_MAX_RUN
+    scan, _ = small_phantom_case(det=160, noise_i0=2e4)  # wide enough that the seam is under 2 % of the panel
+    seam = slice(70, 70 + width)
+    proj = scan.projections.copy()
+    proj[:, :, seam] = 0.0
+    found = ScanData(proj, scan.geometry, "synthetic", "<a seam>").defects
+    assert found is not None and not np.delete(found, np.arange(70, 70 + width), axis=2).any()
+    shadow = scan.projections[:, :, seam] > 0.2 * scan.projections.max()  # where the body is behind the seam
+    assert found[:, :, seam][shadow].mean() > 0.95, [found[:, :, c].sum() for c in range(70, 70 + width)]
+
+
 def test_the_command_line_says_how_many_and_writes_them_into_run_json(tmp_path):
     """A real RTK case through the worker: a dead stretch of a column in every view (11 of its 48 pixels: a
     whole column of this 48-column detector would be over the 2 %) is a line on the console, the count in
@@ -229,6 +276,33 @@ def test_views_the_user_drops_are_left_out_of_everything(tmp_path):
     assert started["event"] == "started" and started["views"] == 22
     refused = run_cli("reconstruct", case, "--out", tmp_path / "run2", "--method", "fdk", "--drop-views", "24")
     assert refused.returncode == 2 and "--drop-views" in refused.stderr and "views 0 to 23" in refused.stderr
+    def edited(name, edit):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in ("geometry.xml", "reference.nrrd"):
+            (folder / file).write_bytes((case / file).read_bytes())
+        proj = sitk.ReadImage(str(case / "projections.mha"))
+        stack = sitk.GetArrayFromImage(proj)
+        edit(stack)
+        image = sitk.GetImageFromArray(stack)
+        image.CopyInformation(proj)
+        sitk.WriteImage(image, str(folder / "projections.mha"))
+        return folder
+
+    # a blank frame (view 12): refused before any work, naming the --drop-views that leaves it out as the
+    # data number views, with the views already left out kept in the list; then it runs
+    blank = edited("blank", lambda stack: stack.__setitem__(12, 0))
+    res = run_cli("reconstruct", blank, "--out", tmp_path / "run3", "--method", "fdk", "--drop-views", "5")
+    assert res.returncode == 2 and "view 12 is entirely zero" in res.stderr and "--drop-views 5 12" in res.stderr
+    assert not (tmp_path / "run3" / "volume.nrrd").exists()
+    res = run_cli("reconstruct", blank, "--out", tmp_path / "run4", "--method", "fdk", "--drop-views", "5", "12")
+    assert res.returncode == 0, res.stderr
+    # a frame flat-fielded with another exposure's flat (log 2 added): the end-of-run check names it, in the
+    # data's numbering, with the --drop-views that leaves it out
+    offset = edited("offset", lambda stack: stack.__setitem__(12, stack[12] + np.log(2)))
+    res = run_cli("reconstruct", offset, "--out", tmp_path / "run5", "--method", "fdk", "--drop-views", "5")
+    assert res.returncode == 0, res.stderr
+    assert "view 11 (view 12 of the data) leaves" in res.stderr and "`--drop-views 5 12` leaves it out" in res.stderr
     scan = load_scan(case)
     kept = scan.without_views([0, 3])
     assert kept.n_views == scan.n_views - 2 and np.array_equal(kept.projections[0], scan.projections[1])

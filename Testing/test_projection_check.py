@@ -16,7 +16,7 @@ import field_case as fc
 from CTNeRFReconLib.cli import main
 from CTNeRFReconLib.data import ScanData, Volume
 from CTNeRFReconLib.phantom import voxelize
-from CTNeRFReconLib.projection_check import projection_check, render_projections, view_angles_deg
+from CTNeRFReconLib.projection_check import projection_check, render_projections, suspect_view, view_angles_deg
 
 SIGMA = 0.002
 """Noise of the line integrals (about I0 = 2.5e5 photons per pixel behind air; the phantom's line
@@ -39,6 +39,12 @@ def test_a_view_off_by_three_degrees_stands_out(tmp_path):
     assert np.all(np.abs(others / SIGMA - 1) < 0.1)  # the noise level, nothing more
     assert abs(res["angle_deg"] - 75.0) < 1e-9 and np.allclose(view_angles_deg(nominal)[:3], [0, 15, 30])
     assert (tmp_path / "pc.png").stat().st_size > 10_000
+    # named for --drop-views in the data's numbering: had views 2 and 9 been left out already, it is view 6
+    assert suspect_view(res) == 5 and suspect_view(res, dropped=(9, 2)) == 6 and suspect_view(res, (5,)) == 6
+    assert suspect_view({**res, "held_out": [5]}) is None, "a held-out view is not the data's to drop"
+    clean_check = projection_check(volume, ScanData(render_projections(volume, nominal, np.arange(24)), nominal,
+                                                    "synthetic", "<exact>"))
+    assert suspect_view(clean_check) is None
 
 
 def test_end_of_run_event_and_check_command(tmp_path, capsys):

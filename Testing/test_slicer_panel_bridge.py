@@ -22,7 +22,7 @@ slicer = pytest.importorskip("slicer", reason="the slicer-core package (a real v
 from CTNeRFReconLib.slicer_bridge import layouts  # noqa: E402
 from CTNeRFReconLib.slicer_bridge import volume_nodes as vn  # noqa: E402
 from CTNeRFReconLib.slicer_bridge.session import (  # noqa: E402
-    ReconstructionSession, SessionOptions, SessionState, open_run)
+    ReconstructionSession, SessionOptions, SessionState, bad_view_advice, open_run, parse_view_list)
 from CTNeRFReconLib.slicer_bridge.worker import ReconstructRequest, WorkerConfig  # noqa: E402
 
 from test_slicer_bridge import case, run_session  # noqa: E402,F401  (the tiny RTK case fixture)
@@ -168,9 +168,11 @@ def test_a_run_logs_its_events_and_keeps_its_snapshots_as_a_sequence(scene, case
 
 def test_an_earlier_run_folder_opens_with_its_volume_curve_and_scores_and_resumes(scene, case, tmp_path):
     run = tmp_path / "run"
-    first = run_session(slicer.vtkMRMLScene(), case, run, "nerf", iterations=4, snapshot_every=2,
-                        extra_args=["--progress-every", "1"])
+    # a view left out and a model setting: both shape the checkpoint, which a resume without them refuses
+    first = run_session(slicer.vtkMRMLScene(), case, run, "nerf", iterations=4, snapshot_every=2, drop_views=(3,),
+                        extra_args=["--progress-every", "1", "--setting", "generator_width=16"])
     assert first.state is SessionState.FINISHED, first.message
+    assert first.started_info["views"] == 15
     opened = open_run(scene, run, WorkerConfig(), SessionOptions(name="opened"))
     assert opened.state is SessionState.FINISHED
     np.testing.assert_array_equal(vn.array_from_node(opened.output_node),
@@ -179,6 +181,8 @@ def test_an_earlier_run_folder_opens_with_its_volume_curve_and_scores_and_resume
     assert opened.metrics_table_node is not None
     request = opened.resume_request()
     assert request.resume and request.out == run and request.data == case and request.method == "nerf"
+    assert request.drop_views == (3,) and request.extra_args == ["--progress-every", "1", "--setting",
+                                                                 "generator_width=16"]
     # continue it, after a "restart": a new session in the same folder, streaming into the opened node
     resumed = ReconstructionSession(scene, ReconstructRequest(**{**request.__dict__, "iterations": 8}),
                                     WorkerConfig(), SessionOptions(name="opened"), output_node=opened.output_node)
@@ -188,6 +192,46 @@ def test_an_earlier_run_folder_opens_with_its_volume_curve_and_scores_and_resume
     assert started["resumed"] is True
     assert resumed.output_node is opened.output_node
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_the_leave_out_views_field_reads_numbers_and_ranges():
+    assert parse_view_list("") == () and parse_view_list("  ") == ()
+    assert parse_view_list("12") == (12,) and parse_view_list("30, 10-12 12") == (10, 11, 12, 30)
+    for wrong in ("a", "-1", "12-10", "3.5", "1,,x"):
+        with pytest.raises(ValueError, match=r"Leave out views: '.*' is not a view number.*e\.g\. 12, 30"):
+            parse_view_list(wrong)
+
+
+def test_the_log_names_a_suspect_view_in_the_datas_numbering():
+    event = {"event": "projection_check", "view": 4, "worst_view": 4, "rmse": [0.01] * 4 + [0.05] + [0.01] * 5,
+             "median_rmse": 0.01, "held_out": [], "path": "/runs/a/projection_check.png"}
+    line = bad_view_advice(event)
+    assert line.startswith("view 4 of the data leaves 5.0 x the median residual") and "Leave out views to 4 " in line
+    line = bad_view_advice(event, dropped=(1, 7))  # the run had left out views 1 and 7: its view 4 is the data's 5
+    assert line.startswith("view 5 of the data") and "Leave out views to 1, 5, 7 and press Start" in line
+    assert bad_view_advice({**event, "rmse": [0.01] * 4 + [0.025] + [0.01] * 5}) is None, "2.5 x is not singled out"
+    assert bad_view_advice({**event, "held_out": [4]}) is None
+
+
+def test_a_run_with_a_bad_frame_says_in_the_log_what_to_leave_out(scene, case, tmp_path):
+    """The end-of-run projection check names the frame (flat-fielded with another exposure's flat here: log 2
+    added), in the data's numbering with the views this run already left out, and what to enter in the panel."""
+    import SimpleITK as sitk
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "geometry.xml").write_bytes((case / "geometry.xml").read_bytes())
+    stack = sitk.ReadImage(str(case / "projections.mha"))
+    views = sitk.GetArrayFromImage(stack)
+    views[9] += np.log(2.0)
+    edited = sitk.GetImageFromArray(views)
+    edited.CopyInformation(stack)
+    sitk.WriteImage(edited, str(bad / "projections.mha"))
+    session = run_session(scene, bad, tmp_path / "run", "fdk", drop_views=(2,))
+    assert session.state is SessionState.FINISHED, session.message
+    assert session.projection_check["worst_view"] == 8, "the run's own numbering: view 9 of the data is its 8th"
+    text = "\n".join(session.log)
+    assert "view 9 of the data leaves" in text and "set Advanced > Leave out views to 2, 9 and press Start" in text
 
 
 def test_an_interrupted_run_opens_from_its_last_snapshot(scene, case, tmp_path):

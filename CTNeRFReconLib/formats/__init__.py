@@ -133,17 +133,20 @@ def _load_folder(path: Path, projections) -> ScanData:
     raise ScanFormatError(path, "format", f"several scans found: {names}", "give the file to load instead of the folder")
 
 
-def load_scan(path, projections=None) -> ScanData:
+def load_scan(path, projections=None, drop_views=(), keep_bad_views: bool = False) -> ScanData:
     """Load a scan from a file or folder, detecting its format from the content.
 
     ``projections`` names the stack of an RTK case when it is neither projections.* nor the
-    only image beside the XML.
+    only image beside the XML. ``drop_views`` (indices into the data) are left out
+    (`ScanData.without_views`). A view with nothing to fit (`ScanData.bad_views`: a dropped frame, a
+    view mostly without values) that is not left out is refused, naming `--drop-views`, unless
+    ``keep_bad_views`` (for looking at the data: `info`, the panel's projection stack).
     """
     path = Path(path)
     if not path.exists():
         raise ScanFormatError(path, "path", "does not exist", "check the path")
     try:
-        return _load_folder(path, projections) if path.is_dir() else _load_file(path, projections)
+        scan = _load_folder(path, projections) if path.is_dir() else _load_file(path, projections)
     except OSError as exc:  # unreadable: permissions, a folder where a file belongs, I/O errors
         raise ScanFormatError(exc.filename or path, "file", f"cannot be read ({exc.strerror or exc})",
                               "check that the file exists and that you may read it (permissions)") from None
@@ -151,6 +154,29 @@ def load_scan(path, projections=None) -> ScanData:
         raise
     except _UNEXPECTED as exc:  # a reader met content no check foresaw: still a refusal naming the file
         raise _unforeseen(path, exc) from None
+    if not keep_bad_views:
+        refuse_bad_views(scan, drop_views)
+    return scan.without_views(drop_views) if len(drop_views) else scan
+
+
+def refuse_bad_views(scan: ScanData, drop_views=()) -> None:
+    """A ScanFormatError for views with nothing to fit (`ScanData.bad_views`) that `drop_views` does not
+    leave out, with the `--drop-views` that does; held-out views the same, to be removed from the file."""
+    dropped = {int(v) for v in drop_views}
+    bad = {v: why for v, why in scan.bad_views.items() if v not in dropped}
+    if bad:
+        what = "; ".join(f"view {v} {why}" for v, why in list(bad.items())[:5]) + ("; ..." if len(bad) > 5 else "")
+        views = " ".join(str(v) for v in sorted(dropped | set(bad)))
+        raise ScanFormatError(scan.projections_file or scan.source_path, "projections",
+                              f"{what}: nothing there to reconstruct from",
+                              f"leave {'it' if len(bad) == 1 else 'them'} out with `--drop-views {views}` (in "
+                              "Slicer: Leave out views), or repair the data (a log of zero or negative counts "
+                              "gives NaN/inf: check the dark and flat correction)")
+    held = scan.validation.bad_views if scan.validation is not None else {}
+    if held:
+        what = "; ".join(f"held-out view {v} {why}" for v, why in list(held.items())[:5])
+        raise ScanFormatError(scan.source_path, "validation projections", f"{what}: it cannot be scored",
+                              "remove the broken held-out views (and their angles) from the file")
 
 
 _UNEXPECTED = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError, RecursionError,

@@ -218,7 +218,8 @@ def load_rtk(xml_path, projections=None) -> ScanData:
         reference = read_input_volume(ref, "reference", "repair reference.nrrd (the ground truth used only for "
                                       "scoring), or move it out of the case folder")
         notes.append("reference volume: reference.nrrd")
-    return ScanData(proj, geom, "rtk", str(xml_path), reference=reference, notes=notes)
+    return ScanData(proj, geom, "rtk", str(xml_path), reference=reference, notes=notes,
+                    projections_file=str(stack_path))
 
 
 def geometry_to_rtk(geometry: ConeBeamGeometry) -> tuple[dict, np.ndarray]:

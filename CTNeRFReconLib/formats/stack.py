@@ -289,7 +289,7 @@ def load_stack(path) -> ScanData:
         reference = read_input_volume(check_exists(base / desc["reference"], "reference"), "reference",
                                       f"repair the ground-truth volume, or remove 'reference' from {path.name}")
     return ScanData(proj, geom, "stack+" + path.suffix.lstrip(".").lower(), str(path), grid=grid,
-                    reference=reference, notes=notes)
+                    reference=reference, notes=notes, projections_file=str(base / desc["projections"]))
 
 
 def write_stack(scan: ScanData, json_path, projections_name: str = "projections.npy") -> Path:

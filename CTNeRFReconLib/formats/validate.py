@@ -25,7 +25,8 @@ MAX_DEFECT_FRACTION = 0.02
 """Pixels without a value (NaN or infinity: a flat panel's dead pixels and lines, or a log taken of zero
 counts) are taken as missing measurements up to this share of any view's pixels; `ScanData` then marks
 and fills them (`defects`). A dead column of a 240-column panel is 0.4 % of a view; more than 2 % says the
-data are broken, not the panel, and is refused."""
+view is broken, not the panel: a bad view (`ScanData.bad_views`), refused unless the user leaves it out
+(`--drop-views`, the panel's Leave out views)."""
 
 
 class ScanFormatError(ValueError):
@@ -82,25 +83,15 @@ def check_projections(proj, file, field: str = "projections") -> np.ndarray:
                               "give a 3D stack of projections")
     arr = arr.astype(np.float32, copy=False)
     bad = ~np.isfinite(arr)
-    if bad.any():
-        share = bad.reshape(arr.shape[0], -1).mean(axis=1)
-        if share.max() > MAX_DEFECT_FRACTION:
-            v = int(np.argmax(share))
-            raise ScanFormatError(
-                file, field, f"contains {int(bad.sum())} NaN/inf values; view {v} has {share[v]:.1%} of its pixels "
-                f"without a value, more than the {MAX_DEFECT_FRACTION:.0%} that dead pixels or lines of a panel "
-                "explain (those are left out of the fit)", "remove or repair the broken views (a log taken of "
-                "zero or negative counts gives NaN/inf: check the dark and flat correction)")
-        arr = np.where(bad, np.float32(np.nan), arr)  # infinities too: every one a missing value (ScanData)
+    if bad.all():
+        raise ScanFormatError(file, field, "holds no finite value (every pixel NaN or infinity)",
+                              "check that the right file/array was given")
+    if bad.any():  # infinities too: every one a missing value; a view with too many is ScanData.bad_views
+        arr = np.where(bad, np.float32(np.nan), arr)
     lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
     if hi == 0.0 and lo == 0.0:
         raise ScanFormatError(file, field, "all projections are zero",
                               "check that the right file/array was given")
-    per_view = np.nanmax(np.abs(arr).reshape(arr.shape[0], -1), axis=1)
-    if np.any(per_view == 0):
-        views = np.flatnonzero(per_view == 0)[:10].tolist()
-        raise ScanFormatError(file, field, f"view(s) {views} are entirely zero (dropped frames?)",
-                              "remove those views and their geometry entries")
     if lo < -NEGATIVE_TOLERANCE:
         raise ScanFormatError(
             file, field, f"has values down to {lo:.3g}; line integrals -log(I/I0) cannot be that "

@@ -76,10 +76,11 @@ class NoiseLaw:
 
 
 def noise_law(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
-              min_air_pixels: int = 1000) -> NoiseLaw:
+              min_air_pixels: int = 1000, measured: np.ndarray | None = None) -> NoiseLaw:
     """The noise of the line integrals (views, rows, cols), from up to `max_views` evenly spaced views
     (the noise law is the same in every view; this bounds time and memory on large scans), over the
-    pixels whose ray crosses the volume (`hit`, same shape)."""
+    pixels whose ray crosses the volume (`hit`, same shape). `measured` (same shape): pixels that hold a
+    measurement; dead pixels hold a neighbour's copy, which would read as less noise than there is."""
     pick = np.unique(np.linspace(0, len(projections) - 1, min(max_views, len(projections))).round().astype(int))
     views, masks = np.asarray(projections[pick], dtype=np.float32), np.asarray(hit[pick], dtype=bool)
     if not masks.any():
@@ -87,6 +88,8 @@ def noise_law(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
     crossing = views[masks].astype(np.float64)
     threshold = 0.01 * float(np.percentile(crossing, 99))
     air = np.stack([air_pixels(v, threshold) for v in views])
+    if measured is not None:
+        air &= np.asarray(measured[pick], dtype=bool)
     air_variance, n_air = immerkaer_variance(views, air)
     if n_air >= min_air_pixels:
         return NoiseLaw(air_variance * float(np.exp(crossing).mean()), air_variance)

@@ -410,7 +410,8 @@ class NerfTrainer:
         elif scan.validation is not None:
             self.val = self._rays_for(scan.validation, np.arange(scan.validation.n_views))[:2]
         self.target_power = float((self.targets ** 2).mean()) + 1e-12
-        noise = noise_law(proj if len(hold) == 0 else proj[train_views], hit)
+        measured = None if scan.defects is None else ~(scan.defects if len(hold) == 0 else scan.defects[train_views])
+        noise = noise_law(proj if len(hold) == 0 else proj[train_views], hit, measured=measured)
         self.noise_variance = noise.mean_variance
         self.air_noise_variance = noise.air_variance
         """The line integrals' noise variance in the air (about 1 / the photons per unattenuated ray), or None."""

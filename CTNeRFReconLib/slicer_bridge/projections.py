@@ -26,13 +26,15 @@ def projection_volume(scan: ScanData) -> Volume:
 
 
 def load_scan_file(path, projections=None) -> ScanData:
-    """Read a scan in any format the engine detects (numpy, SimpleITK, yaml needed in this Python)."""
+    """Read a scan in any format the engine detects (numpy, SimpleITK, yaml needed in this Python). Views
+    with nothing to fit (a dropped frame) are kept: the panel shows the stack so the user can look at them;
+    the run refuses them until they are left out (`ScanData.bad_views`)."""
     try:
         from ..formats import load_scan
     except ImportError as exc:
         raise ValueError(f"reading scans in this Python needs the package '{exc.name}'; install the engine's "
                          "dependencies (see the module's setup)") from None
-    return load_scan(Path(path), projections=None if projections is None else Path(projections))
+    return load_scan(Path(path), projections=None if projections is None else Path(projections), keep_bad_views=True)
 
 
 def _span(values, unit: str) -> str:
@@ -67,6 +69,11 @@ def describe_summary(summary: dict) -> str:
     if summary.get("defect_pixels"):
         parts.append(f"{summary['defect_pixels']} pixel readings without a measurement (dead pixels: left out "
                      "of the fit)")
+    bad = summary.get("bad_views") or {}
+    if bad:
+        views = ", ".join(sorted(bad, key=int))
+        parts.append("; ".join(f"view {v} {why}" for v, why in sorted(bad.items(), key=lambda item: int(item[0]))[:3])
+                     + f": nothing to reconstruct from; Start refuses the scan until Advanced > Leave out views holds {views}")
     return ", ".join(parts)
 
 

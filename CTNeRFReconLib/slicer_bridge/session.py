@@ -76,6 +76,41 @@ def grid_request_fields(choice: str, spacing_mm: float = 0.0, size_xyz=(0, 0, 0)
     return {"grid_spacing": spacing or None, "grid_size": size if any(size) else None}
 
 
+def parse_view_list(text: str) -> tuple[int, ...]:
+    """The views a "Leave out views" field names, for `--drop-views`: numbers counted from 0 (as the
+    projection check names them) and ranges such as 10-12, separated by commas or spaces; empty: none.
+    Whether they exist in the scan is the engine's check (`ScanData.without_views`), before any work."""
+    views: set[int] = set()
+    for item in str(text or "").replace(",", " ").split():
+        low, dash, high = item.partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            first, last = -1, -1
+        if first < 0 or last < first:
+            raise ValueError(f"Leave out views: '{item}' is not a view number; give views counted from 0 as the "
+                             "projection check names them, separated by commas, e.g. 12, 30 or 10-12 (empty: all "
+                             "views are used)")
+        views.update(range(first, last + 1))
+    return tuple(sorted(views))
+
+
+def bad_view_advice(check_event: dict, dropped=()) -> str | None:
+    """The log line for a projection check that singles out a view (projection_check.suspect_view):
+    which view, by how much, and how to leave it out from the panel, in the data's numbering with the
+    views already left out kept in the list. None when no view stands out."""
+    from ..projection_check import suspect_view
+
+    view = suspect_view(check_event, dropped)
+    if view is None:
+        return None
+    ratio = check_event["rmse"][check_event["worst_view"]] / check_event["median_rmse"]
+    views = ", ".join(str(v) for v in sorted({*map(int, dropped), view}))
+    return (f"view {view} of the data leaves {ratio:.1f} x the median residual: a bad frame, or a geometry error? "
+            f"Look at {Path(str(check_event.get('path'))).name}; if the frame is bad, set Advanced > Leave out views "
+            f"to {views} and press Start")
+
+
 def method_extra_args(method: str, time_limit_s: float = 0, table_beyond_view: bool = False) -> list[str]:
     """The command-line arguments the panel's nerf-only options add to a run: the time budget, and the
     training grid going on past the sides of the field of view the object reaches when a table top or a
@@ -349,6 +384,9 @@ class ReconstructionSession:
             self._add_log(f"snapshot {event.get('sequence')} at iteration {event.get('iteration')}")
         elif kind == "projection_check":
             self._add_log(f"projection check: view {event.get('view')} in {event.get('path')}")
+            advice = bad_view_advice(event, self.request.drop_views)
+            if advice:
+                self._add_log(advice)
         elif kind in ("finished", "failed"):
             self._add_log(f"{kind}: {self.message}")
 
@@ -576,9 +614,32 @@ def request_from_run_info(run_dir: Path, run_info: dict) -> ReconstructRequest:
             method=method, preset=str(options.get("preset") or "standard"), device=str(options.get("device") or "auto"),
             seed=int(options.get("seed") or 0), grid_spacing=options.get("grid_spacing"),
             grid_size=tuple(int(n) for n in size) if size else None, iterations=options.get("iterations"),
-            snapshot_every=options.get("snapshot_every"))
+            snapshot_every=options.get("snapshot_every"), drop_views=tuple(int(v) for v in options.get("drop_views") or ()),
+            extra_args=_recorded_extra_args(options))
     except (TypeError, ValueError) as exc:
         raise _run_json_error(path, "options", f"not readable ({exc})") from None
+
+
+def _recorded_extra_args(options: dict) -> list[str]:
+    """The command-line arguments of the run.json options that ReconstructRequest has no field for (the
+    time budget, nerf's switches and settings, FDK's filter...): a resumed run must be given them again,
+    since the checkpoint is refused for other settings, another training grid or other data."""
+    args: list[str] = []
+    for key, flag in (("time_limit", "--time-limit"), ("tv_weight", "--tv-weight"), ("fdk_cutoff", "--fdk-cutoff"),
+                      ("progress_every", "--progress-every")):
+        if options.get(key) is not None:
+            args += [flag, repr(options[key])]
+    if options.get("fdk_filter"):
+        args += ["--fdk-filter", str(options["fdk_filter"])]
+    if options.get("mu_water") is not None and float(options["mu_water"]) != MU_WATER:
+        args += ["--mu-water", repr(float(options["mu_water"]))]
+    for key, flag in (("support", "--no-support"), ("coarse_to_fine", "--no-coarse-to-fine"),
+                      ("use_prior", "--no-prior"), ("kernels", "--no-kernels")):
+        if options.get(key) is False:
+            args.append(flag)
+    for setting in options.get("setting_overrides") or ():
+        args += ["--setting", str(setting)]
+    return args
 
 
 def open_run(scene, run_dir, config: WorkerConfig | None = None, options: SessionOptions | None = None,

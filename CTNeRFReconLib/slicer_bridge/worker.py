@@ -141,6 +141,8 @@ class ReconstructRequest:
     iterations: int | None = None
     snapshot_every: int | None = None
     projections: Path | None = None
+    drop_views: tuple[int, ...] = ()
+    """Views (indices into the data) left out of the run: `--drop-views`."""
     extra_args: list[str] = field(default_factory=list)
 
     def to_args(self) -> list[str]:
@@ -148,6 +150,8 @@ class ReconstructRequest:
                 "--device", self.device, "--seed", str(int(self.seed))]
         if self.projections is not None:
             args += ["--projections", str(self.projections)]
+        if self.drop_views:
+            args += ["--drop-views", *[str(int(v)) for v in self.drop_views]]
         if self.reference is not None:
             args += ["--reference", str(self.reference)]
             if self.reference_units:
