@@ -225,17 +225,17 @@ def _orbit_plane_rows(geometry: ConeBeamGeometry) -> np.ndarray | None:
 
 
 def stuck_at_air(projections: np.ndarray, orbit_plane_rows: np.ndarray | None = None) -> np.ndarray:
-    """(rows, cols) True at pixels stuck at (or near) zero: in at least half of the views (and 3) where both
-    sides of them read object (the largest of the next `STUCK_MAX_RUN` pixels on each side, along a row or a
-    column, at least `STUCK_OBJECT_SHARE` of the stack's 99th percentile), they read at most `STUCK_RATIO` of
-    the lesser side. Reading several pixels on each side finds up to `STUCK_MAX_RUN` adjacent dead lines. A pixel stuck high cannot be told from a thin
-    dense wire on the rotation axis, which also stands out in every view, so only the low side is read. Nor
-    can a row stuck low be told from a thin air gap in or near the orbit's plane, whose rays stay in that gap
-    in every view: rows within `ORBIT_PLANE_BAND` of the plane's row (`orbit_plane_rows`) are read along the
-    row only; with parallel rays (None) every row keeps its plane, so no pixel is read across the rows. A
-    detector rolled about its normal moves the plane's row across the columns; the band's width covers a
-    small roll. Why by hand: no library offers a defect test across the views of a projection stack; this is
-    a few numpy shifts per view."""
+    """(rows, cols) True at pixels stuck at (or near) zero: in at least half of the views (and 3) where both sides
+    of them read object (the largest of the next `STUCK_MAX_RUN` pixels on each side, along a row or a column,
+    at least `STUCK_OBJECT_SHARE` of the stack's 99th percentile), they read at most `STUCK_RATIO` of the lesser
+    side. Reading several pixels on each side finds up to `STUCK_MAX_RUN` adjacent dead lines. A pixel stuck
+    high cannot be told from a thin dense wire on the rotation axis, which also stands out in every view, so
+    only the low side is read. Nor can a row stuck low be told from a thin air gap in or near the orbit's plane,
+    whose rays stay in that gap in every view: rows within `ORBIT_PLANE_BAND` of the plane's row
+    (`orbit_plane_rows`) are read along the row only; with parallel rays (None) every row keeps its plane, so no
+    pixel is read across the rows. A detector rolled about its normal moves the plane's row across the columns;
+    the band's width covers a small roll. Why by hand: no library offers a defect test across the views of a
+    projection stack; this is a few numpy shifts per view."""
     views, rows, cols = projections.shape
     voting = np.unique(np.linspace(0, views - 1, min(views, STUCK_VOTING_VIEWS)).round().astype(int))
     sample = np.asarray(projections[voting[np.unique(np.linspace(0, len(voting) - 1, min(len(voting), 16))

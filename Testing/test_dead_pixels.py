@@ -170,6 +170,25 @@ def test_nerf_leaves_a_dead_column_out_and_does_as_well_as_with_it_measured():
     assert f_dead > f_intact - 0.3 and f_dead > f_blind + 1.0, (f_intact, f_dead, f_blind)
 
 
+def test_a_run_with_views_left_out_is_checked_and_exported_without_them(tmp_path, capsys):
+    """`check` and `export` read the run's data again: without the views the run left out (run.json), the
+    check numbers views as the run's own did, and the checkpoint's data fingerprint matches."""
+    from CTNeRFReconLib.cli import main
+    from worker_case import run_cli, write_small_case
+
+    case = write_small_case(tmp_path / "case")
+    run = tmp_path / "run"
+    res = run_cli("reconstruct", case, "--out", run, "--method", "nerf", "--preset", "preview", "--iterations", "6",
+                  "--device", "cpu", "--drop-views", "5", "17")
+    assert res.returncode == 0, res.stderr
+    assert main(["check", str(run), "--json"]) == 0
+    checked = json.loads(capsys.readouterr().out)
+    assert len(checked["rmse"]) == 22
+    assert main(["export", str(run), "--spacing", "8", "--out", str(tmp_path / "field.nrrd"), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["source"] == "checkpoint" and (tmp_path / "field.nrrd").is_file(), exported
+
+
 def test_a_thin_air_gap_in_the_orbit_plane_is_not_a_stuck_row():
     """The one detector row whose rays stay in the orbit's plane in every view reads air in every view where
     a thin gap lies in that plane: object, not a defect. A row elsewhere that does so is stuck."""

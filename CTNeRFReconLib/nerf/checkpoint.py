@@ -251,7 +251,8 @@ def check_matches(ck: dict, path, *, fingerprint: str, grid: dict, config: dict,
     """Refuse a checkpoint made for other data, another training grid, other model settings or seed."""
     if ck["data"] != fingerprint:
         raise _refuse(path, "data", "was made from other data (the projections or geometry changed since)",
-                      "resume with the data (and the --drop-views) the run started from (its run.json says), or " + _FIX_NEW)
+                      "resume with the data (and the --drop-views) the run started from (its run.json says), or "
+                      + _FIX_NEW)
     if not _same_grid(ck["grid"], grid):
         raise _refuse(path, "grid", f"was made for the training grid {list(ck['grid'].get('shape_xyz', []))}, "
                       f"this run's is {list(grid['shape_xyz'])}",

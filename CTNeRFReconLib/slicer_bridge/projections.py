@@ -72,8 +72,9 @@ def describe_summary(summary: dict) -> str:
     bad = summary.get("bad_views") or {}
     if bad:
         views = ", ".join(sorted(bad, key=int))
-        parts.append("; ".join(f"view {v} {why}" for v, why in sorted(bad.items(), key=lambda item: int(item[0]))[:3])
-                     + f": nothing to reconstruct from; Start refuses the scan until Advanced > Leave out views holds {views}")
+        named = sorted(bad.items(), key=lambda item: int(item[0]))[:3]
+        parts.append("; ".join(f"view {v} {why}" for v, why in named) + ": nothing to reconstruct from; Start "
+                     f"refuses the scan until Advanced > Leave out views holds {views}")
     return ", ".join(parts)
 
 

@@ -614,8 +614,8 @@ def request_from_run_info(run_dir: Path, run_info: dict) -> ReconstructRequest:
             method=method, preset=str(options.get("preset") or "standard"), device=str(options.get("device") or "auto"),
             seed=int(options.get("seed") or 0), grid_spacing=options.get("grid_spacing"),
             grid_size=tuple(int(n) for n in size) if size else None, iterations=options.get("iterations"),
-            snapshot_every=options.get("snapshot_every"), drop_views=tuple(int(v) for v in options.get("drop_views") or ()),
-            extra_args=_recorded_extra_args(options))
+            snapshot_every=options.get("snapshot_every"),
+            drop_views=tuple(int(v) for v in options.get("drop_views") or ()), extra_args=_recorded_extra_args(options))
     except (TypeError, ValueError) as exc:
         raise _run_json_error(path, "options", f"not readable ({exc})") from None
 
