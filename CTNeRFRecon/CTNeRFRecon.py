@@ -814,7 +814,7 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if session.chart_node is not None:
                 self.logic.showMonitorLayout(session.chart_node)
             self._showLog(session)
-            self.ui.statusLabel.text = session.message
+            self.ui.statusLabel.text = session.status_text
             if session.metrics_table_node is not None:
                 self.ui.metricsLabel.text = self.logic.metricsSummary(
                     self.logic.metricsRows(session.metrics_table_node))
@@ -990,7 +990,7 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.progressBar.maximum = 1000
         self.ui.progressBar.value = 1000 if session.state is SessionState.FINISHED else self.ui.progressBar.value
-        self.ui.statusLabel.text = session.message
+        self.ui.statusLabel.text = session.status_text
         if session.metrics_table_node is not None:
             self._metricsTableNode = session.metrics_table_node
             self.ui.metricsLabel.text = self.logic.metricsSummary(self.logic.metricsRows(session.metrics_table_node))

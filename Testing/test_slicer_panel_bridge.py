@@ -164,6 +164,7 @@ def test_a_run_logs_its_events_and_keeps_its_snapshots_as_a_sequence(scene, case
     assert not np.array_equal(first, last), "the sequence holds the volume as it was at each snapshot"
     assert session.sequence_browser_node.GetMasterSequenceNode() is sequence
     assert session.resumable and session.resume_request().resume
+    assert session.projection_check is not None and session.bad_view_advice is None, "no view stands out"
 
 
 def test_an_earlier_run_folder_opens_with_its_volume_curve_and_scores_and_resumes(scene, case, tmp_path):
@@ -232,6 +233,10 @@ def test_a_run_with_a_bad_frame_says_in_the_log_what_to_leave_out(scene, case, t
     assert session.projection_check["worst_view"] == 8, "the run's own numbering: view 9 of the data is its 8th"
     text = "\n".join(session.log)
     assert "view 9 of the data leaves" in text and "set Advanced > Leave out views to 2, 9 and press Start" in text
+    assert any(line.endswith(session.bad_view_advice) for line in session.log), "the panel shows it under the status"
+    opened = open_run(slicer.vtkMRMLScene(), tmp_path / "run", WorkerConfig(), SessionOptions(name="opened"))
+    assert opened.bad_view_advice == session.bad_view_advice, "an opened run says it again"
+    assert opened.status_text.endswith("\n" + session.bad_view_advice) and session.status_text.startswith(session.message)
 
 
 def test_an_interrupted_run_opens_from_its_last_snapshot(scene, case, tmp_path):

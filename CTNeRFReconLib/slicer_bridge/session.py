@@ -266,6 +266,9 @@ class ReconstructionSession:
         self.sequence_browser_node = None
         self.projection_check: dict | None = None
         """The run's ``projection_check`` event (picture path, residual per view), when it sent one."""
+        self.bad_view_advice: str | None = None
+        """What to leave out when the projection check singles out a view (`bad_view_advice`), else None: the
+        panel shows it under the run's status, where the log's line could be missed."""
         self._log_seen = 0
         self._created: list = []
         self._rate = _RateTracker()
@@ -384,11 +387,16 @@ class ReconstructionSession:
             self._add_log(f"snapshot {event.get('sequence')} at iteration {event.get('iteration')}")
         elif kind == "projection_check":
             self._add_log(f"projection check: view {event.get('view')} in {event.get('path')}")
-            advice = bad_view_advice(event, self.request.drop_views)
-            if advice:
-                self._add_log(advice)
+            if self.bad_view_advice:
+                self._add_log(self.bad_view_advice)
         elif kind in ("finished", "failed"):
             self._add_log(f"{kind}: {self.message}")
+
+    @property
+    def status_text(self) -> str:
+        """The run's status line for the panel: its message, and under it what to leave out when the
+        projection check singled out a frame (said where it is seen, not only in the collapsed log)."""
+        return self.message + (f"\n{self.bad_view_advice}" if self.bad_view_advice else "")
 
     @property
     def created_nodes(self) -> list:
@@ -419,6 +427,7 @@ class ReconstructionSession:
     def _on_projection_check(self, event: dict):
         """The engine's measured-vs-rendered check at the end of a run (its picture and per-view residuals)."""
         self.projection_check = event
+        self.bad_view_advice = bad_view_advice(event, self.request.drop_views)
 
     def _on_snapshot(self, event: dict):
         self._apply_volume(event.get("path"), event.get("iteration"))
@@ -678,6 +687,8 @@ def open_run(scene, run_dir, config: WorkerConfig | None = None, options: Sessio
     for event in events:
         if event.get("event") == "progress":
             session._on_progress(event)
+        elif event.get("event") == "projection_check":  # its picture, and a frame it singled out
+            session._on_projection_check(event)
     last = next((e for e in reversed(events) if e.get("event") in ("started", "finished", "failed")), {})
     if last.get("event") == "finished" and volume_path.name == "volume.nrrd":
         # the folder may have moved since: its own volume.nrrd, not the path the event recorded
