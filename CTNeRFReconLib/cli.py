@@ -58,6 +58,9 @@ def _add_reconstruct(sub):
     p.add_argument("--iterations", type=int, metavar="N", help="iterations of an iterative method")
     p.add_argument("--snapshot-every", type=int, metavar="N", help="iterations between snapshots (0: none)")
     p.add_argument("--progress-every", type=int, metavar="N", help="iterations between progress events")
+    p.add_argument("--residuals-every", type=float, default=10.0, metavar="SECONDS",
+                   help="at least this many seconds between the per-view residuals of the snapshots while the run "
+                        "trains (the `residuals` event; at most 2 %% of the run's time; default 10; 0: none)")
     p.add_argument("--no-kernels", action="store_true", help="use the PyTorch renderer, not the fused kernels")
     p.add_argument("--tv-weight", type=float, metavar="W", help="nerf's TV prior weight (default: from the "
                    "projections' noise and rays per voxel; larger is smoother)")
@@ -161,6 +164,7 @@ def _reconstruct(args) -> int:
         device=args.device, seed=args.seed, resume=args.resume, overwrite=args.overwrite,
         grid_spacing=args.grid_spacing, grid_size=None if args.grid_size is None else tuple(args.grid_size),
         iterations=args.iterations, snapshot_every=args.snapshot_every, progress_every=args.progress_every,
+        residuals_every=args.residuals_every,
         kernels=not args.no_kernels, tv_weight=args.tv_weight, fdk_filter=args.fdk_filter, fdk_cutoff=args.fdk_cutoff,
         quiet=args.quiet, time_limit=args.time_limit, support=not args.no_support,
         coarse_to_fine=not args.no_coarse_to_fine, use_prior=not args.no_prior,

@@ -5,7 +5,8 @@ JSON object per line from its stdout; the same lines are appended to `<run>/even
 client that lost the pipe can re-read the run from the folder. Version 1 of the protocol:
 
 * every event has ``"protocol": 1``, ``"event"`` (its kind) and ``"time"`` (Unix seconds, UTC);
-* order: ``started``, then any number of ``progress`` and ``snapshot``, then at most one
+* order: ``started``, then any number of ``progress``, ``snapshot`` and ``residuals`` (a snapshot's
+  residual per view, after that snapshot), then at most one
   ``projection_check`` (not for a cancelled run, nor when the check itself failed), then exactly one of
   ``finished`` (``"cancelled": true`` when the user stopped it) or ``failed``; a refusal of bad
   input is a lone ``failed`` event;
@@ -26,7 +27,7 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 
-EVENT_KINDS = ("started", "progress", "snapshot", "projection_check", "finished", "failed")
+EVENT_KINDS = ("started", "progress", "snapshot", "residuals", "projection_check", "finished", "failed")
 
 
 class ExitCode(enum.IntEnum):

@@ -73,6 +73,9 @@ class ReconstructOptions:
     iterations: int | None = None
     snapshot_every: int | None = None
     progress_every: int | None = None
+    residuals_every: float = 10.0
+    """Seconds at least between the per-view residuals of snapshots (`residuals` events; at most 2 % of the
+    run's time goes to them); 0: none."""
     kernels: bool = True
     tv_weight: float | None = None
     """nerf's TV prior weight; None: derived from the data (nerf/prior_weight.py)."""
@@ -333,6 +336,9 @@ def prepare(opts: ReconstructOptions) -> Prepared:
         raise ValueError(f"--iterations must be at least 1, got {opts.iterations}")
     if opts.progress_every is not None and opts.progress_every < 1:
         raise ValueError(f"--progress-every must be a positive number of iterations, got {opts.progress_every}")
+    if opts.residuals_every < 0:
+        raise ValueError(f"--residuals-every must be 0 (none) or a positive number of seconds, got "
+                         f"{opts.residuals_every}")
     if opts.snapshot_every is not None and opts.snapshot_every < 0:
         raise ValueError(f"--snapshot-every must be 0 (no snapshots) or positive, got {opts.snapshot_every}")
     if opts.time_limit is not None:
@@ -504,12 +510,27 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
         events.emit("progress", **fields)
         console.progress(fields)
 
+    from .projection_check import LiveResiduals
+
+    live = LiveResiduals(p.scan, p.device, opts.residuals_every) if opts.residuals_every > 0 else None
+
     def on_snapshot(volume: Volume, iteration: int):
-        nonlocal sequence, last_iteration
+        nonlocal sequence, last_iteration, live
         sequence += 1
         last_iteration = iteration
-        write_volume(_on_grid(volume, p.grid), folder.snapshot, compress=False)
+        on_grid = _on_grid(volume, p.grid)
+        write_volume(on_grid, folder.snapshot, compress=False)
         events.emit("snapshot", iteration=iteration, sequence=sequence, path=folder.snapshot)
+        if live is None or stop() or not live.due():
+            return
+        try:  # the residual per view while it trains: a bad view shows long before the end
+            res = live(on_grid)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not cost the run; tried once
+            console.say(f"residuals during the run skipped: {' '.join(str(exc).split())[:200]}")
+            live = None
+            return
+        events.emit("residuals", iteration=iteration, **{k: res[k] for k in (
+            "rmse", "angles_deg", "held_out", "median_rmse", "worst_view", "worst_ratio", "cost_s")})
 
     ctx = RunContext(device=p.device, seed=opts.seed, run_dir=folder.root, resume=opts.resume,
                      settings=dict(p.settings), on_progress=on_progress, on_snapshot=on_snapshot,

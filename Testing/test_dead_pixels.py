@@ -295,6 +295,7 @@ def test_views_the_user_drops_are_left_out_of_everything(tmp_path):
     assert started["event"] == "started" and started["views"] == 22
     refused = run_cli("reconstruct", case, "--out", tmp_path / "run2", "--method", "fdk", "--drop-views", "24")
     assert refused.returncode == 2 and "--drop-views" in refused.stderr and "views 0 to 23" in refused.stderr
+
     def edited(name, edit):
         folder = tmp_path / name
         folder.mkdir()
@@ -310,7 +311,7 @@ def test_views_the_user_drops_are_left_out_of_everything(tmp_path):
 
     # a blank frame (view 12): refused before any work, naming the --drop-views that leaves it out as the
     # data number views, with the views already left out kept in the list; then it runs
-    blank = edited("blank", lambda stack: stack.__setitem__(12, 0))
+    blank = edited("blank", lambda stack: stack[12].fill(0.0))
     res = run_cli("reconstruct", blank, "--out", tmp_path / "run3", "--method", "fdk", "--drop-views", "5")
     assert res.returncode == 2 and "view 12 is entirely zero" in res.stderr and "--drop-views 5 12" in res.stderr
     assert not (tmp_path / "run3" / "volume.nrrd").exists()
@@ -318,7 +319,7 @@ def test_views_the_user_drops_are_left_out_of_everything(tmp_path):
     assert res.returncode == 0, res.stderr
     # a frame flat-fielded with another exposure's flat (log 2 added): the end-of-run check names it, in the
     # data's numbering, with the --drop-views that leaves it out
-    offset = edited("offset", lambda stack: stack.__setitem__(12, stack[12] + np.log(2)))
+    offset = edited("offset", lambda stack: np.add(stack[12], np.log(2), out=stack[12]))
     res = run_cli("reconstruct", offset, "--out", tmp_path / "run5", "--method", "fdk", "--drop-views", "5")
     assert res.returncode == 0, res.stderr
     assert "view 11 (view 12 of the data) leaves" in res.stderr and "`--drop-views 5 12` leaves it out" in res.stderr

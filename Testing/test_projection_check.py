@@ -16,7 +16,8 @@ import field_case as fc
 from CTNeRFReconLib.cli import main
 from CTNeRFReconLib.data import ScanData, Volume
 from CTNeRFReconLib.phantom import voxelize
-from CTNeRFReconLib.projection_check import projection_check, render_projections, suspect_view, view_angles_deg
+from CTNeRFReconLib.projection_check import (LiveResiduals, projection_check, render_projections, suspect_view,
+                                             view_angles_deg)
 
 SIGMA = 0.002
 """Noise of the line integrals (about I0 = 2.5e5 photons per pixel behind air; the phantom's line
@@ -63,3 +64,28 @@ def test_end_of_run_event_and_check_command(tmp_path, capsys):
     assert res["view"] == 3 and out.is_file() and np.allclose(res["rmse"], pc["rmse"], rtol=1e-5)
     assert main(["check", str(run), "--view", "99"]) == 2
     assert "field '--view'" in capsys.readouterr().err
+
+
+def test_residuals_during_a_run_take_at_most_their_share_of_its_time():
+    """`LiveResiduals`: the first after `min_interval_s`; after a check that cost c seconds, the next only once
+    c / max_share seconds have passed (here 0.5 s at 2 %: 25 s, more than the 10 s interval)."""
+    volume = Volume(voxelize(fc.PHANTOM, fc.GRID, supersample=2), fc.GRID)
+    geometry = fc.geometry(8, 32)
+    scan = ScanData(render_projections(volume, geometry, np.arange(8)), geometry, "synthetic", "<exact>")
+    now = [100.0]
+
+    def clock():
+        now[0] += 0.25  # each reading of the clock: a check reads it twice, so it costs 0.25 s
+        return now[0]
+
+    live = LiveResiduals(scan, min_interval_s=10.0, max_share=0.01, clock=clock)
+    now[0] += 9.0
+    assert not live.due()
+    now[0] += 1.0
+    assert live.due()
+    res = live(volume)
+    assert len(res["rmse"]) == 8 and res["median_rmse"] < 1e-3 and live.cost == 0.25
+    now[0] += 20.0
+    assert not live.due(), "0.25 s at 1 % asks for 25 s"
+    now[0] += 5.0
+    assert live.due()

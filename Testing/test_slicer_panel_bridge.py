@@ -149,7 +149,7 @@ def test_side_by_side_puts_each_volume_in_its_own_linked_view(scene):
 def test_a_run_logs_its_events_and_keeps_its_snapshots_as_a_sequence(scene, case, tmp_path):
     options = SessionOptions(name="recon", keep_snapshots=True)
     session = run_session(scene, case, tmp_path / "run", "nerf", options=options, iterations=6, snapshot_every=2,
-                          extra_args=["--progress-every", "1"])
+                          extra_args=["--progress-every", "1", "--residuals-every", "0.001"])
     assert session.state is SessionState.FINISHED, session.message
     text = "\n".join(session.log)
     assert "started:" in text and "snapshot 1" in text and "finished:" in text
@@ -165,6 +165,11 @@ def test_a_run_logs_its_events_and_keeps_its_snapshots_as_a_sequence(scene, case
     assert session.sequence_browser_node.GetMasterSequenceNode() is sequence
     assert session.resumable and session.resume_request().resume
     assert session.projection_check is not None and session.bad_view_advice is None, "no view stands out"
+    # the residual per view while it trained: a log line each, and one table updated in place to the end's
+    assert "residuals at iteration 2: median" in text
+    table = session.residuals_table_node
+    assert table.GetTable().GetNumberOfRows() == 16 and scene.GetNodesByName("recon residuals").GetNumberOfItems() == 1
+    assert table.GetTable().GetValueByName(3, "rmse").ToDouble() == pytest.approx(session.projection_check["rmse"][3])
 
 
 def test_an_earlier_run_folder_opens_with_its_volume_curve_and_scores_and_resumes(scene, case, tmp_path):
@@ -236,7 +241,8 @@ def test_a_run_with_a_bad_frame_says_in_the_log_what_to_leave_out(scene, case, t
     assert any(line.endswith(session.bad_view_advice) for line in session.log), "the panel shows it under the status"
     opened = open_run(slicer.vtkMRMLScene(), tmp_path / "run", WorkerConfig(), SessionOptions(name="opened"))
     assert opened.bad_view_advice == session.bad_view_advice, "an opened run says it again"
-    assert opened.status_text.endswith("\n" + session.bad_view_advice) and session.status_text.startswith(session.message)
+    assert opened.status_text.endswith("\n" + session.bad_view_advice)
+    assert session.status_text.startswith(session.message)
 
 
 def test_an_interrupted_run_opens_from_its_last_snapshot(scene, case, tmp_path):

@@ -30,15 +30,16 @@ def case(tmp_path_factory):
 
 
 def check_order(events: list[dict]):
-    """protocol 1 on every event, started first, one terminal event last, only progress/snapshot between
-    (and at most one projection_check, just before `finished`)."""
+    """protocol 1 on every event, started first, one terminal event last, only progress/snapshot/residuals
+    between (each residuals right after a snapshot; at most one projection_check, just before `finished`)."""
     assert events, "no events"
     for e in events:
         assert e["protocol"] == 1 and isinstance(e["time"], float) and "event" in e
     kinds = [e["event"] for e in events]
     assert kinds[0] == "started"
     assert kinds[-1] in ("finished", "failed")
-    assert set(kinds[1:-1]) <= {"progress", "snapshot", "projection_check"}, kinds
+    assert set(kinds[1:-1]) <= {"progress", "snapshot", "residuals", "projection_check"}, kinds
+    assert all(kinds[i - 1] == "snapshot" for i, kind in enumerate(kinds) if kind == "residuals"), kinds
     assert kinds.count("projection_check") <= 1 and "projection_check" not in kinds[1:-2], kinds  # just before the end
 
 
@@ -224,7 +225,9 @@ def _finish(proc, events):
 
 def test_sigterm_cancels_cleanly_and_snapshots_are_never_torn(case, tmp_path):
     run = tmp_path / "run"
-    proc = popen_cli("reconstruct", case, "--out", run, "--iterations", "100000", *NERF_FAST)
+    # the residuals of (nearly) every snapshot: no 10 s wait between them
+    proc = popen_cli("reconstruct", case, "--out", run, "--iterations", "100000", "--residuals-every", "0.001",
+                     *NERF_FAST)
     events = _stream_until(proc, lambda ev: ev[-1]["event"] in ("started", "failed"))
     assert events[-1]["event"] == "started", proc.stderr.read()
     poller = SnapshotPoller(run / "snapshot.nrrd", tuple(reversed(events[0]["grid"]["shape_xyz"])))
@@ -240,6 +243,11 @@ def test_sigterm_cancels_cleanly_and_snapshots_are_never_torn(case, tmp_path):
     assert (run / "events.jsonl").read_text().splitlines() == [json.dumps(e, separators=(",", ":")) for e in events]
     seqs = [e["sequence"] for e in events if e["event"] == "snapshot"]
     assert seqs == list(range(1, len(seqs) + 1))
+    live = [(before, e) for before, e in zip(events, events[1:]) if e["event"] == "residuals"]
+    assert live, [e["event"] for e in events]
+    for snapshot, residuals in live:  # each after its snapshot, of the same iteration, one RMSE per view
+        assert residuals["iteration"] == snapshot["iteration"] and len(residuals["rmse"]) == 24
+        assert residuals["worst_view"] == int(np.argmax(residuals["rmse"])) and residuals["median_rmse"] > 0
     assert poller.reads > 0 and poller.errors == []
     assert "Traceback" not in err
     volume = read_volume(run / "volume.nrrd")

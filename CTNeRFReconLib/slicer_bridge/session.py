@@ -111,6 +111,22 @@ def bad_view_advice(check_event: dict, dropped=()) -> str | None:
             f"to {views} and press Start")
 
 
+def residuals_line(event: dict, dropped=()) -> str:
+    """The log line of a snapshot's per-view residuals: where the run stands against the data, and the view
+    that stands out most (numbered as the data number views)."""
+    from ..projection_check import SUSPECT_RATIO, suspect_view
+
+    worst, median = event.get("worst_view"), event.get("median_rmse")
+    line = f"residuals at iteration {event.get('iteration')}: median {median:.3g}" if median else (
+        f"residuals at iteration {event.get('iteration')}")
+    view = suspect_view(event, dropped)
+    if view is not None:
+        ratio = event["rmse"][worst] / median
+        line += (f"; view {view} of the data at {ratio:.1f} x the median (above {SUSPECT_RATIO:g} x: if it stays there "
+                 "to the end, a bad frame or a geometry error)")
+    return line
+
+
 def method_extra_args(method: str, time_limit_s: float = 0, table_beyond_view: bool = False) -> list[str]:
     """The command-line arguments the panel's nerf-only options add to a run: the time budget, and the
     training grid going on past the sides of the field of view the object reaches when a table top or a
@@ -266,6 +282,11 @@ class ReconstructionSession:
         self.sequence_browser_node = None
         self.projection_check: dict | None = None
         """The run's ``projection_check`` event (picture path, residual per view), when it sent one."""
+        self.residuals: dict | None = None
+        """The latest per-view residuals: a snapshot's (`residuals` event) while the run trains, then the
+        end-of-run check's."""
+        self.residuals_table_node = None
+        """A table node of `residuals` (view, angle_deg, rmse, held_out), updated in place as they come."""
         self.bad_view_advice: str | None = None
         """What to leave out when the projection check singles out a view (`bad_view_advice`), else None: the
         panel shows it under the run's status, where the log's line could be missed."""
@@ -385,6 +406,8 @@ class ReconstructionSession:
                 self._add_log(self.progress.summary())
         elif kind == "snapshot":
             self._add_log(f"snapshot {event.get('sequence')} at iteration {event.get('iteration')}")
+        elif kind == "residuals":
+            self._add_log(residuals_line(event, self.request.drop_views))
         elif kind == "projection_check":
             self._add_log(f"projection check: view {event.get('view')} in {event.get('path')}")
             if self.bad_view_advice:
@@ -428,6 +451,18 @@ class ReconstructionSession:
         """The engine's measured-vs-rendered check at the end of a run (its picture and per-view residuals)."""
         self.projection_check = event
         self.bad_view_advice = bad_view_advice(event, self.request.drop_views)
+        self._on_residuals(event)
+
+    def _on_residuals(self, event: dict):
+        """Per-view residuals (a snapshot's while the run trains, or the end-of-run check's) into the table."""
+        from .field_tools import residual_table_node
+
+        self.residuals = event
+        created = self.residuals_table_node is None
+        self.residuals_table_node = residual_table_node(self.scene, event, f"{self.options.name} residuals",
+                                                        node=self.residuals_table_node)
+        if created:
+            self._track(self.residuals_table_node)
 
     def _on_snapshot(self, event: dict):
         self._apply_volume(event.get("path"), event.get("iteration"))
