@@ -31,9 +31,9 @@ worker runs the check at the end of every run, FDK's included)."""
 LIVE_CHECK_RAYS = 1 << 14
 """Rays rendered for the residuals of a snapshot while the run trains (`LiveResiduals`): a quarter of the
 end-of-run check's (every 10th row and column of the 25-view abdomen's 240 x 240 views), enough to see a
-view stand out, at a quarter of the cost: 0.3-0.4 s on 2 cores for that abdomen's 233 x 240 x 233 default
-grid, after a first call's 2.4 s (measured in a fresh process). The per-view figures are noisier than the
-final check's (the abdomen's largest ratio to the median 2.3 against 1.5)."""
+view stand out, at a quarter of the cost: 0.15 s a check in the worker on 2 cores for that abdomen's
+233 x 240 x 233 default grid, six checks in a 120 s run (0.8 % of it). The per-view figures are noisier
+than the final check's (the abdomen's largest ratio to the median 2.3 against 1.5)."""
 STEP_VOXELS = 0.8
 """Sample spacing along rays, in voxels of the volume (as the nerf method's training)."""
 

@@ -510,12 +510,13 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
         events.emit("progress", **fields)
         console.progress(fields)
 
-    from .projection_check import LiveResiduals
+    from .projection_check import LiveResiduals, suspect_view
 
     live = LiveResiduals(p.scan, p.device, opts.residuals_every) if opts.residuals_every > 0 else None
+    said_suspect = False  # the console names a view standing out while training once; the log has them all
 
     def on_snapshot(volume: Volume, iteration: int):
-        nonlocal sequence, last_iteration, live
+        nonlocal sequence, last_iteration, live, said_suspect
         sequence += 1
         last_iteration = iteration
         on_grid = _on_grid(volume, p.grid)
@@ -531,6 +532,11 @@ def _run(opts: ReconstructOptions, p: Prepared, folder: RunFolder, events: Event
             return
         events.emit("residuals", iteration=iteration, **{k: res[k] for k in (
             "rmse", "angles_deg", "held_out", "median_rmse", "worst_view", "worst_ratio", "cost_s")})
+        suspect = suspect_view(res, opts.drop_views)
+        if suspect is not None and not said_suspect:
+            said_suspect = True
+            console.say(f"residuals at iteration {iteration}: view {suspect} of the data at {res['worst_ratio']:.1f} x "
+                        "the median (a bad frame or a geometry error? the check at the end will say)")
 
     ctx = RunContext(device=p.device, seed=opts.seed, run_dir=folder.root, resume=opts.resume,
                      settings=dict(p.settings), on_progress=on_progress, on_snapshot=on_snapshot,

@@ -323,6 +323,11 @@ def test_views_the_user_drops_are_left_out_of_everything(tmp_path):
     res = run_cli("reconstruct", offset, "--out", tmp_path / "run5", "--method", "fdk", "--drop-views", "5")
     assert res.returncode == 0, res.stderr
     assert "view 11 (view 12 of the data) leaves" in res.stderr and "`--drop-views 5 12` leaves it out" in res.stderr
+    # and nerf's console names it while it trains already (the residuals of a snapshot), once
+    res = run_cli("reconstruct", offset, "--out", tmp_path / "run6", "--method", "nerf", "--preset", "preview",
+                  "--iterations", "30", "--snapshot-every", "10", "--residuals-every", "0.001", "--drop-views", "5")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count(": view 12 of the data at ") == 1 and "residuals at iteration 10: view 12" in res.stderr
     scan = load_scan(case)
     kept = scan.without_views([0, 3])
     assert kept.n_views == scan.n_views - 2 and np.array_equal(kept.projections[0], scan.projections[1])
