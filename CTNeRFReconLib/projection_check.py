@@ -194,8 +194,7 @@ class LiveResiduals:
         self.scan, self.device = scan, device
         self.min_interval_s, self.max_share = min_interval_s, max_share
         self.clock = clock or time.perf_counter
-        self.started = self.clock()
-        self.last_end = self.started
+        self.last_end = self.clock()  # the first check comes `min_interval_s` after the start
         self.cost = 0.0
 
     def due(self) -> bool:
