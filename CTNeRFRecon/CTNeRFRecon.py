@@ -373,6 +373,7 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeButton.connect("clicked(bool)", self.onResume)
         self.ui.openRunButton.connect("clicked(bool)", self.onOpenRunFolder)
         self.ui.monitorLayoutButton.connect("clicked(bool)", self.onMonitorLayout)
+        self.ui.residualChartButton.connect("clicked(bool)", self.onResidualChart)
         self.ui.volumeRenderingCheckBox.connect("toggled(bool)", self.onVolumeRenderingToggled)
         self.ui.compareButton.connect("clicked(bool)", self.onCompare)
         self.ui.showOverlayButton.connect("clicked(bool)", self.onShowOverlay)
@@ -509,6 +510,8 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.text = "Force stop" if stopping else "Cancel"
         self.ui.resumeButton.enabled = idle and self._session is not None and self._session.resumable
         self.ui.openRunButton.enabled = idle
+        self.ui.residualChartButton.enabled = (self._session is not None
+                                               and self._session.residuals_chart_node is not None)
         self.ui.showProjectionsButton.enabled = hasData and not self._busy
         self.ui.loadDemoButton.enabled = idle and self._demoJob is None
         self.ui.dataFolderButton.enabled = not self._busy
@@ -819,6 +822,10 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.metricsLabel.text = self.logic.metricsSummary(
                     self.logic.metricsRows(session.metrics_table_node))
 
+    def onResidualChart(self) -> None:
+        with self._guarded("Failed to show the residual chart."):
+            self.logic.showMonitorLayout(self._session.residuals_chart_node if self._session is not None else None)
+
     def onMonitorLayout(self) -> None:
         with self._guarded("Failed to change the layout."):
             self.logic.showMonitorLayout(self._session.chart_node if self._session is not None else None)
@@ -991,6 +998,10 @@ class CTNeRFReconWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.maximum = 1000
         self.ui.progressBar.value = 1000 if session.state is SessionState.FINISHED else self.ui.progressBar.value
         self.ui.statusLabel.text = session.status_text
+        if session.bad_view_advice and session.residuals_chart_node is not None:
+            # the frame's spike where the loss curve was (no change of layout: the plot views there are)
+            with self._guarded("Failed to show the residual chart.", waitCursor=False):
+                self.logic.showChart(session.residuals_chart_node)
         if session.metrics_table_node is not None:
             self._metricsTableNode = session.metrics_table_node
             self.ui.metricsLabel.text = self.logic.metricsSummary(self.logic.metricsRows(session.metrics_table_node))
@@ -1519,6 +1530,13 @@ class CTNeRFReconLogic(ScriptedLoadableModuleLogic):
             selectionNode = slicer.app.applicationLogic().GetSelectionNode()
             selectionNode.SetActivePlotChartID(chartNode.GetID())
             slicer.app.applicationLogic().PropagatePlotChartSelection()
+
+    @staticmethod
+    def showChart(chartNode) -> int:
+        """Show a plot chart in the plot views of the current layout (none: nothing changes)."""
+        from CTNeRFReconLib.slicer_bridge import layouts
+
+        return layouts.show_chart(slicer.mrmlScene, chartNode)
 
     @staticmethod
     def showSideBySide(outputNode, referenceNode, differenceNode=None) -> None:

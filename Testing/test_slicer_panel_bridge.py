@@ -170,6 +170,12 @@ def test_a_run_logs_its_events_and_keeps_its_snapshots_as_a_sequence(scene, case
     table = session.residuals_table_node
     assert table.GetTable().GetNumberOfRows() == 16 and scene.GetNodesByName("recon residuals").GetNumberOfItems() == 1
     assert table.GetTable().GetValueByName(3, "rmse").ToDouble() == pytest.approx(session.projection_check["rmse"][3])
+    chart = session.residuals_chart_node  # the panel's Residual per view: RMSE over the view angle, from that table
+    series = scene.GetNodeByID(chart.GetNthPlotSeriesNodeID(0))
+    assert chart.GetNumberOfPlotSeriesNodes() == 1 and series.GetTableNodeID() == table.GetID()
+    assert (series.GetXColumnName(), series.GetYColumnName()) == ("angle_deg", "rmse")
+    plot_view = scene.AddNewNodeByClass("vtkMRMLPlotViewNode")  # what the monitor layout's plot view holds
+    assert layouts.show_chart(scene, chart) == 1 and plot_view.GetPlotChartNodeID() == chart.GetID()
 
 
 def test_an_earlier_run_folder_opens_with_its_volume_curve_and_scores_and_resumes(scene, case, tmp_path):

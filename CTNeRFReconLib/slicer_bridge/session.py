@@ -287,6 +287,8 @@ class ReconstructionSession:
         end-of-run check's."""
         self.residuals_table_node = None
         """A table node of `residuals` (view, angle_deg, rmse, held_out), updated in place as they come."""
+        self.residuals_chart_node = None
+        """Its plot chart: the residual per view against the view angle (the panel's *Residual per view*)."""
         self.bad_view_advice: str | None = None
         """What to leave out when the projection check singles out a view (`bad_view_advice`), else None: the
         panel shows it under the run's status, where the log's line could be missed."""
@@ -463,6 +465,10 @@ class ReconstructionSession:
                                                         node=self.residuals_table_node)
         if created:
             self._track(self.residuals_table_node)
+            self.residuals_chart_node, series = tables.create_residual_chart(
+                self.scene, self.residuals_table_node, self.options.name)
+            self._track(series)
+            self._track(self.residuals_chart_node)
 
     def _on_snapshot(self, event: dict):
         self._apply_volume(event.get("path"), event.get("iteration"))

@@ -95,3 +95,23 @@ def create_loss_chart(scene, table_node, name: str):
     chart.SetYAxisLogScale(True)
     chart.SetLegendVisibility(False)
     return chart, series
+
+
+def create_residual_chart(scene, table_node, name: str):
+    """A plot chart node showing the residual per view against the view angle, from a residuals table
+    (field_tools.residual_table_node): a bad frame or a view under the wrong angle is a spike. Returns
+    (chart node, series node)."""
+    series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(f"{name} residual per view"))
+    series.SetAndObserveTableNodeID(table_node.GetID())
+    series.SetXColumnName("angle_deg")
+    series.SetYColumnName("rmse")
+    series.SetPlotType(series.PlotTypeScatter)
+    series.SetMarkerStyle(series.MarkerStyleCircle)
+    series.SetLineWidth(1)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{name} residual chart"))
+    chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    chart.SetTitle(f"{name}: residual per view")
+    chart.SetXAxisTitle("view angle (deg)")
+    chart.SetYAxisTitle("RMSE of the line integrals")
+    chart.SetLegendVisibility(False)
+    return chart, series
