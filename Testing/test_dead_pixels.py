@@ -76,6 +76,21 @@ def test_a_view_with_more_missing_than_dead_lines_explain_is_refused(tmp_path):
     assert list(load_scan(tmp_path / "scan.json", keep_bad_views=True).bad_views) == [1]
 
 
+def test_a_frame_of_intensities_taken_without_the_beam_is_a_bad_view(tmp_path):
+    """Counts at the dark level throughout one view (the beam was off, or the frame was stored as the dark
+    level): no object 13.8 thick everywhere (the transmission's floor), but a view to leave out."""
+    lines = _lines()
+    raw = (2e4 * np.exp(-lines) + 100).astype(np.float32)
+    raw[1] = 100.0 + np.random.default_rng(0).normal(0.0, 3.0, raw[1].shape)  # the dark level and its noise
+    raw[3, :2, :2] = 90.0  # a few starved pixels in a good view stay measured (the floor)
+    with pytest.raises(ScanFormatError, match=r"view 1 has 100\.0% of its pixels without a value") as refused:
+        load_scan(_stack(tmp_path, raw, kind="intensity", i0=2e4 + 100, dark=100.0))
+    assert "`--drop-views 1`" in refused.value.fix
+    scan = load_scan(tmp_path / "scan.json", drop_views=(1,))
+    assert scan.n_views == 3 and not scan.defects.any() and np.isclose(scan.projections[2, 0, 0], -np.log(1e-6))
+    assert np.allclose(scan.projections[0], lines[0], atol=1e-4)
+
+
 def test_a_dropped_frame_is_named_by_info_and_the_panel_and_refused_until_left_out(tmp_path, capsys):
     """A view entirely zero (a frame the acquisition lost): nothing to fit. `reconstruct` refuses it before
     any work with the --drop-views that leaves it out; `info` and the panel's scan line name it instead of

@@ -29,6 +29,12 @@ view is broken, not the panel: a bad view (`ScanData.bad_views`), refused unless
 (`--drop-views`, the panel's Leave out views)."""
 
 
+NO_BEAM_SHARE = 0.5
+"""A view of intensities with more than this share of its pixels at or below the dark level saw no beam:
+even a body that fills the detector lets photons through most of it (a line integral of 13.8, the floor,
+is 3 m of water)."""
+
+
 class ScanFormatError(ValueError):
     """Bad scan input: carries the offending file, the field and the fix."""
 
@@ -128,7 +134,9 @@ def intensities_to_line_integrals(raw, file, field: str, i0=None, flat=None, dar
     The floor bounds line integrals at 13.8 where a pixel saw no photons; the ceiling turns
     noise above the open beam (more photons than the flat field) into zero attenuation. A pixel
     without a value, or dead in the flat field (not above the dark level), gives NaN: a missing
-    measurement, which `check_projections` accepts up to `MAX_DEFECT_FRACTION` of a view.
+    measurement, which `ScanData` accepts up to `MAX_DEFECT_FRACTION` of a view. A view where most
+    pixels saw no photons (`NO_BEAM_SHARE`: a frame taken while the beam was off, a dropped frame
+    stored as the dark level) is NaN throughout: a bad view to leave out, not an object 13.8 thick.
     """
     raw = np.asarray(raw, dtype=np.float64)
     if raw.ndim != 3:
@@ -161,7 +169,10 @@ def intensities_to_line_integrals(raw, file, field: str, i0=None, flat=None, dar
                               + ("" if dead.ndim == 0 else f" in {dead.mean():.1%} of the detector's pixels"),
                               "give a flat field / I0 above the dark field")
     with np.errstate(invalid="ignore", divide="ignore"):
-        trans = np.clip((raw - darkv) / np.where(dead, np.nan, open_beam), 1e-6, 1.0)  # NaN stays NaN
+        counts = raw - darkv
+        trans = np.clip(counts / np.where(dead, np.nan, open_beam), 1e-6, 1.0)  # NaN stays NaN
+        no_beam = (counts <= 0).reshape(len(raw), -1).mean(axis=1) > NO_BEAM_SHARE
+        trans[no_beam] = np.nan
         return (-np.log(trans)).astype(np.float32)
 
 
