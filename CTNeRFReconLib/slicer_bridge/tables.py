@@ -74,44 +74,39 @@ def table_column(node, column: str) -> list[float]:
     return [array.GetValue(i) for i in range(array.GetNumberOfTuples())]
 
 
+def _line_chart(scene, table_node, name: str, what: str, columns: tuple[str, str], titles: tuple[str, str, str],
+                markers: bool = False, log_y: bool = False):
+    """(chart node, series node): one series of the table's `columns` (x, y), titled (chart, x axis, y axis)."""
+    series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(f"{name} {what}"))
+    series.SetAndObserveTableNodeID(table_node.GetID())
+    series.SetXColumnName(columns[0])
+    series.SetYColumnName(columns[1])
+    series.SetPlotType(series.PlotTypeScatter)
+    series.SetMarkerStyle(series.MarkerStyleCircle if markers else series.MarkerStyleNone)
+    series.SetLineWidth(1 if markers else 2)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{name} {what} chart"))
+    chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    chart.SetTitle(f"{name}: {titles[0]}")
+    chart.SetXAxisTitle(titles[1])
+    chart.SetYAxisTitle(titles[2])
+    chart.SetYAxisLogScale(log_y)
+    chart.SetLegendVisibility(False)
+    return chart, series
+
+
 def create_loss_chart(scene, table_node, name: str):
     """A plot chart node showing loss against iteration (log scale) from the loss table.
 
     Returns (chart node, series node). Slicer shows it with
     ``slicer.modules.plots.logic().ShowChartInLayout(chart)``.
     """
-    series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(f"{name} loss"))
-    series.SetAndObserveTableNodeID(table_node.GetID())
-    series.SetXColumnName("iteration")
-    series.SetYColumnName("loss")
-    series.SetPlotType(series.PlotTypeScatter)
-    series.SetMarkerStyle(series.MarkerStyleNone)
-    series.SetLineWidth(2)
-    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{name} loss chart"))
-    chart.AddAndObservePlotSeriesNodeID(series.GetID())
-    chart.SetTitle(f"{name}: training loss")
-    chart.SetXAxisTitle("iteration")
-    chart.SetYAxisTitle("loss (projection MSE)")
-    chart.SetYAxisLogScale(True)
-    chart.SetLegendVisibility(False)
-    return chart, series
+    return _line_chart(scene, table_node, name, "loss", ("iteration", "loss"),
+                       ("training loss", "iteration", "loss (projection MSE)"), log_y=True)
 
 
 def create_residual_chart(scene, table_node, name: str):
     """A plot chart node showing the residual per view against the view angle, from a residuals table
     (field_tools.residual_table_node): a bad frame or a view under the wrong angle is a spike. Returns
     (chart node, series node)."""
-    series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", scene.GenerateUniqueName(f"{name} residual per view"))
-    series.SetAndObserveTableNodeID(table_node.GetID())
-    series.SetXColumnName("angle_deg")
-    series.SetYColumnName("rmse")
-    series.SetPlotType(series.PlotTypeScatter)
-    series.SetMarkerStyle(series.MarkerStyleCircle)
-    series.SetLineWidth(1)
-    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", scene.GenerateUniqueName(f"{name} residual chart"))
-    chart.AddAndObservePlotSeriesNodeID(series.GetID())
-    chart.SetTitle(f"{name}: residual per view")
-    chart.SetXAxisTitle("view angle (deg)")
-    chart.SetYAxisTitle("RMSE of the line integrals")
-    chart.SetLegendVisibility(False)
-    return chart, series
+    return _line_chart(scene, table_node, name, "residual per view", ("angle_deg", "rmse"),
+                       ("residual per view", "view angle (deg)", "RMSE of the line integrals"), markers=True)
