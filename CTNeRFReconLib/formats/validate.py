@@ -30,9 +30,10 @@ view is broken, not the panel: a bad view (`ScanData.bad_views`), refused unless
 
 
 NO_BEAM_SHARE = 0.5
-"""A view of intensities with more than this share of its pixels at or below the dark level saw no beam:
-even a body that fills the detector lets photons through most of it (a line integral of 13.8, the floor,
-is 3 m of water)."""
+"""A view of intensities with more than this share of its pixels at or below the dark level saw no beam.
+A scan that can be reconstructed at all has photons through most of each view (the floor's line integral
+of 13.8 is 3 m of water); one whose body starves more than half of a view of photons would have nothing
+to fit there either, and is named as such."""
 
 
 class ScanFormatError(ValueError):
