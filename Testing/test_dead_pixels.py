@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import SimpleITK as sitk
 import pytest
 
 from CTNeRFReconLib.cli import info_dict
@@ -299,7 +298,7 @@ def test_r2_gaussian_meta_data_under_another_name_loads(tmp_path):
 def test_views_the_user_drops_are_left_out_of_everything(tmp_path):
     """`--drop-views`: the projection check names a bad view; the user leaves it out and the run sees only the
     others (FDK, nerf, the support alike), numbered anew, and says which were dropped."""
-    from worker_case import run_cli, write_small_case
+    from worker_case import run_cli, write_edited_case, write_small_case
 
     case = write_small_case(tmp_path / "case")
     res = run_cli("reconstruct", case, "--out", tmp_path / "run", "--method", "fdk", "--drop-views", "5", "17")
@@ -310,23 +309,11 @@ def test_views_the_user_drops_are_left_out_of_everything(tmp_path):
     assert started["event"] == "started" and started["views"] == 22
     refused = run_cli("reconstruct", case, "--out", tmp_path / "run2", "--method", "fdk", "--drop-views", "24")
     assert refused.returncode == 2 and "--drop-views" in refused.stderr and "views 0 to 23" in refused.stderr
-
-    def edited(name, edit):
-        folder = tmp_path / name
-        folder.mkdir()
-        for file in ("geometry.xml", "reference.nrrd"):
-            (folder / file).write_bytes((case / file).read_bytes())
-        proj = sitk.ReadImage(str(case / "projections.mha"))
-        stack = sitk.GetArrayFromImage(proj)
-        edit(stack)
-        image = sitk.GetImageFromArray(stack)
-        image.CopyInformation(proj)
-        sitk.WriteImage(image, str(folder / "projections.mha"))
-        return folder
+    with_reference = ("geometry.xml", "reference.nrrd")  # the edited cases are scored against it
 
     # a blank frame (view 12): refused before any work, naming the --drop-views that leaves it out as the
     # data number views, with the views already left out kept in the list; then it runs
-    blank = edited("blank", lambda stack: stack[12].fill(0.0))
+    blank = write_edited_case(case, tmp_path / "blank", lambda stack: stack[12].fill(0.0), with_reference)
     res = run_cli("reconstruct", blank, "--out", tmp_path / "run3", "--method", "fdk", "--drop-views", "5")
     assert res.returncode == 2 and "view 12 is entirely zero" in res.stderr and "--drop-views 5 12" in res.stderr
     assert not (tmp_path / "run3" / "volume.nrrd").exists()
@@ -334,7 +321,8 @@ def test_views_the_user_drops_are_left_out_of_everything(tmp_path):
     assert res.returncode == 0, res.stderr
     # a frame flat-fielded with another exposure's flat (log 2 added): the end-of-run check names it, in the
     # data's numbering, with the --drop-views that leaves it out
-    offset = edited("offset", lambda stack: np.add(stack[12], np.log(2), out=stack[12]))
+    offset = write_edited_case(case, tmp_path / "offset", lambda stack: np.add(stack[12], np.log(2), out=stack[12]),
+                               with_reference)
     res = run_cli("reconstruct", offset, "--out", tmp_path / "run5", "--method", "fdk", "--drop-views", "5")
     assert res.returncode == 0, res.stderr
     assert "view 11 (view 12 of the data) leaves" in res.stderr and "`--drop-views 5 12` leaves it out" in res.stderr

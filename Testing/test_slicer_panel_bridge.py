@@ -228,17 +228,9 @@ def test_the_log_names_a_suspect_view_in_the_datas_numbering():
 def test_a_run_with_a_bad_frame_says_in_the_log_what_to_leave_out(scene, case, tmp_path):
     """The end-of-run projection check names the frame (flat-fielded with another exposure's flat here: log 2
     added), in the data's numbering with the views this run already left out, and what to enter in the panel."""
-    import SimpleITK as sitk
+    from worker_case import write_edited_case
 
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "geometry.xml").write_bytes((case / "geometry.xml").read_bytes())
-    stack = sitk.ReadImage(str(case / "projections.mha"))
-    views = sitk.GetArrayFromImage(stack)
-    views[9] += np.log(2.0)
-    edited = sitk.GetImageFromArray(views)
-    edited.CopyInformation(stack)
-    sitk.WriteImage(edited, str(bad / "projections.mha"))
+    bad = write_edited_case(case, tmp_path / "bad", lambda views: np.add(views[9], np.log(2.0), out=views[9]))
     session = run_session(scene, bad, tmp_path / "run", "fdk", drop_views=(2,))
     assert session.state is SessionState.FINISHED, session.message
     assert session.projection_check["worst_view"] == 8, "the run's own numbering: view 9 of the data is its 8th"

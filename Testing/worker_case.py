@@ -67,14 +67,29 @@ def write_small_case(folder: Path) -> Path:
     return write_demo_case(folder, SMALL)
 
 
-def write_with_bad_voxel(source: Path, target: Path, index_zyx, value: float) -> Path:
-    """Copy an image file with one voxel (array index z, y, x; slices for more) set to `value` (NaN, inf, ...)."""
+def write_edited_image(source: Path, target: Path, edit) -> Path:
+    """Copy an image file with its voxel array (z, y, x) changed in place by `edit(array)`, placed as before."""
     import SimpleITK as sitk
 
     img = sitk.ReadImage(str(source))
     arr = sitk.GetArrayFromImage(img)
-    arr[tuple(index_zyx)] = value
+    edit(arr)
     out = sitk.GetImageFromArray(arr)
     out.CopyInformation(img)
     sitk.WriteImage(out, str(target))
     return Path(target)
+
+
+def write_with_bad_voxel(source: Path, target: Path, index_zyx, value: float) -> Path:
+    """Copy an image file with one voxel (array index z, y, x; slices for more) set to `value` (NaN, inf, ...)."""
+    return write_edited_image(source, target, lambda arr: arr.__setitem__(tuple(index_zyx), value))
+
+
+def write_edited_case(case: Path, folder: Path, edit, files=("geometry.xml",)) -> Path:
+    """A new RTK case folder: `files` of `case` copied, its projections.mha (views, rows, cols) changed by
+    `edit(stack)` in place."""
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_bytes((case / name).read_bytes())
+    write_edited_image(case / "projections.mha", folder / "projections.mha", edit)
+    return folder
