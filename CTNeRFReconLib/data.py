@@ -1,6 +1,7 @@
 """The in-memory scan every loader returns and every method consumes."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,7 +111,8 @@ class ScanData:
     def without_views(self, drop, reason: str = "--drop-views") -> "ScanData":
         """The scan without the given views (indices into this scan), for `--drop-views`: every method, the
         support and the checks see only the views left, numbered anew. A bad request is a ScanFormatError
-        naming `--drop-views`."""
+        naming `--drop-views`. The views left keep what was found in them (defects, filled values, bad
+        views): the search is not run again on a stack already filled (seconds on a large panel)."""
         from .formats.validate import ScanFormatError
 
         drop = sorted({int(v) for v in drop})
@@ -125,10 +127,13 @@ class ScanData:
         note = (f"views {drop} left out ({reason}): the {len(keep)} views left are numbered 0 to {len(keep) - 1}"
                 + ("" if self.geometry.angles is None else
                    f"; the dropped ones at {[round(float(np.degrees(self.geometry.angles[v])), 2) for v in drop]} deg"))
-        return ScanData(self.projections[keep], self.geometry.subset(keep), self.source_format, self.source_path,
-                        grid=self.grid, reference=self.reference, validation=self.validation,
-                        notes=[*self.notes, note], defects=None if self.defects is None else self.defects[keep],
-                        projections_file=self.projections_file)
+        kept = copy.copy(self)  # a subset of a checked scan: nothing to check or search again
+        kept.projections = self.projections[keep]
+        kept.geometry = self.geometry.subset(keep)
+        kept.notes = [*self.notes, note]
+        kept.defects = None if self.defects is None else self.defects[keep]
+        kept.bad_views = {new: self.bad_views[int(old)] for new, old in enumerate(keep) if int(old) in self.bad_views}
+        return kept
 
     @property
     def n_views(self) -> int:

@@ -104,6 +104,8 @@ def test_a_dropped_frame_is_named_by_info_and_the_panel_and_refused_until_left_o
         load_scan(path, drop_views=(0,))
     assert "`--drop-views 0 2`" in refused.value.fix and "Leave out views" in refused.value.fix
     assert load_scan_file(path).bad_views == {2: "is entirely zero (a dropped frame?)"}
+    kept = load_scan(path, drop_views=(0,), keep_bad_views=True)  # numbered anew with the views left
+    assert kept.bad_views == {1: "is entirely zero (a dropped frame?)"} and kept.n_views == 3
     assert main(["info", str(path), "--no-support"]) == 0
     out = capsys.readouterr().out
     assert "3 views of 16 rows" in out and "--drop-views 2:" in out and "  view 2 is entirely zero" in out
