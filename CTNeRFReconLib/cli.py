@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .events import EventWriter, ExitCode, FailureKind, stdout_wants_events
 from .phantom import MU_WATER
+from .projection_check import RESIDUALS_EVERY_S
 
 
 class UsageError(ValueError):
@@ -58,7 +59,7 @@ def _add_reconstruct(sub):
     p.add_argument("--iterations", type=int, metavar="N", help="iterations of an iterative method")
     p.add_argument("--snapshot-every", type=int, metavar="N", help="iterations between snapshots (0: none)")
     p.add_argument("--progress-every", type=int, metavar="N", help="iterations between progress events")
-    p.add_argument("--residuals-every", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--residuals-every", type=float, default=RESIDUALS_EVERY_S, metavar="SECONDS",
                    help="at least this many seconds between the per-view residuals of the snapshots while the run "
                         "trains (the `residuals` event; at most 2 %% of the run's time; default 10; 0: none)")
     p.add_argument("--no-kernels", action="store_true", help="use the PyTorch renderer, not the fused kernels")
@@ -153,11 +154,12 @@ def _passive_openmp_threads():
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _reconstruct(args) -> int:
-    _passive_openmp_threads()
-    from .worker import ReconstructOptions, run_reconstruction
+def reconstruct_options(args):
+    """The ReconstructOptions of a parsed `reconstruct` command line (the panel's Resume rebuilds one from
+    run.json through here too: Testing/test_resume_options.py checks every field survives the trip)."""
+    from .worker import ReconstructOptions
 
-    opts = ReconstructOptions(
+    return ReconstructOptions(
         data=args.data, out=args.out, projections=args.projections, drop_views=tuple(args.drop_views),
         reference=args.reference,
         reference_units=args.reference_units, mu_water=args.mu_water, method=args.method, preset=args.preset,
@@ -169,7 +171,13 @@ def _reconstruct(args) -> int:
         quiet=args.quiet, time_limit=args.time_limit, support=not args.no_support,
         coarse_to_fine=not args.no_coarse_to_fine, use_prior=not args.no_prior,
         setting_overrides=tuple(args.setting))
-    return run_reconstruction(opts)
+
+
+def _reconstruct(args) -> int:
+    _passive_openmp_threads()
+    from .worker import run_reconstruction
+
+    return run_reconstruction(reconstruct_options(args))
 
 
 def _simulate(args) -> int:
@@ -181,6 +189,27 @@ def _simulate(args) -> int:
     print(f"wrote an RTK case of {args.views} views ({args.det} x {args.det} detector) to {out}; "
           f"try: python -m CTNeRFReconLib reconstruct {out} --reference {out / 'reference.nrrd'} --out RUN_DIR")
     return ExitCode.OK
+
+
+def _air_noise_into(out: dict, scan):
+    """The air's photon noise and the detector's fixed pattern (nerf/prior_weight.noise_law), with a note
+    where the pattern draws rings; nothing where no view shows enough air."""
+    import math
+
+    import numpy as np
+
+    from .nerf.prior_weight import fixed_pattern_note, noise_law
+
+    law = noise_law(scan.projections, np.ones(scan.projections.shape, dtype=bool),
+                    measured=None if scan.defects is None else ~scan.defects)
+    if law.air_variance is None:
+        return
+    out["air_noise"] = {"photon_sigma": math.sqrt(law.air_variance),
+                        "fixed_pattern_rms": None if law.fixed_pattern_variance is None
+                        else math.sqrt(law.fixed_pattern_variance)}
+    note = fixed_pattern_note(law)
+    if note is not None:
+        out["notes"] = list(out.get("notes", [])) + [note]
 
 
 def info_dict(scan, support: bool = True) -> dict:
@@ -198,6 +227,7 @@ def info_dict(scan, support: bool = True) -> dict:
         out["default_grid"] = None
         out["notes"] = list(out.get("notes", [])) + [str(exc)]
     grid = scan.grid or (scan.reference.grid if scan.reference is not None else None) or grid
+    _air_noise_into(out, scan)
     if grid is not None and support:
         from .support import object_support
 

@@ -34,6 +34,9 @@ end-of-run check's (every 10th row and column of the 25-view abdomen's 240 x 240
 view stand out, at a quarter of the cost: 0.15 s a check in the worker on 2 cores for that abdomen's
 233 x 240 x 233 default grid, six checks in a 120 s run (0.8 % of it). The per-view figures are noisier
 than the final check's (the abdomen's largest ratio to the median 2.3 against 1.5)."""
+RESIDUALS_EVERY_S = 10.0
+"""Seconds at least between two live residual checks (`reconstruct --residuals-every`, `LiveResiduals`); the
+checks also take at most 2 % of the run's time."""
 STEP_VOXELS = 0.8
 """Sample spacing along rays, in voxels of the volume (as the nerf method's training)."""
 
@@ -187,8 +190,8 @@ class LiveResiduals:
     have passed since the last one and that last one cost at most `max_share` of the time since, so it
     takes at most that share of the run."""
 
-    def __init__(self, scan: ScanData, device: str = "cpu", min_interval_s: float = 10.0, max_share: float = 0.02,
-                 clock=None):
+    def __init__(self, scan: ScanData, device: str = "cpu", min_interval_s: float = RESIDUALS_EVERY_S,
+                 max_share: float = 0.02, clock=None):
         import time
 
         self.scan, self.device = scan, device

@@ -276,7 +276,9 @@ def air_statistics(projections: np.ndarray, settings: SupportSettings = SupportS
     # sigma = median / 0.6745 (the median, so that a few bad pixels far below do not widen it). A band of
     # a few bins alone was narrower than the noise on a noisy scan (a 48 px phantom at 1e4 photons:
     # 0.0007 against 0.0033), no pixel kept its whole 3x3 block in it, the noise came out 0, the
-    # threshold fell to 1 % of p99 and noisy air at the detector's edges read as a truncated object
+    # threshold fell to 1 % of p99 and noisy air at the detector's edges read as a truncated object.
+    # Within views, not between them (nerf/prior_weight.between_view_variance): a gain pattern the flat field
+    # left is how far from its level the air really reads, so the threshold must clear it too
     below = air_level - flat[flat < air_level]
     spread = float(np.median(below)) / 0.6745 if below.size else 0.0
     cand = np.abs(smooth - air_level) <= max(3 * width, 2 * spread)

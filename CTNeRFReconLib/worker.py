@@ -30,6 +30,7 @@ from .events import EventWriter, ExitCode, FailureKind, stdout_wants_events
 from .geometry import VolumeGrid
 from .methods import RunContext, check_method_name, get_method
 from .phantom import MU_WATER
+from .projection_check import RESIDUALS_EVERY_S
 from .rundir import RunFolder
 from .volume_io import atomic_write, resample_to_grid, write_volume
 
@@ -73,7 +74,7 @@ class ReconstructOptions:
     iterations: int | None = None
     snapshot_every: int | None = None
     progress_every: int | None = None
-    residuals_every: float = 10.0
+    residuals_every: float = RESIDUALS_EVERY_S
     """Seconds at least between the per-view residuals of snapshots (`residuals` events; at most 2 % of the
     run's time goes to them); 0: none."""
     kernels: bool = True

@@ -1,6 +1,8 @@
 """The TV prior's weight comes from the scan: its noise level and its rays per voxel."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -118,3 +120,88 @@ def test_pwls_weights_follow_the_photon_noise_law(clean, fine):
     assert no_air.ray_weights is None and no_air.ctx.report["data_term"]["weighting"] == "uniform"
     assert "no air" in no_air.ctx.report["data_term"]["reason"]  # run.json says why
     assert noisy.ctx.report["data_term"]["weighting"] == "poisson"
+
+
+def _with_gain_pattern(scan: ScanData, sigma: float, seed: int = 1) -> ScanData:
+    """Every pixel's gain off by a normal factor (the same in every view): after the log, an offset fixed on
+    the detector, as a flat field that has drifted leaves it."""
+    gain = 1.0 + sigma * np.random.default_rng(seed).standard_normal(scan.projections.shape[1:])
+    return ScanData((scan.projections - np.log(gain)[None]).astype(np.float32), scan.geometry, "synthetic",
+                    "<gain pattern>")
+
+
+def test_a_pattern_fixed_on_the_detector_is_not_noise(clean):
+    """A gain error left by the flat field reads as noise within a view and not across views: the noise law
+    and the TV weight follow the photons, and the pattern is measured and said apart."""
+    scan, ref = clean
+    hit = np.ones(scan.projections.shape, dtype=bool)
+    i0, sigma = 2e4, 0.01  # a pattern of 1 % against photon noise of 0.7 % in air
+    photons = _with_photons(scan, i0)
+    patterned = _with_gain_pattern(photons, sigma)
+    plain, law = noise_law(photons.projections, hit), noise_law(patterned.projections, hit)
+    assert law.air_variance == pytest.approx(1.0 / i0, rel=0.15), law
+    assert law.air_variance == pytest.approx(plain.air_variance, rel=0.1)
+    assert law.fixed_pattern_variance == pytest.approx(sigma ** 2, rel=0.3), law
+    assert plain.fixed_pattern_variance < 0.1 * sigma ** 2
+    # read within each view, as before, the pattern counted as noise: 3x the photons' variance here
+    from CTNeRFReconLib.nerf.prior_weight import air_pixels, immerkaer_variance
+    views = patterned.projections
+    within = immerkaer_variance(views, np.stack([air_pixels(v, 0.01 * float(np.percentile(views, 99)))
+                                                 for v in views]))[0]
+    assert within > 2.5 / i0
+
+    # each ray's variance is the photons' (growing with exp(p)) plus the pattern's (the same for every ray),
+    # not the within-view variance times exp(p)
+    # (on the phantom at 4x its attenuation, where exp(p) tells the two laws apart)
+    dense = ScanData(scan.projections * 4.0, scan.geometry, "synthetic", "<dense phantom>")
+    photons = _with_photons(dense, i0)
+    patterned = _with_gain_pattern(photons, sigma)
+    law = noise_law(patterned.projections, hit)
+    messages = []
+    trainer = NerfTrainer(patterned, ref.grid, NerfConfig(), RunContext(on_message=messages.append))
+    reference = _trainer(photons, ref.grid)
+    assert trainer.noise_variance == pytest.approx(reference.noise_variance + law.fixed_pattern_variance, rel=0.1)
+    as_one = (law.air_variance + law.fixed_pattern_variance) * float(trainer.targets.double().exp().mean())
+    assert trainer.noise_variance < 0.75 * as_one, (trainer.noise_variance, as_one)
+    p = reference.targets.double()
+    thick, thin = p > 1.0, p < 0.05
+    ratio = float(trainer.ray_weights[thick].double().mean() / trainer.ray_weights[thin].double().mean())
+    ratio_photons = float(reference.ray_weights[thick].double().mean() / reference.ray_weights[thin].double().mean())
+    assert ratio_photons < ratio < 1.0  # the pattern weighs on thin rays most: the weights are flatter
+    assert trainer.ctx.report["data_term"]["fixed_pattern_rms"] == pytest.approx(sigma, rel=0.2)
+    assert any("fixed on the detector" in m and "rings" in m for m in messages), messages
+    assert not any("fixed on the detector" in m for m in _messages_of(photons, ref.grid))
+
+
+def _messages_of(scan: ScanData, grid) -> list[str]:
+    messages = []
+    NerfTrainer(scan, grid, NerfConfig(), RunContext(on_message=messages.append))
+    return messages
+
+
+def test_info_and_the_panel_name_a_gain_pattern(tmp_path, capsys):
+    """`info` (what the panel's scan line reads, through `info --json`) measures the air's photon noise and
+    fixed pattern, and names a pattern larger than the noise with its cure; the intact scan gets no such line."""
+    from CTNeRFReconLib.cli import main
+    from CTNeRFReconLib.slicer_bridge.projections import describe_summary
+    from worker_case import write_edited_case, write_small_case
+
+    case = write_small_case(tmp_path / "case")
+    sigma = 0.02
+    gain = 1.0 + sigma * np.random.default_rng(4).standard_normal((48, 48))
+    patterned = write_edited_case(case, tmp_path / "patterned",
+                                  lambda stack: stack.__isub__(np.log(gain).astype(stack.dtype)[None]))
+    said = {}
+    for name, folder in (("intact", case), ("patterned", patterned)):
+        assert main(["info", str(folder), "--no-support", "--json"]) == 0
+        said[name] = json.loads(capsys.readouterr().out)
+    noise, intact = said["patterned"]["air_noise"], said["intact"]["air_noise"]
+    assert noise["photon_sigma"] == pytest.approx(intact["photon_sigma"], rel=0.15)
+    assert noise["fixed_pattern_rms"] == pytest.approx(sigma, rel=0.25), noise
+    assert intact["fixed_pattern_rms"] < noise["photon_sigma"]
+    assert any("pattern fixed on the detector" in n and "new flat field" in n for n in said["patterned"]["notes"])
+    assert not any("pattern fixed on the detector" in n for n in said["intact"]["notes"])
+    assert "gain pattern the flat field left" in describe_summary(said["patterned"])
+    assert "gain pattern" not in describe_summary(said["intact"])
+    assert main(["info", str(patterned), "--no-support"]) == 0
+    assert "rings are likely" in capsys.readouterr().out

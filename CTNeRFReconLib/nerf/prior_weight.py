@@ -28,6 +28,19 @@ neighbourhood is air, where there is no structure to mistake for noise. On the b
 this gives the true mean variance to 3 %; the same estimator over the object instead counts its
 edges as noise (5x too much on a 48-pixel Shepp-Logan scan). When too few air pixels exist (a
 truncated field of view) the estimator runs over every pixel whose rays cross the volume instead.
+
+The air's noise is read between views as well as within one. A real panel's gain is never flat to the
+last per cent after flat-fielding (drift with temperature and dose, readout groups), and after the log
+that is an offset fixed on the detector, the same in every view: within one view it reads as noise,
+across views it does not change. Immerkaer's estimator on the difference of two views, over the pixels in
+air in both, cancels it: half that variance is the photons' (1 / I0), and what the within-view estimate
+finds above it is the fixed pattern (`NoiseLaw.fixed_pattern_variance`). The two follow different laws:
+the photons' variance grows with the line integral (exp(p)), the pattern's does not (a gain g adds
+-log(g) whatever the ray crossed), so each ray's variance is air_variance exp(p) + fixed_pattern_variance,
+and sigma^2 is its mean. Before, the within-view variance was scaled by exp(p) as a whole: a 1 % gain
+pattern on the 25-view abdomen (benchmarks/make_gain_errors.py) read as 7x the photons' variance in air,
+the thick rays counted ten times noisier than they are and the TV weight rose 7x: 35.33 dB against 36.46
+now, 36.34-36.46 intact (docs/nerf.md, "A gain pattern fixed on the detector").
 """
 from __future__ import annotations
 
@@ -58,6 +71,16 @@ def immerkaer_variance(images: np.ndarray, masks: np.ndarray) -> tuple[float, in
     return sigma * sigma, count
 
 
+def between_view_variance(views: np.ndarray, air: np.ndarray) -> tuple[float, int]:
+    """(noise variance of one view, pixels used): Immerkaer's estimate on the differences of neighbouring
+    views over the pixels in air in both, halved. What is fixed on the detector (a gain error after
+    flat-fielding) cancels in the difference; noise does not. A per-view air level or a smooth drift
+    cancels in Immerkaer's kernel as in one view."""
+    pairs = range(len(views) - 1)
+    variance, count = immerkaer_variance((views[i + 1] - views[i] for i in pairs), (air[i + 1] & air[i] for i in pairs))
+    return variance / 2.0, count
+
+
 def air_pixels(view: np.ndarray, threshold: float) -> np.ndarray:
     """Pixels in air: the median line integral of their 5x5 neighbourhood is below the threshold."""
     return ndimage.median_filter(np.asarray(view, dtype=np.float32), size=5) < threshold
@@ -69,10 +92,14 @@ class NoiseLaw:
 
     mean_variance: float
     """Mean noise variance of the line integrals over the rays that cross the volume (the TV weight's
-    sigma^2); 0.0 when nothing is usable."""
+    sigma^2): the photons' and the fixed pattern's; 0.0 when nothing is usable."""
     air_variance: float | None
     """Their variance in air (1 / I0 for Poisson counts), or None when too few pixels lie in air (a
-    truncated field of view, an offset flat field): then no per-ray law is known."""
+    truncated field of view, an offset flat field): then no per-ray law is known. Read between views
+    where two views share enough air (`between_view_variance`), else within each view."""
+    fixed_pattern_variance: float | None = None
+    """The variance in air of what is fixed on the detector (the within-view estimate less the between-view
+    one: a gain error after flat-fielding, which draws rings), or None when it was not measured."""
 
 
 def noise_law(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
@@ -90,20 +117,43 @@ def noise_law(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
     air = np.stack([air_pixels(v, threshold) for v in views])
     if measured is not None:
         air &= np.asarray(measured[pick], dtype=bool)
-    air_variance, n_air = immerkaer_variance(views, air)
-    if n_air >= min_air_pixels:
-        return NoiseLaw(air_variance * float(np.exp(crossing).mean()), air_variance)
-    return NoiseLaw(immerkaer_variance(views, masks)[0], None)
+    within, n_air = immerkaer_variance(views, air)
+    if n_air < min_air_pixels:
+        return NoiseLaw(immerkaer_variance(views, masks)[0], None)
+    between, n_pairs = between_view_variance(views, air)
+    if n_pairs < min_air_pixels:  # one view, or views that share too little air
+        return NoiseLaw(within * float(np.exp(crossing).mean()), within)
+    pattern = max(0.0, within - between)
+    return NoiseLaw(between * float(np.exp(crossing).mean()) + pattern, between, pattern)
+
+
+FIXED_PATTERN_SAY_RATIO = 1.0
+"""The pattern is worth saying where it is larger than the photon noise in air: from there it is what a
+ring in the volume is made of."""
+
+
+def fixed_pattern_note(law: NoiseLaw) -> str | None:
+    """What `info` and a nerf run say about the air's fixed pattern where it is larger than the photon noise
+    (`FIXED_PATTERN_SAY_RATIO`), else None."""
+    if law.fixed_pattern_variance is None or not law.air_variance:
+        return None
+    pattern, photons = math.sqrt(law.fixed_pattern_variance), math.sqrt(law.air_variance)
+    if pattern <= FIXED_PATTERN_SAY_RATIO * photons:
+        return None
+    return (f"the air reads a pattern fixed on the detector of {pattern:.4f} rms (line integral; about "
+            f"{100 * pattern:.1f} % gain after flat-fielding), {pattern / photons:.1f} x its photon noise "
+            f"({photons:.4f}): rings are likely; a new flat field (gain calibration) removes them. nerf's noise "
+            "model counts it apart from the photons' (docs/nerf.md)")
 
 
 def poisson_ray_weights(targets, air_variance: float, model_error: float, target_power: float,
-                        mean_one: bool = False):
+                        mean_one: bool = False, fixed_variance: float = 0.0):
     """Per-ray weights (a tensor like `targets`) of a penalised weighted least-squares data term (PWLS,
     docs/nerf.md): the inverse of each line integral's variance, air_variance * exp(p) (Poisson counts,
-    log-transformed) plus the model error epsilon^2 P. Scaled by the mean variance (the s^2 of the TV
-    weight), so the data term is the MAP one the TV weight was derived against; `mean_one`: to a mean
-    of 1 instead."""
-    variance = air_variance * targets.clamp(0.0, 30.0).exp() + model_error ** 2 * target_power
+    log-transformed) plus the detector's fixed pattern (`fixed_variance`, the same for every ray) plus the
+    model error epsilon^2 P. Scaled by the mean variance (the s^2 of the TV weight), so the data term is
+    the MAP one the TV weight was derived against; `mean_one`: to a mean of 1 instead."""
+    variance = air_variance * targets.clamp(0.0, 30.0).exp() + fixed_variance + model_error ** 2 * target_power
     weights = 1.0 / variance
     return weights / weights.mean() if mean_one else weights * variance.mean()
 

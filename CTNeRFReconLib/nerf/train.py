@@ -30,7 +30,7 @@ from .detail import DetailGrid
 from .field import VMField
 from .generator import DirectFactors, FactorGenerator
 from .levels import LevelSchedule, grid_cost_ratio
-from .prior_weight import NoiseLaw, noise_law, poisson_ray_weights, tv_weight_from_data
+from .prior_weight import NoiseLaw, fixed_pattern_note, noise_law, poisson_ray_weights, tv_weight_from_data
 
 
 class _BatchTooLarge(RuntimeError):
@@ -417,6 +417,7 @@ class NerfTrainer:
         """The line integrals' noise variance in the air (about 1 / the photons per unattenuated ray), or None."""
         self.ray_weights = self._ray_weights(noise)
         """Per-ray weights of the data term (None: least squares, every ray alike)."""
+        self._report_fixed_pattern(noise)
         truncation = self._truncation(scan)
         plain_because, edge_despite = (None, truncation) if cfg.tv_edge_when_truncated else (truncation, None)
         self._plain_tv_because = plain_because
@@ -491,11 +492,22 @@ class NerfTrainer:
             self.ctx.report["data_term"] = {"weighting": "uniform", "reason": why}
             return None
         weights = poisson_ray_weights(self.targets, noise.air_variance, self.cfg.model_error, self.target_power,
-                                      mean_one=mode == "poisson-mean1")
+                                      mean_one=mode == "poisson-mean1",
+                                      fixed_variance=noise.fixed_pattern_variance or 0.0)
         self.ctx.report["data_term"] = {"weighting": mode, "air_noise_variance": noise.air_variance,
                                         "weights_min": float(weights.min()), "weights_max": float(weights.max()),
                                         "weights_mean": float(weights.mean())}
         return weights
+
+    def _report_fixed_pattern(self, noise: NoiseLaw):
+        """Put the air's fixed pattern (prior_weight.between_view_variance) into run.json, and say so where it
+        is larger than the photon noise: rings are then likely, and the cure is a new flat field."""
+        if noise.fixed_pattern_variance is None or noise.air_variance is None:
+            return
+        self.ctx.report["data_term"]["fixed_pattern_rms"] = math.sqrt(noise.fixed_pattern_variance)
+        note = fixed_pattern_note(noise)
+        if note is not None:
+            self._say(note)
 
     def _say(self, text: str):
         """A set-up line for the user (held while the voxel is still to be chosen)."""

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..data import ScanData, Volume
 from ..geometry import VolumeGrid
+from ..nerf.prior_weight import FIXED_PATTERN_SAY_RATIO
 from . import volume_nodes as vn
 
 
@@ -69,6 +70,11 @@ def describe_summary(summary: dict) -> str:
     if summary.get("defect_pixels"):
         parts.append(f"{summary['defect_pixels']} pixel readings without a measurement (dead pixels: left out "
                      "of the fit)")
+    noise = summary.get("air_noise") or {}
+    pattern, photons = noise.get("fixed_pattern_rms"), noise.get("photon_sigma")
+    if pattern and photons and pattern > FIXED_PATTERN_SAY_RATIO * photons:  # `info` measures it
+        parts.append(f"a gain pattern the flat field left ({100 * pattern:.1f} % rms, {pattern / photons:.1f} x the "
+                     "photon noise): rings are likely; a new flat field (gain calibration) removes them")
     bad = summary.get("bad_views") or {}
     if bad:
         views = ", ".join(sorted(bad, key=int))

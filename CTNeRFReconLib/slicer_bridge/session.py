@@ -673,7 +673,10 @@ def request_from_run_info(run_dir: Path, run_info: dict) -> ReconstructRequest:
 def _recorded_extra_args(options: dict) -> list[str]:
     """The command-line arguments of the run.json options that ReconstructRequest has no field for (the
     time budget, nerf's switches and settings, FDK's filter...): a resumed run must be given them again,
-    since the checkpoint is refused for other settings, another training grid or other data."""
+    since the checkpoint is refused for other settings, another training grid or other data.
+    Testing/test_resume_options.py sends every option through run.json and back."""
+    from ..projection_check import RESIDUALS_EVERY_S
+
     args: list[str] = []
     for key, flag in (("time_limit", "--time-limit"), ("tv_weight", "--tv-weight"), ("fdk_cutoff", "--fdk-cutoff"),
                       ("progress_every", "--progress-every")):
@@ -683,6 +686,8 @@ def _recorded_extra_args(options: dict) -> list[str]:
         args += ["--fdk-filter", str(options["fdk_filter"])]
     if options.get("mu_water") is not None and float(options["mu_water"]) != MU_WATER:
         args += ["--mu-water", repr(float(options["mu_water"]))]
+    if options.get("residuals_every") is not None and float(options["residuals_every"]) != RESIDUALS_EVERY_S:
+        args += ["--residuals-every", repr(float(options["residuals_every"]))]
     for key, flag in (("support", "--no-support"), ("coarse_to_fine", "--no-coarse-to-fine"),
                       ("use_prior", "--no-prior"), ("kernels", "--no-kernels")):
         if options.get(key) is False:
