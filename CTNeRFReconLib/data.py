@@ -78,7 +78,10 @@ class ScanData:
                               "shadow in most views while their neighbours read object; more than a panel's dead "
                               "lines, so they are kept as measured")
             stuck = np.zeros_like(stuck)
-        if not missing.any() and not stuck.any() and self.defects is None:
+        # no bound like the one above: no object takes a reading's photon noise away, so however many there
+        # are (a region the beam does not reach, clipped in every view) they hold no measurement
+        still = still_pixels(self.projections) & ~stuck
+        if not missing.any() and not stuck.any() and not still.any() and self.defects is None:
             return
         if missing.any():
             views = int(missing.reshape(len(missing), -1).any(axis=1).sum())
@@ -88,10 +91,14 @@ class ScanData:
             self.notes.append(f"{int(stuck.sum())} detector pixels read air in the object's shadow in most views "
                               "while their neighbours on both sides read object (a line of the panel stuck at zero, "
                               "or dead pixels a reader turned into zeros): taken as dead")
-        if missing.any() or stuck.any():  # a mask given with the scan (without_views) was noted where it was found
+        if still.any():
+            self.notes.append(f"{int(still.sum())} detector pixels ({still.mean():.1%}) read the same in every view, "
+                              "without the photon noise every measured reading has (pixels or lines of the panel "
+                              "stuck at a value, or readings clipped in every view): taken as dead")
+        if missing.any() or stuck.any() or still.any():  # a mask given with the scan (without_views) was noted
             self.notes.append("nerf leaves the dead pixels' rays out of its fit; FDK and the previews read each "
                               "from the nearest measured pixel of its view")
-        dead = missing | stuck[None]
+        dead = missing | (stuck | still)[None]
         self.defects = dead if self.defects is None else (self.defects | dead)
         self.projections = _filled_from_nearest(self.projections, self.defects)
 
@@ -234,9 +241,10 @@ def stuck_at_air(projections: np.ndarray, orbit_plane_rows: np.ndarray | None = 
     of them read object (the largest of the next `STUCK_MAX_RUN` pixels on each side, along a row or a column,
     at least `STUCK_OBJECT_SHARE` of the stack's 99th percentile), they read at most `STUCK_RATIO` of the lesser
     side. Reading several pixels on each side finds up to `STUCK_MAX_RUN` adjacent dead lines. A pixel stuck
-    high cannot be told from a thin dense wire on the rotation axis, which also stands out in every view, so
-    only the low side is read. Nor can a row stuck low be told from a thin air gap in or near the orbit's plane,
-    whose rays stay in that gap in every view: rows within `ORBIT_PLANE_BAND` of the plane's row
+    high cannot be told from a thin dense wire on the rotation axis by its neighbours, which also stands out in
+    every view, so only the low side is read here (`still_pixels` finds one by the photon noise it lacks). Nor
+    can a row stuck low be told from a thin air gap in or near the orbit's plane, whose rays stay in that gap in
+    every view: rows within `ORBIT_PLANE_BAND` of the plane's row
     (`orbit_plane_rows`) are read along the row only; with parallel rays (None) every row keeps its plane, so no
     pixel is read across the rows. A detector rolled about its normal moves the plane's row across the columns;
     the band's width covers a small roll. Why by hand: no library offers a defect test across the views of a
@@ -270,6 +278,60 @@ def stuck_at_air(projections: np.ndarray, orbit_plane_rows: np.ndarray | None = 
         chances += seen
         votes += low
     return (chances >= 3) & (2 * votes >= chances)
+
+
+STILL_SHARE = 0.1
+"""A pixel is still where its spread over the views is below this share of the photon noise a pixel reading
+its level shows. Every measured reading carries photon noise; a pixel stuck at one value (a defect, a line
+of the panel stuck high or low, a reading clipped in every view) does not. The spread of noise alone over
+n views falls below a tenth of its standard deviation with the chance of chi-square(n - 1) < n / 100: 1e-6
+a pixel at 8 views (a pixel or two of a 1536^2 panel, left out at no cost), 3e-8 at 10, 4e-13 at 16."""
+STILL_MIN_VIEWS = 8
+"""Views the still-pixel test needs."""
+
+
+def still_pixels(projections: np.ndarray) -> np.ndarray:
+    """(rows, cols) True at pixels that read the same in every view, without the photon noise a reading at
+    their level has (`STILL_SHARE`). The noise is the spread over the views of pixels in air in (nearly) every
+    view (the detector's corners and sides), after each view's air level (tube output, flat-field drift) is
+    taken out; a pixel at line integral p shows sqrt(exp(p)) times it (Poisson counts, log-transformed). Unlike
+    `stuck_at_air` this asks nothing of the neighbours, so it also finds a pixel stuck high, a row stuck near
+    the orbit plane, and lines wider than `STUCK_MAX_RUN`: no object, on the axis or not, takes away the
+    photon noise. Nothing is found on data without noise (simulated exact projections) or without pixels in
+    air in every view (no noise to compare with). Why by hand: a per-pixel spread over views, numpy's std."""
+    views, rows, cols = projections.shape
+    none = np.zeros((rows, cols), dtype=bool)
+    if views < STILL_MIN_VIEWS:
+        return none
+    pick = np.unique(np.linspace(0, views - 1, min(views, STUCK_VOTING_VIEWS)).round().astype(int))
+    sample = np.asarray(projections[pick], dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(sample).all(axis=0)
+        if finite.sum() < 1000:
+            return none
+        p99 = float(np.percentile(sample[:, ::4, ::4][:, finite[::4, ::4]], 99))  # a 16th: a large stack, once
+        # air in (nearly) every view: low on average, and never far above (an edge crossing in a view or two
+        # passes; a noisy pixel's largest reading would not pass a bound on the largest alone)
+        air = finite & (sample.mean(axis=0) < 0.01 * p99) & (sample.max(axis=0) < 0.1 * p99)
+        if air.sum() < 100:
+            return none
+        levels = np.median(sample[:, air], axis=1)  # each view's air level
+        spread = np.empty((rows, cols), dtype=np.float32)
+        mean_exp = np.empty((rows, cols), dtype=np.float32)  # the photons' variance over the air's
+        for r in range(0, rows, 64):  # in bands of rows: a float32 copy of the sample at a time
+            band = sample[:, r:r + 64] - levels[:, None, None]
+            spread[r:r + 64] = band.std(axis=0)
+            mean_exp[r:r + 64] = np.exp(np.clip(band, 0.0, 30.0)).mean(axis=0)
+        # the noise is the median spread of the air's pixels, not counting those far below the rest: stuck
+        # pixels in air (a dead line through it) would otherwise pull it to zero
+        spreads = spread[air]
+        noisy = spreads[spreads > STILL_SHARE * np.percentile(spreads, 90)]
+        if noisy.size < 100:
+            return none
+        sigma_air = float(np.median(noisy))
+        if not sigma_air > 0:
+            return none
+        return finite & (spread < STILL_SHARE * sigma_air * np.sqrt(mean_exp))
 
 
 def _filled_from_nearest(projections: np.ndarray, missing: np.ndarray) -> np.ndarray:

@@ -207,16 +207,56 @@ def test_a_run_with_views_left_out_is_checked_and_exported_without_them(tmp_path
 
 def test_a_thin_air_gap_in_the_orbit_plane_is_not_a_stuck_row():
     """The one detector row whose rays stay in the orbit's plane in every view reads air in every view where
-    a thin gap lies in that plane: object, not a defect. A row elsewhere that does so is stuck."""
-    scan, _ = small_phantom_case(noise_i0=2e4)
+    a thin gap lies in that plane: object, not a defect. A row elsewhere that does so is stuck. A row that
+    reads exactly zero in every view, without the photon noise air has, is stuck also in the plane."""
+    i0 = 2e4
+    scan, _ = small_phantom_case(noise_i0=i0)
     plane_row = int(round(scan.geometry.project_points(np.zeros(3), 0)[0, 0]))
-    for row, stuck in ((plane_row, False), (plane_row + 8, True)):
+    rng = np.random.default_rng(5)
+    for row, noisy_air, stuck in ((plane_row, True, False), (plane_row + 8, True, True), (plane_row, False, True)):
         proj = scan.projections.copy()
-        proj[:, row, :] = 0.0
-        found = ScanData(proj, scan.geometry, "synthetic", "<a row at zero>").defects
-        assert (found is not None and found[:, row].any()) == stuck, (row, plane_row)
+        shape = proj[:, row, :].shape
+        # a gap's rays cross air and count photons as air does; a dead row reads one value
+        proj[:, row, :] = -np.log(rng.poisson(i0, shape).clip(1, None) / i0) if noisy_air else 0.0
+        found = ScanData(proj, scan.geometry, "synthetic", "<a row at air>").defects
+        assert (found is not None and found[:, row].any()) == stuck, (row, plane_row, noisy_air)
         if found is not None:
             assert not np.delete(found, row, axis=1).any()
+
+
+def test_pixels_stuck_at_any_value_are_found_by_the_noise_they_lack():
+    """Every measured reading carries photon noise. A pixel that reads one value in every view is stuck,
+    whatever the value and wherever it is: high (which `stuck_at_air` cannot tell from a wire on the axis),
+    a row near the orbit plane, a seam wider than `STUCK_MAX_RUN`. Nothing is found on the intact noisy
+    scan, on exact projections (no noise to miss), or with too few views to tell."""
+    from CTNeRFReconLib.data import STILL_MIN_VIEWS, stuck_at_air
+
+    scan, _ = small_phantom_case(det=160, noise_i0=2e4)
+    plane_row = int(round(scan.geometry.project_points(np.zeros(3), 0)[0, 0]))
+    proj = scan.projections.copy()
+    proj[:, 80, 75] = 3.0  # in the body's shadow, stuck high
+    proj[:, 5, 150] = 1.0  # in air, stuck high
+    proj[:, plane_row, 40:120] = 0.02  # a row through the orbit plane, stuck low
+    proj[:, :, 100:106] = 0.0  # six adjacent dead columns
+    made = np.zeros(proj.shape[1:], dtype=bool)
+    made[80, 75] = made[5, 150] = True
+    made[plane_row, 40:120] = True
+    made[:, 100:106] = True
+    found = ScanData(proj, scan.geometry, "synthetic", "<stuck>")
+    assert found.defects is not None and np.array_equal(found.defects[0], made)
+    assert (found.defects == found.defects[:1]).all()  # the same in every view
+    assert any("without the photon noise" in n for n in found.notes), found.notes
+    older = stuck_at_air(proj, None)  # what the neighbours' test alone finds: not the high pixels, nor the row
+    assert not older[80, 75] and not older[5, 150] and not older[plane_row, 40:120].any()
+    assert ScanData(scan.projections, scan.geometry, "synthetic", "<intact>").defects is None
+    exact, _ = small_phantom_case(det=160)
+    still = exact.projections.copy()
+    still[:, 80, 75] = 3.0
+    assert ScanData(still, exact.geometry, "synthetic", "<exact>").defects is None
+    few, _ = small_phantom_case(views=STILL_MIN_VIEWS - 1, det=160, noise_i0=2e4)
+    high = few.projections.copy()
+    high[:, 80, 75] = 3.0
+    assert ScanData(high, few.geometry, "synthetic", "<few views>").defects is None
 
 
 @pytest.mark.parametrize("width", [3, 4])
