@@ -287,6 +287,12 @@ def _info(args) -> int:
               f"left out with --drop-views {' '.join(map(str, leave_out))}:")
         for v in bad:
             print(f"  view {v} {scan.bad_views[v]}")
+    noise = details.get("air_noise")
+    if noise:  # what the TV weight and the ray weights start from (nerf/prior_weight.py)
+        sigma, pattern = noise["photon_sigma"], noise["fixed_pattern_rms"]
+        photons = f" (about {1.0 / sigma ** 2:.3g} photons a pixel)" if sigma > 0 else ""
+        fixed = "" if pattern is None else f"; a pattern fixed on the detector of {pattern:.4f} rms"
+        print(f"air: photon noise {sigma:.4f} in line integral{photons}{fixed}")
     grid = details["default_grid"]
     displaced = details.get("displaced_detector")
     if displaced:

@@ -204,4 +204,33 @@ def test_info_and_the_panel_name_a_gain_pattern(tmp_path, capsys):
     assert "gain pattern the flat field left" in describe_summary(said["patterned"])
     assert "gain pattern" not in describe_summary(said["intact"])
     assert main(["info", str(patterned), "--no-support"]) == 0
-    assert "rings are likely" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "rings are likely" in text
+    assert f"air: photon noise {noise['photon_sigma']:.4f} in line integral (about " in text
+    assert f"a pattern fixed on the detector of {noise['fixed_pattern_rms']:.4f} rms" in text
+
+
+def test_noise_a_blur_made_smooth_is_read_whole(clean):
+    """A panel's scintillator spreads each photon's light over neighbouring pixels, so its noise is not white:
+    Immerkaer's estimator, which reads the finest scale, sees a quarter of a pixel's variance under a
+    [0.15, 0.7, 0.15] blur. The spread between views reads all of it, and the per-ray law follows it."""
+    from scipy import ndimage
+
+    from CTNeRFReconLib.nerf.prior_weight import immerkaer_variance
+
+    scan, _ = clean
+    i0, taps = 2e4, np.array([0.15, 0.7, 0.15])
+    counts = np.random.default_rng(3).poisson(i0 * np.exp(-scan.projections.astype(np.float64)))
+    blurred = ndimage.convolve1d(ndimage.convolve1d(counts.astype(np.float64), taps, axis=1), taps, axis=2)
+    proj = (-np.log(blurred.clip(1.0) / i0)).astype(np.float32)
+    truth = float((taps ** 2).sum() ** 2) / i0  # a pixel's variance in air after the blur
+    hit = np.ones(proj.shape, dtype=bool)
+    law = noise_law(proj, hit)
+    assert law.air_variance == pytest.approx(truth, rel=0.15), (law.air_variance, truth)
+    corner = np.zeros(proj.shape, dtype=bool)
+    corner[:, :8, :8] = True  # air in every view
+    assert immerkaer_variance(proj, corner)[0] < 0.4 * truth  # what reading the finest scale alone gives
+    assert law.fixed_pattern_variance < 0.1 * truth  # a blur is not a pattern fixed on the detector
+    # white noise is read as before
+    white = noise_law(_with_photons(scan, i0).projections, hit)
+    assert white.air_variance == pytest.approx(1.0 / i0, rel=0.1)
