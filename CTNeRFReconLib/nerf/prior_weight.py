@@ -80,7 +80,8 @@ def between_view_variance(views: np.ndarray, air: np.ndarray) -> tuple[float, in
     flat-fielding) cancels in the difference; noise does not. A per-view air level or a smooth drift
     cancels in Immerkaer's kernel as in one view."""
     pairs = range(len(views) - 1)
-    variance, count = immerkaer_variance((views[i + 1] - views[i] for i in pairs), (air[i + 1] & air[i] for i in pairs))
+    variance, count = immerkaer_variance((views[i + 1] - views[i] for i in pairs),
+                                         (air[i + 1] & air[i] for i in pairs))
     return variance / 2.0, count
 
 
@@ -156,10 +157,14 @@ def noise_law(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
         return NoiseLaw(0.0, None)
     crossing = views[masks].astype(np.float64)
     threshold = 0.01 * float(np.percentile(crossing, 99))
-    smooth = np.stack([air_medians(v) for v in views])
-    air = smooth < threshold  # air_pixels, with the medians kept for `_open_air`
-    if measured is not None:
-        air &= np.asarray(measured[pick], dtype=bool)
+    air = np.zeros(views.shape, dtype=bool)
+    open_air = np.zeros(views.shape, dtype=bool)
+    for v, view in enumerate(views):  # one view's medians at a time (a large panel's stack of them is large)
+        smooth = air_medians(view)
+        air[v] = smooth < threshold  # air_pixels
+        if measured is not None:
+            air[v] &= np.asarray(measured[pick[v]], dtype=bool)
+        open_air[v] = _open_air(smooth, air[v], threshold)
     within, n_air = immerkaer_variance(views, air)
     if n_air < min_air_pixels:
         return NoiseLaw(immerkaer_variance(views, masks)[0], None)
@@ -169,7 +174,7 @@ def noise_law(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
     # the pattern from Immerkaer's two estimates (a pixel-to-pixel pattern is what both read alike); the
     # photons' variance from the spread, which also reads noise a blur has made smooth
     pattern = max(0.0, within - between)
-    photons, n_open = between_view_pixel_variance(views, _open_air(smooth, air, threshold))
+    photons, n_open = between_view_pixel_variance(views, open_air)
     if n_open < min_air_pixels:
         photons = between
     return NoiseLaw(photons * float(np.exp(crossing).mean()) + pattern, photons, pattern)
@@ -189,16 +194,16 @@ and its neighbourhood's median move together)."""
 
 
 def _open_air(smooth: np.ndarray, air: np.ndarray, threshold: float) -> np.ndarray:
-    """The pixels of `air` whose 5 x 5 median (`smooth`) is near their view's air level (the median of those
-    medians: air need not read zero after flat-fielding): within `OPEN_AIR_SHARE` of `threshold`, or
+    """The pixels of one view's `air` whose 5 x 5 median (`smooth`) is near the view's air level (the median of
+    those medians: air need not read zero after flat-fielding): within `OPEN_AIR_SHARE` of `threshold`, or
     `OPEN_AIR_SIGMAS` of the medians' noise where that is wider."""
-    levels = np.array([float(np.median(smooth[v][air[v]])) if air[v].any() else 0.0 for v in range(len(air))])
-    offsets = (smooth - levels[:, None, None])[air]
-    if offsets.size == 0:
+    medians = smooth[air]
+    if medians.size == 0:
         return air
-    noise = 1.4826 * float(np.median(np.abs(offsets - np.median(offsets))))
+    level = float(np.median(medians))
+    noise = 1.4826 * float(np.median(np.abs(medians - level)))
     band = max(OPEN_AIR_SHARE * threshold, OPEN_AIR_SIGMAS * noise)
-    return air & (np.abs(smooth - levels[:, None, None]) < band)
+    return air & (np.abs(smooth - level) < band)
 
 
 FIXED_PATTERN_SAY_RATIO = 1.0
