@@ -290,7 +290,10 @@ def _info(args) -> int:
     noise = details.get("air_noise")
     if noise:  # what the TV weight and the ray weights start from (nerf/prior_weight.py)
         sigma, pattern = noise["photon_sigma"], noise["fixed_pattern_rms"]
-        photons = f" (about {1.0 / sigma ** 2:.3g} photons a pixel)" if sigma > 0 else ""
+        # 1 / variance counts a pixel's photons only where pixels do not share light (a scintillator's blur
+        # makes it more): a scale for the noise, not a dose
+        photons = f" (1 / its variance: {1.0 / sigma ** 2:.3g}, the photons a pixel counts without blur)" \
+            if sigma > 0 else ""
         fixed = "" if pattern is None else f"; a pattern fixed on the detector of {pattern:.4f} rms"
         print(f"air: photon noise {sigma:.4f} in line integral{photons}{fixed}")
     grid = details["default_grid"]

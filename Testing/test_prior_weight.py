@@ -206,7 +206,7 @@ def test_info_and_the_panel_name_a_gain_pattern(tmp_path, capsys):
     assert main(["info", str(patterned), "--no-support"]) == 0
     text = capsys.readouterr().out
     assert "rings are likely" in text
-    assert f"air: photon noise {noise['photon_sigma']:.4f} in line integral (about " in text
+    assert f"air: photon noise {noise['photon_sigma']:.4f} in line integral (1 / its variance: " in text
     assert f"a pattern fixed on the detector of {noise['fixed_pattern_rms']:.4f} rms" in text
 
 
