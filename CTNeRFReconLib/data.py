@@ -183,6 +183,12 @@ class ScanData:
         return info
 
 
+def evenly_spaced(n: int, count: int) -> np.ndarray:
+    """Indices of at most `count` of `n` items (views), evenly spaced from the first to the last, each once:
+    what the tests across views read where a few views tell as much as all of them."""
+    return np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
+
+
 STUCK_OBJECT_SHARE = 0.05
 """A pixel can only be stuck at air where its neighbours read clearly object: at least this share of the
 stack's 99th percentile (the thickest rays; 0.4 on the abdomen) and at least `STUCK_OBJECT_MIN`. On the
@@ -253,9 +259,8 @@ def stuck_at_air(projections: np.ndarray, orbit_plane_rows: np.ndarray | None = 
     the band's width covers a small roll. Why by hand: no library offers a defect test across the views of a
     projection stack; this is a few numpy shifts per view."""
     views, rows, cols = projections.shape
-    voting = np.unique(np.linspace(0, views - 1, min(views, STUCK_VOTING_VIEWS)).round().astype(int))
-    sample = np.asarray(projections[voting[np.unique(np.linspace(0, len(voting) - 1, min(len(voting), 16))
-                                                     .round().astype(int))]])
+    voting = evenly_spaced(views, STUCK_VOTING_VIEWS)
+    sample = np.asarray(projections[voting[evenly_spaced(len(voting), 16)]])
     finite = sample[np.isfinite(sample)]
     floor = max(STUCK_OBJECT_MIN, STUCK_OBJECT_SHARE * float(np.percentile(finite, 99))) if finite.size else np.inf
     row_index = np.arange(rows)[:, None]
@@ -311,8 +316,7 @@ def still_pixels(projections: np.ndarray) -> np.ndarray:
     none = np.zeros((rows, cols), dtype=bool)
     if views < STILL_MIN_VIEWS:
         return none
-    pick = np.unique(np.linspace(0, views - 1, min(views, STUCK_VOTING_VIEWS)).round().astype(int))
-    sample = np.asarray(projections[pick], dtype=np.float32)
+    sample = np.asarray(projections[evenly_spaced(views, STUCK_VOTING_VIEWS)], dtype=np.float32)
     with np.errstate(invalid="ignore"):
         finite = np.isfinite(sample).all(axis=0)
         if finite.sum() < 1000:

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .data import evenly_spaced
 from .geometry import ConeBeamGeometry, VolumeGrid
 
 MAX_FRACTION = 0.75
@@ -312,7 +313,7 @@ def edge_rays(projections: np.ndarray, geometry: ConeBeamGeometry, threshold: fl
 
     n_views, _, n_cols = projections.shape
     feet, radii = [], []
-    for view in np.unique(np.linspace(0, n_views - 1, min(MAX_VIEWS, n_views)).round().astype(int)):
+    for view in evenly_spaced(n_views, MAX_VIEWS):
         image = np.asarray(projections[view], dtype=np.float32)
         thickest = image.max(axis=1)
         for column in ((0, n_cols - 1) if columns is None else columns):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Volume
+from .data import Volume, evenly_spaced
 from .volume_io import atomic_write
 
 _BG = (255, 255, 255)
@@ -162,7 +162,7 @@ def projections_png(projections: np.ndarray, path, count: int = 5) -> Path:
     from PIL import Image, ImageDraw
 
     n = projections.shape[0]
-    views = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
+    views = evenly_spaced(n, count)
     vmax = float(np.percentile(projections[views], 99.5)) or 1.0
     rows, cols = projections.shape[1:]
     zoom = 200.0 / max(rows, cols)

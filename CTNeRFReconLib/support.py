@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .data import evenly_spaced
 from .geometry import ConeBeamGeometry, VolumeGrid
 
 
@@ -255,7 +256,7 @@ def air_statistics(projections: np.ndarray, settings: SupportSettings = SupportS
 
     s = settings
     n = len(projections)
-    pick = np.unique(np.linspace(0, n - 1, min(s.max_views_for_statistics, n)).round().astype(int))
+    pick = evenly_spaced(n, s.max_views_for_statistics)
     views = np.asarray(projections[pick], dtype=np.float32)
     smooth = _box3(views)
     flat = smooth.reshape(-1)

@@ -144,9 +144,9 @@ def test_a_pattern_fixed_on_the_detector_is_not_noise(clean):
     assert law.fixed_pattern_variance == pytest.approx(sigma ** 2, rel=0.3), law
     assert plain.fixed_pattern_variance < 0.1 * sigma ** 2
     # read within each view, as before, the pattern counted as noise: 3x the photons' variance here
-    from CTNeRFReconLib.nerf.prior_weight import air_pixels, immerkaer_variance
+    from CTNeRFReconLib.nerf.prior_weight import air_medians, immerkaer_variance
     views = patterned.projections
-    within = immerkaer_variance(views, np.stack([air_pixels(v, 0.01 * float(np.percentile(views, 99)))
+    within = immerkaer_variance(views, np.stack([air_medians(v) < 0.01 * float(np.percentile(views, 99))
                                                  for v in views]))[0]
     assert within > 2.5 / i0
 

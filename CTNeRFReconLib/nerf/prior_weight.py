@@ -53,6 +53,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from ..data import evenly_spaced
+
 _IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float32)
 
 
@@ -119,13 +121,9 @@ def between_view_pixel_variance(views: np.ndarray, air: np.ndarray) -> tuple[flo
 
 
 def air_medians(view: np.ndarray) -> np.ndarray:
-    """The median line integral of each pixel's 5x5 neighbourhood: what `air_pixels` compares."""
+    """The median line integral of each pixel's 5x5 neighbourhood: a pixel is in air where it is below the
+    air threshold (`noise_law`)."""
     return ndimage.median_filter(np.asarray(view, dtype=np.float32), size=5)
-
-
-def air_pixels(view: np.ndarray, threshold: float) -> np.ndarray:
-    """Pixels in air: the median line integral of their 5x5 neighbourhood is below the threshold."""
-    return air_medians(view) < threshold
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,7 @@ def noise_law(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
     (the noise law is the same in every view; this bounds time and memory on large scans), over the
     pixels whose ray crosses the volume (`hit`, same shape). `measured` (same shape): pixels that hold a
     measurement; dead pixels hold a neighbour's copy, which would read as less noise than there is."""
-    pick = np.unique(np.linspace(0, len(projections) - 1, min(max_views, len(projections))).round().astype(int))
+    pick = evenly_spaced(len(projections), max_views)
     views, masks = np.asarray(projections[pick], dtype=np.float32), np.asarray(hit[pick], dtype=bool)
     if not masks.any():
         return NoiseLaw(0.0, None)
@@ -161,7 +159,7 @@ def noise_law(projections: np.ndarray, hit: np.ndarray, max_views: int = 64,
     open_air = np.zeros(views.shape, dtype=bool)
     for v, view in enumerate(views):  # one view's medians at a time (a large panel's stack of them is large)
         smooth = air_medians(view)
-        air[v] = smooth < threshold  # air_pixels
+        air[v] = smooth < threshold
         if measured is not None:
             air[v] &= np.asarray(measured[pick[v]], dtype=bool)
         open_air[v] = _open_air(smooth, air[v], threshold)
