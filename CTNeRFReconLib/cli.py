@@ -99,6 +99,8 @@ def _add_simulate(sub):
     p.add_argument("--mu-water", type=float, default=MU_WATER, help="water attenuation in 1/mm")
     p.add_argument("--voxel", type=float, default=3.0, help="voxel size in mm of the ground truth (default 3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace DATA when it holds files (refused otherwise)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages")
 
 
 def _add_info(sub):
@@ -180,14 +182,47 @@ def _reconstruct(args) -> int:
     return run_reconstruction(reconstruct_options(args))
 
 
+class _ViewProgress:
+    """Projected views as a tqdm bar on a terminal, else a line at every tenth of them: 360 views of 768^2
+    take minutes, and a silent command looks hung."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.said = 0
+
+    def __call__(self, done: int, total: int):
+        if self.quiet:
+            return
+        if sys.stderr.isatty():
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, file=sys.stderr, unit="view", dynamic_ncols=True, desc="projecting")
+            self.bar.update(done - self.bar.n)
+        elif done == total or done * 10 // total > self.said:
+            self.said = done * 10 // total
+            print(f"projected {done} of {total} views", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _simulate(args) -> int:
     from .simulate import simulate_case
 
-    simulate_case(args.ct, args.out, views=args.views, det=args.det, pitch=args.pitch, sid=args.sid, sdd=args.sdd,
-                  i0=args.i0, mu_water=args.mu_water, seed=args.seed, voxel=args.voxel)
+    progress = _ViewProgress(args.quiet)
+    try:
+        simulate_case(args.ct, args.out, views=args.views, det=args.det, pitch=args.pitch, sid=args.sid,
+                      sdd=args.sdd, i0=args.i0, mu_water=args.mu_water, seed=args.seed, voxel=args.voxel,
+                      overwrite=args.overwrite, progress=progress)
+    finally:
+        progress.close()
     out = Path(args.out).absolute()
-    print(f"wrote an RTK case of {args.views} views ({args.det} x {args.det} detector) to {out}; "
-          f"try: python -m CTNeRFReconLib reconstruct {out} --reference {out / 'reference.nrrd'} --out RUN_DIR")
+    if not args.quiet:
+        print(f"wrote an RTK case of {args.views} views ({args.det} x {args.det} detector) to {out}; "
+              f"try: python -m CTNeRFReconLib reconstruct {out} --reference {out / 'reference.nrrd'} --out RUN_DIR")
     return ExitCode.OK
 
 

@@ -589,14 +589,17 @@ def read_input_volume(path, field: str, fix: str) -> Volume:
     return volume
 
 
-def _file_mode() -> int:
-    """The permissions a plainly created file gets (0o666 less the umask)."""
+def _plain_mode(requested: int) -> int:
+    """The permissions a plainly created file (0o666) or folder (0o777) gets: the request less the umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return requested & ~mask
 
 
-_FILE_MODE = _file_mode()
+_FILE_MODE = _plain_mode(0o666)
+FOLDER_MODE = _plain_mode(0o777)
+"""What a folder made with mkdir gets; a tempfile.mkdtemp folder renamed into place is given it (mkdtemp's
+0700 would hide the folder from other users)."""
 
 
 class RunFolderWriteError(OSError):

@@ -70,9 +70,16 @@ def test_simulate_then_info(tmp_path):
     res = run_cli("simulate", SHARED_DATA / "abdomen_small_ct.nii.gz", "--views", "8", "--det", "64",
                   "--pitch", "8", "--voxel", "6", "--out", out)
     assert res.returncode == 0, res.stderr
+    # progress without a terminal: a line per tenth of the views, so a long simulation never looks hung
+    assert "projected 8 of 8 views" in res.stderr and res.stderr.count("projected") >= 4
     info = json.loads(run_cli("info", out, "--json").stdout)
     assert info["format"] == "rtk" and info["views"] == 8 and info["detector_rows_cols"] == [64, 64]
     assert info["angles_deg"] == pytest.approx([0.0, 315.0])
+    again = run_cli("simulate", SHARED_DATA / "abdomen_small_ct.nii.gz", "--views", "4", "--det", "64",
+                    "--pitch", "8", "--voxel", "6", "--out", out)
+    assert again.returncode == ExitCode.BAD_INPUT and "holds files already" in again.stderr
+    assert "--overwrite" in again.stderr and "projected" not in again.stderr  # refused before any work
+    assert json.loads(run_cli("info", out, "--json").stdout)["views"] == 8
 
 
 def test_bad_options_and_data_are_refused_before_torch_loads(case, tmp_path):

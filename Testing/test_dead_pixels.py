@@ -164,8 +164,8 @@ def test_nerf_leaves_a_dead_column_out_and_does_as_well_as_with_it_measured():
     assert dead.defects[:, :, 20].all() and dead.defects.sum() == scan.n_views * scan.geometry.det_shape[0]
     trainers = [NerfTrainer(s, ref.grid, NerfConfig(iterations=10), RunContext()) for s in (scan, dead)]
     every_view = np.arange(scan.n_views)
-    (_, meas_intact, hit_intact), (_, meas_dead, hit_dead) = (t._rays_for(s, every_view)
-                                                               for t, s in zip(trainers, (scan, dead)))
+    intact_rays, dead_rays = (t._rays_for(s, every_view) for t, s in zip(trainers, (scan, dead)))
+    (meas_intact, hit_intact), (meas_dead, hit_dead) = ((r.targets, r.hit_mask) for r in (intact_rays, dead_rays))
     assert np.array_equal(hit_dead, hit_intact & ~dead.defects) and hit_intact[:, :, 20].sum() > 0
     assert len(meas_dead) == len(meas_intact) - int(hit_intact[:, :, 20].sum())
     # the same column stuck at zero (what a reader that turns NaN into 0 gives) is found from the data

@@ -78,7 +78,7 @@ def test_rays_grouped_by_length_integrate_like_dense_sampling(case):
     for groups, step in ((1, 0.8), (4, 0.8), (1, 0.05)):
         cfg = NerfConfig.from_settings({**FAST, "length_groups": groups, "step_voxels": step})
         trainer = NerfTrainer(scan, ref.grid, cfg, RunContext())
-        o, d, tn, tf = (t[:3000] for t in trainer.rays)
+        o, d, tn, tf = trainer.ray_table.span(0, 3000)
         v = vol.clone().requires_grad_(True)
         results[groups, step] = trainer.integrate(v, o, d, tn, tf)
         (results[groups, step] * weights).sum().backward()

@@ -56,7 +56,7 @@ def measure(case: Path, runs: list[int], repeats: int, n_batches: int = 3) -> di
         drawn = []
         for b in range(n_batches):
             idx = torch.sort(trainer._draw_rays(n_rays, torch.Generator().manual_seed(b))).values
-            drawn.append(tuple(t[idx].contiguous() for t in trainer.rays))
+            drawn.append(tuple(t.contiguous() for t in trainer.ray_table.rays(idx)))
         batches[run] = drawn
     ones = torch.ones(n_rays)
     origin, spacing = (torch.tensor(v, dtype=vol.dtype) for v in (grid.origin_xyz, grid.spacing_xyz))

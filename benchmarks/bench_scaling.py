@@ -83,7 +83,7 @@ def profile_one(case: Path, variant: str, repeats: int, extra: dict | None = Non
     n_rays = min(cfg.rays_end, len(trainer.targets))
     gen = torch.Generator().manual_seed(0)
     idx = torch.sort(torch.randint(0, len(trainer.targets), (n_rays,), generator=gen)).values  # as step() does
-    o, d, tn, tf = (t[idx] for t in trainer.rays)
+    o, d, tn, tf = trainer.ray_table.rays(idx)
     full = len(trainer.levels.factors)
     stages = ([("coarse", 0)] if trainer.levels.active else []) + [("full", full), ("refine", full)]
     frozen_share = max(0, 1000 - trainer._freeze_start_of(1000)) / 1000  # the trainer's own rule

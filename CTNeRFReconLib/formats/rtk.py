@@ -25,6 +25,7 @@ import SimpleITK as sitk
 
 from ..data import ScanData, Volume
 from ..geometry import ConeBeamGeometry
+from ..volume_io import atomic_write
 from .validate import ScanFormatError, check_circular_distances, check_exists, check_geometry, check_projections
 
 ROOT_TAG = "RTKThreeDCircularGeometry"
@@ -286,9 +287,8 @@ def write_rtk_geometry_xml(params: dict, path) -> Path:
         lines.append(f"    <Matrix>\n{rows}\n    </Matrix>")
         lines.append("  </Projection>")
     lines.append(f"</{ROOT_TAG}>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    text = "\n".join(lines) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_rtk_case(scan: ScanData, folder, reference: Volume | None = None) -> Path:
@@ -308,7 +308,7 @@ def write_rtk_case(scan: ScanData, folder, reference: Volume | None = None) -> P
     img = sitk.GetImageFromArray(proj)
     img.SetSpacing((p_u, p_v, 1.0))
     img.SetOrigin((-(n_u - 1) / 2.0 * p_u, -(n_v - 1) / 2.0 * p_v, 0.0))
-    sitk.WriteImage(img, str(folder / "projections.mha"))
+    atomic_write(folder / "projections.mha", lambda tmp: sitk.WriteImage(img, str(tmp)))
     if reference is not None:
         from ..volume_io import write_volume
         write_volume(reference, folder / "reference.nrrd")

@@ -173,6 +173,9 @@ class NerfConfig:
     """Use the fused renderer kernels when built for the device."""
     max_batch_bytes: int = 0
     """Upper bound on the renderer's working memory per batch (0 = no bound); the OOM back-off halves the batch."""
+    stored_rays_bytes: int = 2 << 30
+    """The training rays are kept while they take at most this (32 bytes a ray), else each batch's rays are
+    computed from the geometry (nerf/ray_table.py): 360 views of 768^2 would hold 6.8 GB of rays."""
     voxel_size: float = 0.0
     """Training voxel size in mm; 0 = the output grid's (or detector pitch at the isocentre)."""
     max_training_voxels: int = 6_000_000

@@ -2,7 +2,8 @@
 work, and the refusal when the machine does not have it.
 
 The figures are upper bounds of what the trainer holds at once (train.py): the rays of every training
-pixel (origin, direction, near, far and the measurement: 9 float32), the projections, the training
+pixel (origin, direction, near, far, or only the pixel's index on a large scan, nerf/ray_table.py; the
+measurement and its weight), the projections, the training
 grid's per-voxel tensors during a step (the field, the detail grid, their sum, gradients, Adam
 moments and the TV differences: about 16 float32 a voxel), the planes and lines with their generator
 activations, the renderer's working memory for the largest ray batch, and the output volume with its
@@ -30,7 +31,8 @@ def estimate(scan, out_grid, settings: dict, device: str) -> dict:
     n_samples = math.ceil(math.sqrt(3.0) * max(tgrid.shape_xyz) / max(cfg.step_voxels, 1e-3))
     per_sample = 8 if cfg.use_kernels else 96
     parts = {
-        "rays": rays * 10 * 4,  # origin, direction, near, far, target, PWLS weight
+        # origin, direction, near, far (or, above stored_rays_bytes, the pixel's index), target, PWLS weight
+        "rays": rays * ((8 * 4 if rays * 32 <= cfg.stored_rays_bytes else 4) + 2 * 4 + 1),
         "training_grid": voxels * 16 * 4,
         "factors": (3 * cfg.channels * res * res + 3 * cfg.channels * res) * 4 * 4
                    + (3 * cfg.generator_width * res * res * 6 * 4 * 2 if cfg.use_generator else 0),

@@ -230,9 +230,13 @@ def poisson_ray_weights(targets, air_variance: float, model_error: float, target
     log-transformed) plus the detector's fixed pattern (`fixed_variance`, the same for every ray) plus the
     model error epsilon^2 P. Scaled by the mean variance (the s^2 of the TV weight), so the data term is
     the MAP one the TV weight was derived against; `mean_one`: to a mean of 1 instead."""
-    variance = air_variance * targets.clamp(0.0, 30.0).exp() + fixed_variance + model_error ** 2 * target_power
-    weights = 1.0 / variance
-    return weights / weights.mean() if mean_one else weights * variance.mean()
+    # in place: on 212 M rays (360 views of 768^2) each temporary is 850 MB, and the expression's own made
+    # this the run's peak (9.0 GB against 6.8 GB while it trains)
+    variance = targets.clamp(0.0, 30.0).exp_().mul_(air_variance).add_(fixed_variance)
+    variance.add_(model_error ** 2 * target_power)
+    mean_variance = variance.mean()
+    weights = variance.reciprocal_()
+    return weights.div_(weights.mean()) if mean_one else weights.mul_(mean_variance)
 
 
 def tv_weight_from_data(strength: float, model_error: float, noise_variance: float, n_voxels: int,

@@ -22,7 +22,6 @@ from ..data import ScanData, Volume
 from ..fov import pitch_at_isocentre
 from ..geometry import VolumeGrid
 from ..methods import RunContext
-from ..rays import all_pixel_indices, view_rays
 from ..render import centre_bounds
 from .adam import Adam
 from .config import NerfConfig
@@ -30,6 +29,7 @@ from .detail import DetailGrid
 from .field import VMField
 from .generator import DirectFactors, FactorGenerator
 from .levels import LevelSchedule, grid_cost_ratio
+from .ray_table import RayTable
 from .prior_weight import NoiseLaw, fixed_pattern_note, noise_law, poisson_ray_weights, tv_weight_from_data
 
 
@@ -402,13 +402,16 @@ class NerfTrainer:
                             + scan.n_views / (2 * cfg.holdout_views)).astype(int) % scan.n_views
         train_views = np.setdiff1d(views, hold)
         self.n_train_views = len(train_views)
-        self.rays, self.targets, hit = self._rays_for(scan, train_views)
+        self.ray_table = self._rays_for(scan, train_views)
+        """The training rays and their measurements (ray_table.py: kept, or computed per batch on a large scan)."""
+        self.targets = self.ray_table.targets
+        hit = self.ray_table.hit_mask
         self.ray_run = ray_run_for(cfg.ray_run, scan.geometry.det_shape[1])
         self.val = None
         if len(hold):
-            self.val = self._rays_for(scan, hold)[:2]
+            self.val = self._rays_for(scan, hold)
         elif scan.validation is not None:
-            self.val = self._rays_for(scan.validation, np.arange(scan.validation.n_views))[:2]
+            self.val = self._rays_for(scan.validation, np.arange(scan.validation.n_views))
         self.target_power = float((self.targets ** 2).mean()) + 1e-12
         measured = None if scan.defects is None else ~(scan.defects if len(hold) == 0 else scan.defects[train_views])
         noise = noise_law(proj if len(hold) == 0 else proj[train_views], hit, measured=measured)
@@ -450,8 +453,7 @@ class NerfTrainer:
         elif plain_because:
             self._say(f"plain TV: {plain_because} (tv_edge_when_truncated=false)")
         self.target_peak = float(proj.max())
-        chords = (self.rays[3] - self.rays[2])
-        self._chord_98 = float(torch.quantile(chords[::max(1, len(chords) // 100000)], 0.98))
+        self._chord_98 = float(torch.quantile(self.ray_table.chords(100_000).float().cpu(), 0.98))
         self.levels = LevelSchedule(tuple(cfg.coarse_levels) if cfg.use_generator else (), cfg.coarse_fraction,
                                     end_limit=1.0 - cfg.refine_fraction if cfg.use_generator else 0.0)
         """The coarse-to-fine schedule (levels.py); only in the generator phase."""
@@ -817,22 +819,13 @@ class NerfTrainer:
         lo, hi = self.box if hasattr(self, "box") else self.grid.bounds()
         return float(self.scan.projections.max()) / float(np.max(hi - lo)) * 2.0
 
-    def _rays_for(self, scan: ScanData, views):
-        """All rays of the given views that cross the training box and were measured (not `scan.defects`), their
-        measurements, and the (len(views), rows, cols) mask of those pixels."""
-        v, r, c = all_pixel_indices(scan.geometry, views)
+    def _rays_for(self, scan: ScanData, views) -> RayTable:
+        """All rays of the given views that cross the training box and were measured (not `scan.defects`), with
+        their measurements and the (len(views), rows, cols) mask of those pixels (ray_table.py)."""
         # rays run between the outermost voxel centres, as in RTK's Joseph projector (the outer
         # half voxel of a trilinear grid is only a fade to zero)
-        rays = view_rays(scan.geometry, v, r, c, *centre_bounds(self.grid), device="cpu")
-        hit = rays.t_far > rays.t_near + 1e-6
-        if scan.defects is not None:  # pixels without a measurement (dead pixels): no ray to fit
-            hit &= ~torch.as_tensor(scan.defects[v, r, c])
-        meas = torch.as_tensor(scan.projections[v, r, c], dtype=torch.float32)
-        sel = torch.nonzero(hit).reshape(-1)
-        packed = (rays.origins[sel].to(self.device), rays.directions[sel].to(self.device),
-                  rays.t_near[sel].to(self.device), rays.t_far[sel].to(self.device))
-        hit_mask = hit.numpy().reshape(len(views), *scan.geometry.det_shape)  # pixels come view-major
-        return packed, meas[sel].to(self.device), hit_mask
+        return RayTable(scan.geometry, views, *centre_bounds(self.grid), scan.projections, scan.defects,
+                        device=self.device, stored_bytes=self.cfg.stored_rays_bytes)
 
     # -- model evaluation -----------------------------------------------------------------------
     def volume_on(self, grid: VolumeGrid) -> torch.Tensor:
@@ -926,7 +919,7 @@ class NerfTrainer:
         # integrals of a sorted batch took 83 instead of 112-126 ms (25-view abdomen, 2 cores); the
         # loss is a mean, so the order changes nothing else
         idx = torch.sort(idx).values.to(self.device)
-        o, d, tn, tf = (t[idx] for t in self.rays)
+        o, d, tn, tf = self.ray_table.rays(idx)
         meas = self.targets[idx]
         for g, base in zip(self.optimizer.param_groups, self.base_lrs):
             g["lr"] = base * self.lr_factor(it)
@@ -1030,11 +1023,10 @@ class NerfTrainer:
     def validation_psnr(self) -> float | None:
         if self.val is None:
             return None
-        (o, d, tn, tf), meas = self.val
+        meas = self.val.targets
         with torch.no_grad():
             vol = self._training_volume()
-            preds = [self.integrate(vol, o[i:i + 65536], d[i:i + 65536], tn[i:i + 65536], tf[i:i + 65536])
-                     for i in range(0, len(meas), 65536)]
+            preds = [self.integrate(vol, *self.val.span(i, i + 65536)) for i in range(0, len(meas), 65536)]
             mse = float(((torch.cat(preds) - meas) ** 2).mean())
         return 10 * math.log10(max(float(meas.max()), 1e-12) ** 2 / max(mse, 1e-20))
 
