@@ -76,6 +76,43 @@ def view_rays(geometry: ConeBeamGeometry, views, rows, cols, box_min, box_max,
                     t_near.to(device=device, dtype=dtype), t_far.to(device=device, dtype=dtype))
 
 
+def view_hits(geometry: ConeBeamGeometry, views, box_min, box_max, min_chord: float = 1e-6) -> np.ndarray:
+    """(len(views), rows, cols) bool: the pixels whose ray crosses the box for more than `min_chord` mm.
+
+    The decision `view_rays` gives (float64 rays, then float32 near and far), by the same arithmetic
+    in the same order, a view at a time over its pixel grid instead of gathered per pixel: 3.5 times
+    faster, which is most of the set-up of a scan of hundreds of large views (nerf/ray_table.py).
+    Testing/test_ray_table.py holds it to `view_rays`."""
+    n_v, n_u = geometry.det_shape
+    su = (np.arange(n_u, dtype=np.float64) - (n_u - 1) / 2.0) * geometry.pixel_pitch[1]
+    sv = (np.arange(n_v, dtype=np.float64) - (n_v - 1) / 2.0) * geometry.pixel_pitch[0]
+    lo, hi = np.asarray(box_min, dtype=np.float64), np.asarray(box_max, dtype=np.float64)
+    views = np.asarray(views, dtype=np.int64).reshape(-1)
+    out = np.zeros((len(views), n_v, n_u), dtype=bool)
+    for k, v in enumerate(views):
+        pix = (geometry.det_centers[v] + su[None, :, None] * geometry.det_u[v]) + sv[:, None, None] * geometry.det_v[v]
+        if geometry.parallel:
+            d = (geometry.det_centers[v] - geometry.sources[v])[None, :]
+            d = np.broadcast_to(d / np.linalg.norm(d, axis=1, keepdims=True), pix.shape)  # as view_rays normalises
+            center = (lo + hi) / 2.0
+            span = float(np.linalg.norm(hi - lo))
+            start = pix - d * (span + np.linalg.norm(pix - center, axis=-1, keepdims=True))
+        else:
+            start = geometry.sources[v]
+            d = pix - start
+            d /= np.linalg.norm(d, axis=-1, keepdims=True)
+        safe = np.where(np.abs(d) < 1e-12, 1e-12, d)
+        inv = 1.0 / safe
+        t0, t1 = (lo - start) * inv, (hi - start) * inv
+        # the extremes of the three axes' entries and exits, by hand: numpy reduces a last axis of three
+        # slowly (a fifth of the set-up of 360 views of 768^2 went to .max and .min alone)
+        enter, leave = np.minimum(t0, t1), np.maximum(t0, t1)
+        t_near = np.maximum(np.maximum(np.maximum(enter[..., 0], enter[..., 1]), enter[..., 2]), 0.0)
+        t_far = np.maximum(np.minimum(np.minimum(leave[..., 0], leave[..., 1]), leave[..., 2]), t_near)
+        out[k] = t_far.astype(np.float32) > t_near.astype(np.float32) + np.float32(min_chord)
+    return out
+
+
 def all_pixel_indices(geometry: ConeBeamGeometry, views=None):
     """Flat (view, row, col) index arrays of every pixel of the given views (default: all)."""
     views = np.arange(geometry.n_views) if views is None else np.asarray(views)

@@ -1,4 +1,4 @@
-"""Simulate a sparse-view cone-beam case from any CT, with our own renderer, as an RTK case.
+"""Simulate a sparse-view cone-beam case from any CT, with our own projector, as an RTK case.
 
 The CT is resampled onto an isotropic grid centred on the isocentre of RTK's frame (its direction
 folded in, as the referee's make_rtk_case.py does), converted from HU to attenuation, projected
@@ -151,7 +151,7 @@ def _publish_folder(tmp: Path, out: Path) -> None:
 def simulate_case(ct_path, out_dir, views: int, det: int, pitch: float, sid: float = 1000.0, sdd: float = 1500.0,
                   i0: float = 1e5, mu_water: float = 0.02, seed: int = 0, voxel: float = 3.0,
                   arc: float = 360.0, overwrite: bool = False, progress=None) -> dict:
-    """Write an RTK case simulated from a CT with our renderer; returns what case.json holds.
+    """Write an RTK case simulated from a CT with our projector (Joseph's rule, as RTK's); returns what case.json holds.
 
     ``views`` angles k * arc / views degrees; a ``det`` x ``det`` detector of ``pitch`` mm centred
     on the beam; ``voxel`` mm grid for the ground truth and the projector. The case is written into a

@@ -61,3 +61,26 @@ def test_a_run_trains_the_same_with_rays_computed_per_batch():
                                                                   settings={**settings, "stored_rays_bytes": 0}))
     assert np.array_equal(a.array, b.array)
     assert float(np.abs(a.array).max()) > 0
+
+
+def test_the_hit_test_is_the_rays_own_on_every_kind_of_geometry():
+    """rays.view_hits (a view at a time over its pixel grid) decides as view_rays does (per pixel): on a cone
+    beam with a tilted, offset detector and on a parallel beam, for a box the rays partly miss."""
+    from CTNeRFReconLib.geometry import circular_geometry
+    from CTNeRFReconLib.rays import view_hits
+
+    angles = np.radians(np.arange(7) * 51.4 + 3.0)
+    geometries = [circular_geometry(300.0, 450.0, angles, (30, 41), (2.1, 1.7), det_offset=(4.0, -9.0), axis="y"),
+                  circular_geometry(300.0, 450.0, angles, (30, 41), (1.4, 1.1), axis="z", parallel=True)]
+    # the detector's tilt: a view's u and v turned a little about its normal
+    g = geometries[0]
+    turn = np.radians(4.0)
+    g.det_u[:], g.det_v[:] = (np.cos(turn) * g.det_u + np.sin(turn) * g.det_v,
+                              -np.sin(turn) * g.det_u + np.cos(turn) * g.det_v)
+    lo, hi = np.array([-14.0, -9.0, -11.0]), np.array([16.0, 12.5, 10.0])
+    for geometry in geometries:
+        v, r, c = all_pixel_indices(geometry)
+        rays = view_rays(geometry, v, r, c, lo, hi)
+        expected = (rays.t_far > rays.t_near + 1e-6).numpy().reshape(geometry.n_views, *geometry.det_shape)
+        assert 0.1 < expected.mean() < 0.9
+        assert np.array_equal(view_hits(geometry, np.arange(geometry.n_views), lo, hi), expected)
