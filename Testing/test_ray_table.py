@@ -35,7 +35,8 @@ def test_kept_and_computed_rays_are_the_same(monkeypatch):
     v, r, c = all_pixel_indices(scan.geometry, views)
     every = view_rays(scan.geometry, v, r, c, lo, hi)
     hit = (every.t_far > every.t_near + 1e-6) & ~torch.as_tensor(defects[v, r, c])
-    assert 0 < int(hit.sum()) < 0.8 * len(hit) - 4 * 40 * 1  # the dead pixels and the misses are left out
+    misses = int((every.t_far <= every.t_near + 1e-6).sum())
+    assert misses > 100 and int(hit.sum()) > 1000  # some rays miss the smaller box; the rest are kept
     assert np.array_equal(kept.hit_mask, hit.numpy().reshape(len(views), 40, 40))
     assert np.array_equal(computed.hit_mask, kept.hit_mask)
     sel = torch.nonzero(hit).reshape(-1)

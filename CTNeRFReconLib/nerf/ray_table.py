@@ -6,8 +6,10 @@ more than the 24 GB of a 2-core machine (the run was killed). Here the rays are 
 at a time and kept only while they take at most `stored_bytes` (NerfConfig.stored_rays_bytes, 2 GiB).
 Beyond that only each ray's pixel is kept (its flat index into the projections: 4 bytes below 2^31
 pixels), and a batch's rays are computed from the geometry when it is drawn (7.6 ms for 32 768 rays
-on 2 cores, a few per cent of such a run's step). Both go through `rays.view_rays`, an element-wise
-computation, so a ray is the same float32 numbers either way (Testing/test_ray_table.py).
+on 2 cores, a few per cent of such a run's step). Which pixels have a ray is decided a view's pixel grid
+at a time (`rays.view_hits`, by `view_rays`' own arithmetic); the rays, kept or computed, come from
+`rays.view_rays`, an element-wise computation, so they are the same float32 numbers either way
+(Testing/test_ray_table.py).
 """
 from __future__ import annotations
 
