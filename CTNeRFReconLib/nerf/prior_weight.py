@@ -147,8 +147,8 @@ NOISE_LAW_PIXELS = 64 * 256 * 256
 """The air's noise is read from at most this many pixels (`max_views` views of 256^2) and at least
 `NOISE_LAW_MIN_VIEWS` views: 64 views of 768^2 took 23 s of a run's set-up (18 s of them the 5 x 5 medians),
 and 8 of them read the air's variance within 1.5 % of it (truth 1e-5: 1.029e-5 from 64, 1.043e-5 from 8): the
-whole law in 4.3 s. The rays' mean of exp(p) still comes from all `max_views`. Every benchmark case (at most 100 views of
-256^2) reads the views it read before."""
+whole law in 4.3 s. The rays' mean of exp(p) still comes from all `max_views`. Every benchmark case (at most
+100 views of 256^2) reads the views it read before."""
 NOISE_LAW_MIN_VIEWS = 8
 
 
